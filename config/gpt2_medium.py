@@ -1,0 +1,20 @@
+# GPT-2 medium (350M with the GPT-2 vocabulary) for GPUs:
+#   torchrun --standalone --nproc_per_node=8 train.py config/gpt2_medium.py
+out_dir = 'out-gpt2-medium'
+dataset = 'stdlib-gpt2'
+n_layer = 24
+n_head = 16
+n_embd = 1024
+block_size = 1024
+batch_size = 8
+gradient_accumulation_steps = 64
+max_iters = 60000
+warmup_iters = 2000
+learning_rate = 3e-4
+min_lr = 3e-5
+beta2 = 0.95
+eval_interval = 1000
+eval_iters = 100
+ckpt_interval = 25
+rolling_interval = 1000
+compile = True

@@ -1,0 +1,25 @@
+# GPT-2 small (124M with the GPT-2 vocabulary) for GPUs:
+#   python prepare.py --tokenizer=gpt2 --dataset=stdlib-gpt2   (or your corpus)
+#   torchrun --standalone --nproc_per_node=4 train.py config/slm.py
+out_dir = 'out-slm'
+dataset = 'stdlib-gpt2'
+n_layer = 12
+n_head = 12
+n_embd = 768
+block_size = 1024
+dropout = 0.0
+bias = True
+# global batch: 12 * 40 = 480 sequences (~0.5M tokens), split over any number of processes
+batch_size = 12
+gradient_accumulation_steps = 40
+max_iters = 60000
+warmup_iters = 2000
+learning_rate = 6e-4
+min_lr = 6e-5
+beta2 = 0.95
+eval_interval = 1000
+eval_iters = 100
+log_interval = 10
+ckpt_interval = 50
+rolling_interval = 1000
+compile = True

@@ -1,0 +1,86 @@
+"""
+Sample from a trained model, streaming the text as it is generated.
+
+    python sample.py --start="def add"
+    python sample.py --start=FILE:prompt.txt --num_samples=5 --max_new_tokens=500
+    python sample.py --ckpt=best --temperature=0.7 --top_k=50 --top_p=0.9 --seed=7
+
+The checkpoint carries its tokenizer, so sampling works even after data/ is gone.
+"""
+import codecs
+import sys
+from contextlib import nullcontext
+
+import torch
+
+import checkpoint
+import dataset as ds
+from configurator import configure
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'
+ckpt = 'resume'  # 'resume' (the newest valid checkpoint), or 'best', 'latest', 'step_0001000', a path
+start = ''  # the prompt, or FILE:path to read it from a file; empty starts a new document
+num_samples = 3
+max_new_tokens = 300
+temperature = 0.8  # 0 is greedy
+top_k = None  # keep only the k most likely tokens
+top_p = 0.95  # nucleus sampling: the smallest set of tokens holding this much probability
+seed = 1337
+stop_at_eot = True  # end a sample at the end-of-text token, as the training documents do
+device = 'auto'
+dtype = 'auto'
+# -----------------------------------------------------------------------------
+defaults = {k: v for k, v in globals().items()
+            if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
+config, _ = configure(defaults, sys.argv[1:], prog='sample.py')
+globals().update(config)
+
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
+if dtype == 'auto':
+    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+try:
+    if ckpt == 'resume':
+        path, state, skipped = checkpoint.find_resume(out_dir)
+        for reason in skipped:
+            print(f"warning: {reason}", file=sys.stderr)
+    else:
+        path = checkpoint.resolve(ckpt, out_dir)
+        state = checkpoint.load(path)
+except checkpoint.CheckpointError as e:
+    raise SystemExit(f"sample.py: error: {e} (train a model first: python prepare.py && python train.py)")
+model = GPT(GPTConfig(**state['model_args']))
+model.load_state_dict(state['model'], strict=True)
+model.eval().to(device)
+tokenizer = ds.load_tokenizer(state['tokenizer'])
+print(f"# {path}: iter {state['iter_num']}, val loss {state.get('val_loss')}", file=sys.stderr)
+state = None
+
+if start.startswith('FILE:'):
+    try:
+        with open(start[5:], encoding='utf-8') as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"sample.py: error: cannot read prompt file {start[5:]}: {e}")
+prompt = tokenizer.encode(start) if start else [tokenizer.eot_id]
+x = torch.tensor([prompt[-model.config.block_size:]], dtype=torch.long, device=device)
+generator = torch.Generator(device=device).manual_seed(seed)
+for i in range(num_samples):
+    sys.stdout.write(start)
+    utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')  # a token may end mid-character
+    with ctx:
+        for token in model.generate_stream(x, max_new_tokens, temperature=temperature, top_k=top_k,
+                                           top_p=top_p, generator=generator):
+            t = token.item()
+            if t == tokenizer.eot_id and stop_at_eot:
+                break
+            sys.stdout.write(utf8.decode(tokenizer.decode_bytes([t])))
+            sys.stdout.flush()
+    sys.stdout.write(utf8.decode(b'', final=True) + '\n' + '-' * 40 + '\n')
+sys.stdout.flush()

@@ -1,0 +1,404 @@
+"""
+Train a GPT on a dataset made by prepare.py, on one CPU, one GPU or many GPUs.
+
+    python prepare.py && python train.py                 # small model on the stdlib corpus (CPU, ~10 min)
+    python train.py config/python_code.py --max_iters=5000
+    python train.py --init_from=resume                   # continue exactly where the last run stopped
+    python train.py --init_from=best                     # or latest_backup, step_0001000, epoch_0002, a path
+    python train.py --list                               # the checkpoints in out_dir and whether they verify
+    torchrun --standalone --nproc_per_node=4 train.py config/slm.py
+
+Ctrl-C or SIGTERM finishes the current iteration, saves `latest` and exits 0.
+"""
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import checkpoint
+import dataset as ds
+from configurator import configure
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# default config: a small model that trains on the stdlib corpus on 2 CPU cores in ~10 minutes
+# I/O
+out_dir = 'out'
+data_dir = 'data'
+dataset = 'stdlib'
+init_from = 'scratch'  # 'scratch', 'resume' (newest valid checkpoint), or a checkpoint name / path
+reset_state = False  # with init_from: keep only the weights, start a new run (e.g. fine-tune on new data)
+log_interval = 10
+eval_interval = 250
+eval_iters = 20
+# checkpoint tiers (iterations); 0 disables a tier
+ckpt_interval = 100  # `latest` (the previous one becomes `latest_backup`)
+rolling_interval = 500  # `step_NNNNNNN`, the newest keep_last are kept
+keep_last = 10
+save_epochs = True  # `epoch_NNNN` at the end of every epoch, kept forever
+save_best = True  # `best` after an eval that improves the val loss
+# model
+n_layer = 4
+n_head = 4
+n_embd = 128
+block_size = 128
+dropout = 0.0
+bias = True
+# batch: the global batch is batch_size * gradient_accumulation_steps sequences on any number of processes
+batch_size = 16
+gradient_accumulation_steps = 1
+max_iters = 2500
+max_epochs = None  # stop at the end of this epoch instead (max_iters still caps)
+# AdamW, linear warmup then cosine decay to min_lr
+learning_rate = 2e-3
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0
+warmup_iters = 100
+lr_decay_iters = None  # None: the run's last iteration
+min_lr = 2e-4
+# system
+device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto', 'float32', 'bfloat16', 'float16'
+compile = False
+gradient_checkpointing = False
+seed = 1337
+wandb_log = False
+wandb_project = 'sturdygpt'
+wandb_run_name = None
+# -----------------------------------------------------------------------------
+defaults = {k: v for k, v in globals().items()
+            if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
+if '--list' in sys.argv[1:]:
+    argv = [a for a in sys.argv[1:] if a != '--list']
+    cfg, _ = configure(defaults, argv, prog='train.py')
+    print(checkpoint.format_listing(checkpoint.list_checkpoints(cfg['out_dir'])))
+    sys.exit(0)
+config, explicit = configure(defaults, sys.argv[1:], prog='train.py')
+globals().update(config)
+
+# -----------------------------------------------------------------------------
+# checkpoint to start from (its config is the base; the keys set on this command line win)
+ckpt, ckpt_path = None, None
+if init_from != 'scratch':
+    try:
+        if init_from == 'resume':
+            ckpt_path, ckpt, skipped = checkpoint.find_resume(out_dir)
+            for reason in skipped:
+                print(f"warning: {reason}", file=sys.stderr)
+        else:
+            ckpt_path = checkpoint.resolve(init_from, out_dir)
+            ckpt = checkpoint.load(ckpt_path)
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f"train.py: error: {e}")
+    model_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size')
+    for k in model_keys:
+        if k in explicit and config[k] != ckpt['model_args'][k]:
+            raise SystemExit(f"train.py: error: {ckpt_path} has {k}={ckpt['model_args'][k]} but "
+                             f"--{k}={config[k]} was given (a checkpoint's shape cannot change)")
+    if not reset_state:
+        config = {**config, **{k: v for k, v in ckpt['config'].items() if k in defaults and k not in explicit}}
+        globals().update(config)
+
+# -----------------------------------------------------------------------------
+# device, DDP and dtype: decided once, then objects that do nothing when unused
+ddp = int(os.environ.get('RANK', -1)) != -1
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+if ddp:
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if device.startswith('cuda'):
+        device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
+        torch.cuda.set_device(device)
+else:
+    rank, world_size = 0, 1
+master_process = rank == 0
+if gradient_accumulation_steps % world_size:
+    raise SystemExit(f"train.py: error: gradient_accumulation_steps={gradient_accumulation_steps} must be "
+                     f"divisible by the number of processes ({world_size})")
+micro_steps = gradient_accumulation_steps // world_size
+device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
+if dtype == 'auto':
+    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    raise SystemExit(f"train.py: error: dtype must be float32, bfloat16 or float16, got {dtype!r}")
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+: ~8x faster matmuls, loss unaffected
+torch.backends.cudnn.allow_tf32 = True
+torch.manual_seed(seed + rank)
+np.random.seed(seed + rank)
+if master_process:
+    os.makedirs(out_dir, exist_ok=True)
+
+# -----------------------------------------------------------------------------
+# data: fixed windows of block_size + 1 tokens, visited once per epoch in an order that is a
+# function of (seed, epoch); the position (epoch, index) is global, so any number of ranks agree
+data_path = os.path.join(data_dir, dataset)
+meta = ds.read_meta(data_path)
+tokenizer = ds.tokenizer_state(data_path)
+train_data, val_data = ds.open_split(data_path, 'train'), ds.open_split(data_path, 'val')
+for split, arr in (('train', train_data), ('val', val_data)):
+    if len(arr) < block_size + 1:
+        raise SystemExit(f"train.py: error: {data_path} {split} split has {len(arr)} tokens, fewer than "
+                         f"block_size+1={block_size + 1}; use a smaller --block_size or a larger corpus")
+n_windows = (len(train_data) - 1) // block_size
+windows_per_iter = batch_size * gradient_accumulation_steps
+tokens_per_iter = windows_per_iter * block_size
+if max_epochs is not None:
+    max_iters = min(max_iters, math.ceil(max_epochs * n_windows / windows_per_iter))
+_orders = {}
+
+
+def epoch_order(epoch):
+    if epoch not in _orders:
+        _orders.clear()  # keep only the current epoch's permutation in memory
+        _orders[epoch] = np.random.default_rng([seed, epoch]).permutation(n_windows)
+    return _orders[epoch]
+
+
+def next_windows(pos, count):
+    """The next `count` window indices from position (epoch, index), and the position after them."""
+    epoch, index = pos
+    out = []
+    while count:
+        take = min(count, n_windows - index)
+        out.append(epoch_order(epoch)[index:index + take])
+        count, index = count - take, index + take
+        if index == n_windows:
+            epoch, index = epoch + 1, 0
+    return np.concatenate(out), (epoch, index)
+
+
+def get_batch(data, windows):
+    xy = torch.from_numpy(np.stack([data[w * block_size: w * block_size + block_size + 1]
+                                    for w in windows]).astype(np.int64))
+    x, y = xy[:, :-1], xy[:, 1:]
+    if device_type == 'cuda':
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# -----------------------------------------------------------------------------
+# model and optimizer: from scratch, or the checkpoint's weights (and, unless reset_state, its state)
+model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                  bias=bias, vocab_size=meta['tokenizer']['vocab_size'], dropout=dropout)
+if ckpt is not None:
+    if ckpt['tokenizer']['fingerprint'] != tokenizer['fingerprint']:
+        raise SystemExit(f"train.py: error: {ckpt_path} was trained with a different tokenizer than "
+                         f"{data_path} ({ckpt['tokenizer']['kind']} {ckpt['tokenizer']['fingerprint'][:12]} vs "
+                         f"{tokenizer['kind']} {tokenizer['fingerprint'][:12]}); prepare the data with "
+                         f"the checkpoint's tokenizer (prepare.py --tokenizer=PATH/tokenizer.json)")
+    if not reset_state and ckpt['data']['fingerprint'] != meta['inputs_fingerprint']:
+        raise SystemExit(f"train.py: error: {ckpt_path} was trained on other data than {data_path} "
+                         f"(dataset '{ckpt['data']['dataset']}' changed or differs); to start a new run "
+                         f"from its weights on this data add --reset_state=True")
+    model_args.update({k: ckpt['model_args'][k] for k in model_args if k != 'dropout'})
+model = GPT(GPTConfig(**model_args))
+if ckpt is not None:
+    model.load_state_dict(ckpt['model'], strict=True)
+model.gradient_checkpointing = gradient_checkpointing
+model.to(device)
+optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type)
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+iter_num, pos, best_val_loss, wandb_id = 0, (0, 0), float('inf'), None
+if ckpt is not None and not reset_state:
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    iter_num, pos = ckpt['iter_num'], tuple(ckpt['data_pos'])
+    best_val_loss, wandb_id = ckpt['best_val_loss'], ckpt.get('wandb_id')
+    if rank == 0:
+        checkpoint.set_rng_state(ckpt['rng'])  # other ranks keep seed + rank: their draws differ anyway
+    print(f"resumed from {ckpt_path} at iter {iter_num}, epoch {pos[0]}, window {pos[1]}/{n_windows}")
+ckpt = None  # free the loaded tensors
+raw_model = model
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
+
+
+# -----------------------------------------------------------------------------
+def get_lr(it):
+    decay_iters = lr_decay_iters or max_iters
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss on the same fixed windows of each split every time, split across ranks."""
+    out = {}
+    model.eval()
+    for split, data in (('train', train_data), ('val', val_data)):
+        n = (len(data) - 1) // block_size
+        windows = np.random.default_rng([seed, 2**31]).permutation(n)[:eval_iters * batch_size]
+        total = torch.zeros(2, device=device)  # (sum of losses * windows, windows)
+        for k, start in enumerate(range(0, len(windows), batch_size)):
+            if k % world_size == rank:
+                x, y = get_batch(data, windows[start:start + batch_size])
+                with ctx:
+                    _, loss = raw_model(x, y)
+                total += torch.stack([loss.float() * len(x), torch.tensor(float(len(x)), device=device)])
+        if ddp:
+            dist.all_reduce(total)
+        out[split] = (total[0] / total[1]).item()
+    model.train()
+    return out
+
+
+def save(latest=False, rolling=False, epoch=None, best=False):
+    state = {
+        'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+        'iter_num': iter_num, 'epoch': pos[0], 'data_pos': list(pos), 'best_val_loss': best_val_loss,
+        'val_loss': last_eval.get('val'), 'train_loss': last_eval.get('train'),
+        'rng': checkpoint.rng_state(), 'config': config, 'model_args': model_args,
+        'data': {'dataset': dataset, 'fingerprint': meta['inputs_fingerprint']},
+        'tokenizer': tokenizer, 'wandb_id': wandb_id, 'time': time.time(),
+    }
+    t0 = time.time()
+    try:
+        names, disk = checkpoint.save_tiers(out_dir, state, iter_num=iter_num, latest=latest, rolling=rolling,
+                                            epoch=epoch, best=best, keep_last=keep_last, protect=protect)
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f"train.py: error: {e} (earlier checkpoints are intact)")
+    print(f"saved {', '.join(names)} in {time.time() - t0:.2f}s; checkpoints use {disk / 2**20:.1f} MB")
+
+
+def log(entry):
+    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(entry) + '\n')
+    if wandb_log:
+        wandb.log({('eval/' if 'val_loss' in entry else 'train/') + k: v for k, v in entry.items()},
+                  step=entry['iter'])
+
+
+# SIGTERM / SIGINT only set a flag; the loop saves at the next iteration boundary and exits
+stop_signal = None
+
+
+def on_signal(signum, frame):
+    global stop_signal
+    stop_signal = signum
+
+
+signal.signal(signal.SIGTERM, on_signal)
+signal.signal(signal.SIGINT, on_signal)
+protect = (ckpt_path,) if ckpt_path else ()
+if wandb_log and master_process:
+    import wandb
+    wandb_id = wandb_id or wandb.util.generate_id()
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config, id=wandb_id, resume='allow')
+
+# -----------------------------------------------------------------------------
+# training loop
+if master_process:
+    print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens/iter, "
+          f"{n_windows:,} windows/epoch, device {device}, dtype {dtype}, {world_size} process(es)")
+last_eval, last_log_iter, t_start = {}, iter_num, time.time()
+loss_sum = torch.zeros((), device=device)
+t0 = time.time()
+while True:
+    if iter_num % eval_interval == 0 or iter_num == max_iters:
+        t_eval = time.time()
+        last_eval = estimate_loss()
+        improved = last_eval['val'] < best_val_loss
+        best_val_loss = min(best_val_loss, last_eval['val'])
+        if master_process:
+            print(f"eval {iter_num}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}, "
+                  f"val ppl {math.exp(last_eval['val']):.2f}")
+            log({'iter': iter_num, 'epoch': pos[0], 'train_loss': last_eval['train'],
+                 'val_loss': last_eval['val'], 'val_ppl': math.exp(last_eval['val'])})
+            if improved and save_best and iter_num > 0:
+                save(best=True)
+        t0 += time.time() - t_eval  # iteration timing leaves out evals
+    if iter_num >= max_iters:
+        break
+
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    windows, next_pos = next_windows(pos, windows_per_iter)
+    for micro in range(micro_steps):
+        # rank r takes micro-batches r, r + world_size, ...: the global batch is the same on any world size
+        k = micro * world_size + rank
+        x, y = get_batch(train_data, windows[k * batch_size:(k + 1) * batch_size])
+        if ddp:
+            model.require_backward_grad_sync = micro == micro_steps - 1  # all-reduce once per iteration
+        with ctx:
+            _, loss = model(x, y)
+            loss = loss / micro_steps
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    epoch_done = next_pos[0] > pos[0]
+    iter_num, pos = iter_num + 1, next_pos
+
+    if iter_num % log_interval == 0 or iter_num == max_iters:
+        if ddp:
+            dist.all_reduce(loss_sum)
+        steps, last_log_iter = iter_num - last_log_iter, iter_num
+        lossf = loss_sum.item() / steps / world_size
+        loss_sum.zero_()
+        dt = (time.time() - t0) / steps
+        t0 = time.time()
+        tok_s = tokens_per_iter / dt
+        eta = (max_iters - iter_num) * dt
+        if master_process:
+            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f}ms, {tok_s / 1000:.1f}k tok/s, "
+                  f"eta {eta / 60:.1f}min")
+            log({'iter': iter_num, 'epoch': pos[0], 'loss': lossf, 'ppl': math.exp(min(lossf, 50)), 'lr': lr,
+                 'tokens_seen': iter_num * tokens_per_iter, 'ms_per_iter': dt * 1000, 'tokens_per_sec': tok_s})
+
+    stop = stop_signal is not None
+    if ddp:  # every rank stops at the same iteration, whichever got the signal
+        flag = torch.tensor(float(stop), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag)
+    latest = stop or (ckpt_interval and iter_num % ckpt_interval == 0) or iter_num == max_iters
+    rolling = rolling_interval and iter_num % rolling_interval == 0
+    epoch = pos[0] if epoch_done and save_epochs else None
+    if master_process and (latest or rolling or epoch is not None):
+        save(latest=latest, rolling=rolling, epoch=epoch)
+    if stop:
+        if master_process:
+            name = signal.Signals(stop_signal).name if stop_signal else 'a signal on another rank'
+            print(f"stopped by {name} at iter {iter_num}; resume with: python train.py "
+                  f"{' '.join(sys.argv[1:])} --init_from=resume".replace('  ', ' '))
+        break
+
+# -----------------------------------------------------------------------------
+if master_process and iter_num >= max_iters:
+    summary = {'iters': iter_num, 'epochs': pos[0] + pos[1] / n_windows,
+               'final_val_loss': last_eval.get('val'), 'final_val_ppl': math.exp(last_eval['val']),
+               'best_val_loss': best_val_loss, 'best_val_ppl': math.exp(best_val_loss),
+               'tokens_seen': iter_num * tokens_per_iter, 'wall_seconds': time.time() - t_start,
+               'config': config}
+    with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=2)
+    print(f"done: val loss {summary['final_val_loss']:.4f} (best {best_val_loss:.4f}), "
+          f"{summary['tokens_seen']:,} tokens in {summary['wall_seconds'] / 60:.1f} min")
+if wandb_log and master_process:
+    wandb.finish()
+if ddp:
+    dist.destroy_process_group()
