@@ -1,0 +1,384 @@
+"""
+Checkpoints: one verified .safetensors file each, written atomically, kept in tiers in out_dir:
+latest (+ latest_backup), rolling step_NNNNNNN, epoch_NNNN (kept forever), best.
+
+    save(path, state) / load(path)       one file; load() checks a sha256 over all of it
+    save_tiers(out_dir, state, ...)      serialize once, publish under each tier name
+    find_resume(out_dir) / resolve(init_from, out_dir) / list_checkpoints(out_dir)
+    rng_state() / set_rng_state(tree)    every RNG training draws from
+
+Only safetensors reads and writes these files (no pickle, no torch.load), so opening a checkpoint
+someone sent you cannot run their code. Tensors are stored under their path in the state tree
+("model/lm_head.weight", "optimizer/state/3/exp_avg"), everything else as JSON in the header.
+Files are published by tmp + fsync + rename + fsync(dir): a kill or power cut at any moment
+leaves either the old complete file or the new complete one.
+"""
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import struct
+import time
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "sturdygpt-checkpoint-1"
+INFO_KEYS = ("iter_num", "epoch", "val_loss", "best_val_loss", "time")  # what read_info() returns
+NAME = re.compile(r"(latest|latest_backup|best)|step_(\d+)|epoch_(\d+)")
+TMP = re.compile(r"\.ckpt-tmp-(\d+)")  # a saving process's scratch dir
+TENSOR, TUPLE, DICT = "__tensor__", "__tuple__", "__dict__"  # tags in the JSON tree
+
+class CheckpointError(Exception):
+    """str() is a one-line reason, fit to print as is."""
+
+def _oneline(e):
+    return " ".join((e.strerror if isinstance(e, OSError) and e.strerror else str(e)).split()) or type(e).__name__
+
+# -----------------------------------------------------------------------------
+# one file
+
+def _flatten(state):
+    """Split a state tree into (JSON-able tree, {key: cpu tensor}); tied tensors are stored once."""
+    tensors, views, storages = {}, {}, set()
+    def walk(x, path):
+        sub = lambda k: f"{path}/{k}" if path else str(k)
+        if isinstance(x, torch.Tensor):
+            if x.layout != torch.strided or x.is_quantized:
+                raise CheckpointError(f"cannot save {path}: only dense tensors are supported")
+            x = x.detach()
+            storage = (x.device, x.untyped_storage().data_ptr())
+            view = storage + (x.storage_offset(), x.shape, x.stride(), x.dtype)
+            if x.numel() and view in views:  # tied weights (wte / lm_head): one copy, one object on load
+                return {TENSOR: views[view]}
+            if x.numel() and storage in storages:  # other overlaps: safetensors refuses shared storage
+                x = x.clone()
+            key = path
+            while key in tensors:  # int key 3 and str key "3" in one dict
+                key += "+"
+            views[view], tensors[key] = key, x
+            storages.add(storage)
+            return {TENSOR: key}
+        if isinstance(x, dict):
+            if all(isinstance(k, str) for k in x) and not x.keys() & {TENSOR, TUPLE, DICT}:
+                return {k: walk(v, sub(k)) for k, v in x.items()}
+            # keep int keys: Optimizer.load_state_dict silently drops state whose keys are str
+            return {DICT: [[walk(k, path), walk(v, sub(k))] for k, v in x.items()]}
+        if isinstance(x, (tuple, list)):
+            items = [walk(v, sub(i)) for i, v in enumerate(x)]
+            return {TUPLE: items} if isinstance(x, tuple) else items
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        if isinstance(x, np.generic):
+            return x.item()
+        raise CheckpointError(f"cannot save {path or 'state'}: unsupported type {type(x).__name__} "
+                              "(use tensors, dicts, lists, tuples, str/int/float/bool/None)")
+    tree = walk(state, "")
+    return tree, {k: t.cpu().contiguous() for k, t in tensors.items()}
+
+def _unflatten(x, tensors):
+    if isinstance(x, list):
+        return [_unflatten(v, tensors) for v in x]
+    if isinstance(x, dict) and len(x) == 1 and next(iter(x)) in (TENSOR, TUPLE, DICT):
+        tag, v = next(iter(x.items()))
+        if tag == TENSOR:
+            return tensors[v]
+        if tag == TUPLE:
+            return tuple(_unflatten(i, tensors) for i in v)
+        return {_unflatten(k, tensors): _unflatten(i, tensors) for k, i in v}
+    if isinstance(x, dict):
+        return {k: _unflatten(v, tensors) for k, v in x.items()}
+    return x
+
+def _checksum(meta, tensors):
+    h = hashlib.sha256()
+    for k in ("format", "info", "state"):
+        h.update(meta[k].encode() + b"\0")
+    for k in sorted(tensors):
+        t = tensors[k]
+        h.update(f"{k}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+def _write(path, state):
+    """Serialize state into path (a scratch name that callers rename) and fsync it."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"cannot save: state must be a dict, not {type(state).__name__}")
+    tree, tensors = _flatten(state)
+    info = {k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for k, v in state.items()
+            if k in INFO_KEYS}  # nanoGPT's best_val_loss is a 0-dim tensor
+    meta = dict(format=FORMAT, info=json.dumps({k: v for k, v in info.items() if isinstance(v, (int, float))}),
+                state=json.dumps(tree))
+    save_file(tensors, path, metadata=dict(meta, checksum=_checksum(meta, tensors)))
+    umask = os.umask(0o22); os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # safetensors' own temp file is 0600
+    _fsync(path)
+    _read_header(path)  # the size matches the header, in case a write error went unreported
+
+def _scratch(d):
+    """A fresh scratch dir in d (same filesystem, so rename is atomic). Saving there also catches
+    safetensors' own .tmpXXXXXX file; scratch dirs of dead processes (kill -9 mid-save) go."""
+    for name in os.listdir(d):
+        m = TMP.fullmatch(name)
+        try:
+            if m and int(m[1]) != os.getpid():
+                os.kill(int(m[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(d, name), ignore_errors=True)
+        except OSError:
+            pass
+    tmp = os.path.join(d, f".ckpt-tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.mkdir(tmp)
+    return tmp
+
+def _publish(d, state, names, what, rotate=False):
+    """Serialize once into a scratch file, then rename a hard link of it to each of names in d.
+    Every save is a new inode, so replacing latest never touches a step_ file linked to an older one."""
+    tmp = None
+    try:
+        tmp = _scratch(d)
+        src = os.path.join(tmp, "state.safetensors")
+        _write(src, state)
+        for name in names:  # all links first: if one fails, nothing in d has been touched yet
+            try:
+                os.link(src, os.path.join(tmp, name))
+            except OSError:  # a filesystem without hard links: copy
+                shutil.copyfile(src, os.path.join(tmp, name))
+                _fsync(os.path.join(tmp, name))
+        for name in names:
+            dst = os.path.join(d, name)
+            if rotate and name == "latest.safetensors" and os.path.exists(dst):
+                # a crash right after this leaves latest_backup complete and latest missing
+                os.replace(dst, os.path.join(d, "latest_backup.safetensors"))
+            os.replace(os.path.join(tmp, name), dst)
+        _fsync(d)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"cannot save {what}: {_oneline(e)}") from None
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+def save(path, state: dict) -> None:
+    path = os.path.abspath(path)
+    _publish(os.path.dirname(path), state, [os.path.basename(path)], path)
+
+def _read_header(path):
+    """Check the framing ourselves, for clear reasons; returns the sturdygpt metadata dict."""
+    try:
+        with open(path, "rb") as f:
+            size, head = os.fstat(f.fileno()).st_size, f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            if n == 0 or n > 100_000_000 or 8 + n > size:
+                # never unpickled: loading a pickle (or torch.save's zip of one) can run arbitrary code
+                if head[:1] == b"\x80":
+                    raise CheckpointError("is a pickle file, not a .safetensors checkpoint (refused)")
+                if head[:4] == b"PK\x03\x04":
+                    raise CheckpointError("is a zip file (torch.save?), not a .safetensors checkpoint (refused)")
+                raise CheckpointError("not a safetensors file (bad header length)" if n > 100_000_000
+                                      else f"truncated ({size} bytes)")
+            header = json.loads(f.read(n))
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise CheckpointError(_oneline(e)) from None
+    except ValueError:  # bad JSON or UTF-8
+        raise CheckpointError("not a safetensors file (unreadable header)") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or "format" not in meta:
+        raise CheckpointError("not a sturdygpt checkpoint (safetensors file without sturdygpt metadata)")
+    if meta["format"] != FORMAT:
+        raise CheckpointError(f"unsupported checkpoint format {meta['format']!r} (this code reads {FORMAT!r})")
+    try:
+        end = 8 + n + max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"] + [0])
+    except (TypeError, KeyError, IndexError):
+        raise CheckpointError("not a safetensors file (bad tensor table)") from None
+    if end != size:
+        raise CheckpointError(f"truncated ({size} of {end} bytes)" if end > size
+                              else f"corrupt ({size - end} trailing bytes)")
+    return meta
+
+def _read(path):
+    """Verify path and return its state tree; CheckpointError(reason) if it is bad."""
+    meta = _read_header(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if _checksum(meta, tensors) != meta["checksum"]:
+            raise CheckpointError("checksum mismatch (file is corrupted)")
+        return _unflatten(json.loads(meta["state"]), tensors)
+    except CheckpointError:
+        raise
+    except Exception as e:  # a crafted header that still checksums; never a traceback
+        raise CheckpointError(f"corrupt checkpoint ({type(e).__name__}: {_oneline(e)})") from None
+
+def load(path) -> dict:
+    try:
+        return _read(os.fspath(path))
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot load {path}: {e}") from None
+
+def read_info(path) -> dict:
+    """iter_num, epoch, val_loss, best_val_loss, time as saved: header only, not verified."""
+    try:
+        return json.loads(_read_header(path).get("info", "{}"))
+    except (CheckpointError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+# -----------------------------------------------------------------------------
+# tiers in out_dir
+
+def _tier_files(out_dir):
+    """{name: path} of the checkpoint files in out_dir, never scratch files."""
+    names = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    return {n[:-12]: os.path.join(out_dir, n) for n in names
+            if n.endswith(".safetensors") and NAME.fullmatch(n[:-12])}
+
+def _disk_bytes(paths):
+    sizes = {}
+    for p in paths:
+        try:
+            st = os.stat(p)
+            sizes[(st.st_dev, st.st_ino)] = st.st_size  # hard links counted once
+        except OSError:  # removed meanwhile
+            pass
+    return sum(sizes.values())
+
+def save_tiers(out_dir, state, *, iter_num, latest, rolling, epoch, best, keep_last, protect=()):
+    """Save once under each requested tier name, then prune step_ files (keep_last <= 0 keeps all)."""
+    names = [n + ".safetensors" for n, want in (("latest", latest), (f"step_{iter_num:07d}", rolling),
+             (f"epoch_{epoch or 0:04d}", epoch is not None), ("best", best)) if want]
+    if names:
+        _publish(out_dir, state, names, f"checkpoint in {out_dir}", rotate=True)
+    # prune the rolling tier, never the file training resumed from
+    keep = {os.path.realpath(p) for p in protect}
+    steps = sorted((int(n[5:]), p) for n, p in _tier_files(out_dir).items() if n.startswith("step_"))
+    for _, p in steps[:-keep_last] if keep_last and keep_last > 0 else ():
+        try:
+            if os.path.realpath(p) not in keep:
+                os.remove(p)
+        except OSError:  # best effort: the save itself succeeded
+            pass
+    return names, _disk_bytes(_tier_files(out_dir).values())
+
+def find_resume(out_dir):
+    """latest -> latest_backup -> step_/epoch_ newest first (never best: it may be older)."""
+    files = _tier_files(out_dir)
+    def newest(name):
+        try:
+            it = read_info(files[name]).get("iter_num")
+        except CheckpointError:
+            it = None
+        m = NAME.fullmatch(name)
+        return (it if isinstance(it, int) else int(m[2]) if m[2] else -1, os.path.getmtime(files[name]))
+    order = [n for n in ("latest", "latest_backup") if n in files]
+    order += sorted([n for n in files if n.startswith(("step_", "epoch_"))], key=newest, reverse=True)
+    skipped, failed = [], {}
+    for name in order:
+        path, fname = files[name], name + ".safetensors"
+        try:
+            st = os.stat(path)
+        except OSError:  # removed meanwhile
+            continue
+        ino = (st.st_dev, st.st_ino)
+        if ino in failed:  # a hard link of a file that already failed
+            skipped.append(f"{fname}: same file as {failed[ino]}, skipped")
+            continue
+        try:
+            return path, _read(path), skipped
+        except CheckpointError as e:
+            failed[ino] = fname
+            skipped.append(f"{fname}: {e}, falling back")
+    if not skipped:
+        raise CheckpointError(f"no checkpoint in {out_dir} (looked for latest, latest_backup, step_*, epoch_*)")
+    raise CheckpointError(f"no valid checkpoint in {out_dir}: " + "; ".join(skipped))
+
+def resolve(init_from, out_dir) -> str:
+    init_from = os.fspath(init_from)
+    m = NAME.fullmatch(init_from.removesuffix(".safetensors"))
+    if m:  # step_100 and step_0000100 name the same file
+        name = m[1] or (f"step_{int(m[2]):07d}" if m[2] else f"epoch_{int(m[3]):04d}")
+        if os.path.isfile(os.path.join(out_dir, name + ".safetensors")):
+            return os.path.join(out_dir, name + ".safetensors")
+    if os.path.isfile(init_from):
+        return init_from
+    if os.path.isdir(init_from):
+        return find_resume(init_from)[0]
+    have = ", ".join(_tier_files(out_dir)) or "none"
+    raise CheckpointError(f"checkpoint {init_from!r} not found in {out_dir} (have: {have}); use latest, "
+                          "latest_backup, best, step_NNNNNNN, epoch_NNNN, a file or a directory")
+
+def list_checkpoints(out_dir, verify=True) -> list:
+    """One row per checkpoint file; ok: the full checksum verifies (done once per inode)."""
+    rows, errors, now = [], {}, time.time()  # errors: inode -> reason, or None if it verified
+    for name, path in _tier_files(out_dir).items():
+        st = os.stat(path)
+        ino = (st.st_dev, st.st_ino)
+        row = dict(tier=NAME.fullmatch(name)[1] or name.split("_")[0], name=name, iter=None, epoch=None,
+                   val_loss=None, bytes=st.st_size, age_s=now - st.st_mtime, path=path)
+        try:
+            info = json.loads(_read_header(path).get("info", "{}"))
+            row.update(iter=info.get("iter_num"), epoch=info.get("epoch"),
+                       val_loss=info.get("val_loss", info.get("best_val_loss")))
+            if verify and ino not in errors:
+                _read(path)
+                errors[ino] = None
+        except (CheckpointError, ValueError) as e:
+            errors[ino] = str(e)
+        rows.append(dict(row, ok=errors[ino] is None if ino in errors else None, error=errors.get(ino)))
+    order = ["latest", "latest_backup", "best", "epoch", "step"]
+    return sorted(rows, key=lambda r: (order.index(r["tier"]), r["name"]))
+
+def format_listing(rows) -> str:
+    size = lambda b: next(f"{b / 1024**i:.1f} {u}" for i, u in ((3, "GB"), (2, "MB"), (1, "KB"), (0, "B"))
+                          if b >= 1024**i or not i)
+    age = lambda s: next(f"{s / d:.0f}{u}" for d, u in ((86400, "d"), (3600, "h"), (60, "m"), (1, "s"))
+                         if s >= d or d == 1)
+    num = lambda v: "-" if v is None else str(v)
+    table = [("name", "iter", "epoch", "val_loss", "size", "age", "status")]
+    for r in rows:
+        status = "ok" if r["ok"] else "not verified" if r["ok"] is None else f"BAD: {r['error']}"
+        val = "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
+        table.append((r["name"], num(r["iter"]), num(r["epoch"]), val, size(r["bytes"]), age(r["age_s"]), status))
+    w = [max(len(row[i]) for row in table) for i in range(7)]
+    lines = ["  ".join(c.ljust(w[i]) if i in (0, 6) else c.rjust(w[i]) for i, c in enumerate(row)).rstrip()
+             for row in table]
+    disk = _disk_bytes(r["path"] for r in rows)
+    return "\n".join(lines + [f"{len(rows)} checkpoint files, {size(disk)} on disk (hard links counted once)"])
+
+# -----------------------------------------------------------------------------
+# RNG state
+
+def rng_state() -> dict:
+    """Every RNG training draws from, as a checkpointable tree (under DDP: this rank's)."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(mt), gauss],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+def set_rng_state(tree: dict) -> None:
+    version, mt, gauss = tree["python"]
+    random.setstate((version, tuple(mt), gauss))
+    n = tree["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(tree["torch"])
+    for i, s in enumerate(tree.get("cuda") or []):
+        if i < torch.cuda.device_count():
+            torch.cuda.set_rng_state(s, i)
