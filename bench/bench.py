@@ -1,0 +1,88 @@
+"""
+Throughput figures for the whole pipeline, measured in one run on this machine:
+
+    python bench/bench.py                      # prepare, train, checkpoint, sample
+    python bench/bench.py --only=sample,train
+
+prepare: bench/bench_prepare.py on the default corpus (MB/s, tokens/s, peak memory).
+train: tokens/s of the default config and of config/python_code.py, and what checkpoints cost
+    (save time, and overhead as a share of training time at the config's intervals).
+sample: 500 new tokens at block size 256 with the KV cache versus recomputing the full context.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def bench_prepare():
+    subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'bench_prepare.py')], check=True)
+
+
+def bench_train(name, config_args, iters):
+    """Run train.py for `iters` iterations; report steady tokens/s and checkpoint cost."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *config_args, f'--out_dir={out}',
+               f'--max_iters={iters}', '--eval_interval=1000000', '--log_interval=5']
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if p.returncode:
+            raise SystemExit(f"bench: train.py failed: {p.stderr.strip()}")
+        log = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+        steady = [e for e in log if 'tokens_per_sec' in e][2:]  # skip warm-up intervals
+        ms = sum(e['ms_per_iter'] for e in steady) / len(steady)
+        tok_s = sum(e['tokens_per_sec'] for e in steady) / len(steady)
+        saves = [float(t) for t in re.findall(r'saved .* in ([0-9.]+)s', p.stdout)]
+        size = os.path.getsize(os.path.join(out, 'latest.safetensors')) / 2**20
+    ckpt_interval = default_of(config_args, 'ckpt_interval')
+    save_s = max(saves) if saves else float('nan')
+    overhead = save_s / (ckpt_interval * ms / 1000) * 100
+    print(f"train {name}: {tok_s:,.0f} tokens/s, {ms:.1f} ms/iter; checkpoint {size:.1f} MB saved in "
+          f"{save_s * 1000:.0f} ms, every {ckpt_interval} iters = {overhead:.2f}% of training time")
+
+
+def default_of(config_args, key):
+    """The value train.py would use for key: its default, overridden by the config files given."""
+    scope = {}
+    src = open(os.path.join(ROOT, 'train.py')).read()
+    exec(re.search(rf'^{key} = .*$', src, re.M).group(0), scope)
+    for f in config_args:
+        if f.endswith('.py'):
+            exec(open(os.path.join(ROOT, f)).read(), scope)
+    return scope[key]
+
+
+def bench_sample(new_tokens=500):
+    import torch
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=8192)).eval()
+    prompt = torch.randint(0, 8192, (1, 8))
+    rates = {}
+    for use_cache in (True, False):
+        model.generate(prompt, 20, use_cache=use_cache)  # warm-up
+        t0 = time.time()
+        model.generate(prompt, new_tokens, use_cache=use_cache, generator=torch.Generator().manual_seed(0))
+        rates[use_cache] = new_tokens / (time.time() - t0)
+    print(f"sample: {new_tokens} new tokens at block 256 (4x4x256, vocab 8192): KV cache {rates[True]:.0f} tok/s, "
+          f"full recompute {rates[False]:.0f} tok/s, ratio {rates[True] / rates[False]:.1f}x")
+
+
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--only', default='prepare,train,sample')
+    only = ap.parse_args().only.split(',')
+    print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}")
+    if 'prepare' in only:
+        bench_prepare()
+    if 'train' in only:
+        bench_train('default config', [], 60)
+        bench_train('config/python_code.py', ['config/python_code.py'], 30)
+    if 'sample' in only:
+        bench_sample()

@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny corpus prepared once, and a helper to run the scripts as a user would."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a tiny model that still trains: every script accepts these as --key=value
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4',
+        '--eval_iters=2', '--log_interval=1', '--warmup_iters=5', '--learning_rate=3e-3', '--compile=False']
+
+
+def run(script, *args, cwd=None, check=True, **kw):
+    """Run a top-level script in a subprocess; return the CompletedProcess."""
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=600, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def make_corpus(folder, n_docs=40):
+    """Python-like documents, deterministic, a few KB in all."""
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n_docs):
+        body = ''.join(f"def f{i}_{j}(x, y={j}):\n    return x * {i} + y - {j}\n\n" for j in range(3))
+        with open(os.path.join(folder, f'mod{i:03d}.py'), 'w') as f:
+            f.write(f'"""Module {i}."""\nimport math\n\n{body}')
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory):
+    """data_dir holding dataset 'tiny' (byte tokenizer: no training, fast)."""
+    root = tmp_path_factory.mktemp('tiny')
+    make_corpus(root / 'corpus')
+    run('prepare.py', f'--input={root / "corpus"}', '--dataset=tiny', f'--data_dir={root / "data"}',
+        '--tokenizer=byte', '--val_fraction=0.2')
+    return str(root / 'data')

@@ -1,0 +1,152 @@
+"""train.py end to end: training, sampling, exact resume after SIGTERM / SIGINT / kill -9, refusals."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoint
+from conftest import ROOT, TINY, read_log, run
+
+N = 30  # iterations of the resume runs
+# eval every iteration with many batches: slow enough to signal mid-run, and evals change no state
+RESUME = TINY + [f'--max_iters={N}', '--eval_interval=1', '--eval_iters=30', '--ckpt_interval=3',
+                 '--rolling_interval=4', '--keep_last=3', '--dataset=tiny', '--batch_size=8']
+
+
+def args(data, out, *extra):
+    return [*RESUME, f'--data_dir={data}', f'--out_dir={out}', *extra]
+
+
+def losses(out):
+    """iter -> training loss; a re-run iteration (after kill -9) must log the same loss again."""
+    seen = {}
+    for e in read_log(out):
+        if 'loss' in e:
+            assert seen.setdefault(e['iter'], e['loss']) == e['loss'], f"iter {e['iter']} changed its loss"
+    return seen
+
+
+def weights(out):
+    return checkpoint.load(os.path.join(out, 'latest.safetensors'))['model']
+
+
+@pytest.fixture(scope='module')
+def reference(tiny_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('ref'))
+    run('train.py', *args(tiny_data, out))
+    return out
+
+
+def start(data, out, *extra):
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *args(data, out, *extra)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_iter(out, k, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if any(e.get('iter', 0) >= k and 'loss' in e for e in read_log(out)):
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        assert proc.poll() is None, f"train.py ended before iter {k}: {proc.communicate()}"
+        time.sleep(0.02)
+    raise AssertionError(f"no iter {k} within {timeout}s")
+
+
+def test_train_then_sample(tiny_data, reference):
+    log = read_log(reference)
+    train = [e['loss'] for e in log if 'loss' in e]
+    assert train[-1] < train[0] - 1.0, "loss did not go down"
+    evals = [e for e in log if 'val_loss' in e]
+    assert evals[-1]['val_loss'] < evals[0]['val_loss']
+    names = set(os.listdir(reference))
+    assert {'latest.safetensors', 'latest_backup.safetensors', 'best.safetensors', 'log.jsonl',
+            'summary.json'} <= names
+    steps = sorted(n for n in names if n.startswith('step_'))
+    assert steps == ['step_0000020.safetensors', 'step_0000024.safetensors', 'step_0000028.safetensors']
+    assert any(n.startswith('epoch_') for n in names)  # the tiny corpus is a few epochs
+    a = run('sample.py', f'--out_dir={reference}', '--start=def f', '--max_new_tokens=40', '--num_samples=2')
+    b = run('sample.py', f'--out_dir={reference}', '--start=def f', '--max_new_tokens=40', '--num_samples=2')
+    assert a.stdout == b.stdout and a.stdout.startswith('def f') and len(a.stdout) > 20  # same seed, same text
+    c = run('sample.py', f'--out_dir={reference}', '--start=def f', '--max_new_tokens=40', '--seed=2')
+    assert c.stdout.split('\n-')[0] != a.stdout.split('\n-')[0]
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_signal_then_resume_is_exact(tiny_data, reference, tmp_path, sig):
+    out = str(tmp_path)
+    p = start(tiny_data, out)
+    wait_for_iter(out, 5, p)
+    p.send_signal(sig)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stderr
+    assert f'stopped by {sig.name}' in stdout and '--init_from=resume' in stdout
+    stopped = max(losses(out))
+    assert stopped < N, "the run finished before the signal arrived"
+    run('train.py', *args(tiny_data, out, '--init_from=resume'))
+    assert losses(out) == losses(reference)
+    ref, got = weights(reference), weights(out)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_kill9_at_random_moments_then_resume_is_exact(tiny_data, reference, tmp_path):
+    out = str(tmp_path)
+    rng = random.Random(0)
+    # save every iteration so that some kills land in the middle of a save
+    extra = ['--ckpt_interval=1']
+    first = True
+    for _ in range(5):
+        p = start(tiny_data, out, *extra, *([] if first else ['--init_from=resume']))
+        time.sleep(rng.uniform(2.5, 4.0))  # python + torch start-up takes ~2 s
+        p.kill()
+        p.communicate()
+        if p.returncode == 0:
+            break
+        first = not os.path.exists(os.path.join(out, 'latest.safetensors')) and not os.path.exists(
+            os.path.join(out, 'latest_backup.safetensors'))
+    run('train.py', *args(tiny_data, out, *extra, *([] if first else ['--init_from=resume'])))
+    assert losses(out) == losses(reference)
+    ref, got = weights(reference), weights(out)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert not [n for n in os.listdir(out) if '.tmp' in n], "a temp file was left behind"
+
+
+def test_corrupt_latest_falls_back(tiny_data, reference, tmp_path):
+    out = str(tmp_path)
+    p = start(tiny_data, out)
+    wait_for_iter(out, 8, p)
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=120)
+    path = os.path.join(out, 'latest.safetensors')
+    with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+    r = run('train.py', *args(tiny_data, out, '--init_from=resume'))
+    assert 'latest.safetensors' in r.stderr and 'resumed from' in r.stdout
+    assert 'latest_backup' in r.stdout
+    assert losses(out) == losses(reference)
+
+
+def test_refusals_are_one_line(tiny_data, reference, tmp_path):
+    r = run('train.py', *args(tiny_data, reference, '--init_from=resume', '--n_layer=3'), check=False)
+    assert r.returncode != 0 and 'n_layer=2' in r.stderr and '--n_layer=3' in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = run('train.py', *args(tiny_data, str(tmp_path), '--init_from=resume'), check=False)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
+    r = run('train.py', *args(tiny_data, reference, '--learnig_rate=1'), check=False)
+    assert r.returncode != 0 and "did you mean 'learning_rate'" in r.stderr
+    r = run('sample.py', f'--out_dir={tmp_path}', check=False)
+    assert r.returncode != 0 and 'python train.py' in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_list(reference):
+    r = run('train.py', f'--out_dir={reference}', '--list')
+    for name in ('latest', 'latest_backup', 'best', 'step_0000028', 'epoch_0001'):
+        assert name in r.stdout
