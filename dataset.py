@@ -1,0 +1,277 @@
+"""
+The token dataset format, written by prepare.py and read by train.py / sample.py, and the
+tokenizers behind it.
+
+A dataset is a folder data/<name>/ holding
+    train.bin, val.bin   raw uint16 token ids, no header (np.memmap-able)
+    meta.json            format version, tokenizer, token/document counts, inputs and settings
+    tokenizer.json       the byte-level BPE (only for tokenizer kind "bpe")
+
+Tokenizer kinds: "bpe" (a byte-level BPE trained by prepare.py, stored as HF tokenizers'
+tokenizer.json), "gpt2" (tiktoken's GPT-2 encoding) and "byte" (raw UTF-8 bytes). All three
+run as tiktoken Encodings: one encode/decode path, and much faster than HF's encoder.
+"""
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+
+FORMAT_VERSION = 1
+DTYPE = np.uint16
+SPLITS = ("train", "val")
+EOT = "<|endoftext|>"
+# HF ByteLevel's pre-tokenizer regex (GPT-2's), so tiktoken splits text exactly like HF does
+GPT2_PAT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+BYTE_PAT = r"[\s\S]{1,256}"  # any cut works for single-byte tokens; long runs are just faster
+FETCH_TIMEOUT = 30  # seconds; tiktoken downloads with requests, which has no timeout of its own
+
+
+def _error(msg):
+    return SystemExit(f"dataset: error: {msg}")
+
+# -----------------------------------------------------------------------------
+# reading a prepared dataset
+
+def read_meta(data_dir) -> dict:
+    """meta.json of a complete dataset, checked against the format version and the .bin sizes."""
+    path = os.path.join(data_dir, "meta.json")
+    name = os.path.basename(os.path.normpath(data_dir))
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise _error(f"{path} not found (prepare it first: python prepare.py --dataset={name} ...)") from None
+    except (OSError, ValueError) as e:
+        raise _error(f"{path} is unreadable: {e} (rebuild it: python prepare.py --force ...)") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise _error(f"{path} has format_version {version}, this code reads {FORMAT_VERSION} "
+                     f"(rebuild it: python prepare.py --force ...)")
+    for split in SPLITS:
+        size = os.path.getsize(p) if os.path.exists(p := os.path.join(data_dir, f"{split}.bin")) else -1
+        try:
+            expected = meta["splits"][split]["tokens"] * np.dtype(DTYPE).itemsize
+        except (KeyError, TypeError):
+            raise _error(f"{path} lacks the {split} token count (rebuild it: python prepare.py --force ...)") from None
+        if size != expected:
+            raise _error(f"{p} has {size} bytes, meta.json says {expected} "
+                         f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
+    return meta
+
+
+def open_split(data_dir, split) -> np.memmap:
+    """Read-only uint16 memmap of train.bin or val.bin."""
+    assert split in SPLITS, split
+    return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=DTYPE, mode="r")
+
+
+def tokenizer_state(data_dir) -> dict:
+    """Everything needed to rebuild the dataset's tokenizer, JSON-able (stored in checkpoints)."""
+    state = dict(read_meta(data_dir)["tokenizer"], json=None)
+    if state["kind"] == "bpe":
+        with open(os.path.join(data_dir, "tokenizer.json"), "rb") as f:
+            state["json"] = f.read().decode("utf-8")
+    return state
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+class Tokenizer:
+    """encode/decode for one tokenizer kind; build it with load_tokenizer(state)."""
+
+    def __init__(self, state, enc, hf=None):
+        self.kind, self.fingerprint = state["kind"], state["fingerprint"]
+        self.vocab_size, self.eot_id = state["vocab_size"], state["eot_id"]
+        self._enc = enc  # tiktoken Encoding: encodes, and always decodes
+        self._hf = hf    # HF tokenizer that encodes instead, when tiktoken can't reproduce it
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of ordinary text: '<|endoftext|>' inside it is plain text, never the EOT id."""
+        return self.encode_batch([text])[0].tolist()
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """uint16 id arrays, one per text (numpy, so large corpora skip Python int lists)."""
+        if self._hf is not None:
+            return [np.array(e.ids, dtype=DTYPE) for e in self._hf.encode_batch(texts)]
+        # allowed_special is empty, so this is encode_ordinary, straight into a buffer
+        return [self._enc.encode_to_numpy(t, disallowed_special=()).astype(DTYPE) for t in texts]
+
+    def decode_bytes(self, ids) -> bytes:
+        return self._enc.decode_bytes(np.asarray(ids).tolist())
+
+    def decode(self, ids) -> str:
+        # errors="replace": a sampled sequence may end inside a multi-byte character
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def _byte_of_char():
+    """Invert GPT-2's bytes_to_unicode(): tokenizer.json spells each byte as a printable char."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+def _parse_bpe(json_text, source):
+    """(spec, vocab, byte ranks, eot id, merges) of a byte-level BPE tokenizer.json, or a one-line error."""
+    try:
+        spec = json.loads(json_text)
+        model, pre = spec["model"], spec.get("pre_tokenizer") or {}
+        ok = (model.get("type") == "BPE" and spec.get("normalizer") is None and not model.get("dropout")
+              and pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space") and pre.get("use_regex", True)
+              and not model.get("continuing_subword_prefix") and not model.get("end_of_word_suffix"))
+        eots = [t["id"] for t in spec.get("added_tokens", []) if t["content"] == EOT]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise _error(f"{source} is not a tokenizer.json ({type(e).__name__}: {e}) "
+                     f"(pass one written by prepare.py)") from None
+    if not ok or len(eots) != 1:
+        raise _error(f"{source} is not a byte-level BPE tokenizer.json with an {EOT} special token "
+                     f"(pass one written by prepare.py, e.g. --tokenizer=data/stdlib/tokenizer.json)")
+    byte_of = _byte_of_char()
+    vocab = {tok: i for tok, i in model["vocab"].items() if tok != EOT}  # GPT-2's json lists it twice
+    ids = set(vocab.values())
+    if (not all(c in byte_of for tok in vocab for c in tok) or not set(byte_of) <= set(vocab)
+            or len(ids) != len(vocab) or eots[0] in ids):
+        raise _error(f"{source}: the vocabulary is not byte-level, lacks some of the 256 byte tokens or "
+                     f"repeats ids (pass a byte-level BPE tokenizer.json written by prepare.py)")
+    ranks = {bytes(byte_of[c] for c in tok): i for tok, i in vocab.items()}
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    return spec, vocab, ranks, eots[0], merges
+
+
+def make_state(kind: str, json_text: str = None, source: str = "tokenizer.json") -> dict:
+    """The tokenizer_state() dict of a new tokenizer: "byte", "gpt2", or "bpe" from tokenizer.json text."""
+    if kind == "byte":
+        return dict(kind="byte", fingerprint="byte", vocab_size=257, eot_id=256, json=None)
+    if kind == "gpt2":
+        enc = _gpt2()
+        return dict(kind="gpt2", fingerprint="gpt2", vocab_size=enc.n_vocab, eot_id=enc.eot_token, json=None)
+    assert kind == "bpe", kind
+    _, vocab, _, eot_id, _ = _parse_bpe(json_text, source)
+    vocab_size = max(max(vocab.values()), eot_id) + 1
+    if vocab_size > np.iinfo(DTYPE).max:
+        raise _error(f"{source} has {vocab_size} tokens; ids must fit uint16 (use a vocabulary of at most 65535)")
+    fingerprint = hashlib.sha256(json_text.encode("utf-8")).hexdigest()
+    return dict(kind="bpe", fingerprint=fingerprint, vocab_size=vocab_size, eot_id=eot_id, json=json_text)
+
+
+def load_tokenizer(state: dict) -> Tokenizer:
+    import tiktoken
+    kind = state["kind"]
+    if kind == "byte":
+        enc = tiktoken.Encoding("byte", pat_str=BYTE_PAT, mergeable_ranks={bytes([b]): b for b in range(256)},
+                                special_tokens={EOT: 256})
+        return Tokenizer(state, enc)
+    if kind == "gpt2":
+        enc = _gpt2()
+        if (enc.n_vocab, enc.eot_token) != (state["vocab_size"], state["eot_id"]):
+            raise _error(f"tiktoken's gpt2 has {enc.n_vocab} tokens, eot {enc.eot_token}; the data expects "
+                         f"{state['vocab_size']}, eot {state['eot_id']} (re-run prepare.py --force)")
+        return Tokenizer(state, enc)
+    if kind != "bpe":
+        raise _error(f"unknown tokenizer kind {kind!r} (expected bpe, gpt2 or byte; re-run prepare.py)")
+    json_text = state["json"]
+    if hashlib.sha256(json_text.encode("utf-8")).hexdigest() != state["fingerprint"]:
+        raise _error("tokenizer.json does not match its fingerprint in meta.json (re-run prepare.py --force)")
+    spec, vocab, ranks, eot_id, merges = _parse_bpe(json_text, "tokenizer.json")
+    enc = tiktoken.Encoding(f"bpe-{state['fingerprint'][:12]}", pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                            special_tokens={EOT: eot_id})
+    # tiktoken merges the adjacent pair whose joined bytes have the lowest id, HF the pair listed
+    # first in merges: the same only when the i-th merge made token 256 + i (bytes are ids 0..255)
+    in_order = len(vocab) == 256 + len(merges) and all(vocab.get(a + b) == 256 + i for i, (a, b) in enumerate(merges))
+    hf = None
+    if not in_order:
+        from tokenizers import Tokenizer as HFTokenizer
+        spec["added_tokens"] = []  # HF would turn '<|endoftext|>' inside a document into the EOT id
+        hf = HFTokenizer.from_str(json.dumps(spec))
+    return Tokenizer(state, enc, hf)
+
+
+def _gpt2():
+    import socket
+    import tiktoken
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(FETCH_TIMEOUT)  # a blocked network would otherwise hang forever
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        import tempfile
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR", os.path.join(tempfile.gettempdir(), "data-gym-cache"))
+        raise _error(f"tiktoken could not load the gpt2 encoding: no cached copy in {cache} and the download "
+                     f"failed ({type(e).__name__}) (on a machine with network run TIKTOKEN_CACHE_DIR=DIR python -c "
+                     f"\"import tiktoken; tiktoken.get_encoding('gpt2')\", copy DIR here and set TIKTOKEN_CACHE_DIR "
+                     f"to it)") from None
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def train_bpe(texts, vocab_size: int, show_progress=False) -> str:
+    """Train a byte-level BPE on an iterator of texts; returns the tokenizer.json text.
+    The EOT special token is added last, so its id is vocab_size - 1 (fewer on a tiny corpus)."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, show_progress=show_progress,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)  # consumes the iterator lazily: bounded memory
+    tok.add_special_tokens([EOT])
+    return tok.to_str()
+
+# -----------------------------------------------------------------------------
+# writing
+
+def publish(tmp_dir, out_dir, meta):
+    """Turn the finished tmp_dir into out_dir: meta.json is written last, then renames, so a crash
+    at any point leaves either the old complete dataset or the new one, never a mix."""
+    for name in os.listdir(tmp_dir):
+        with open(os.path.join(tmp_dir, name), "rb+") as f:
+            os.fsync(f.fileno())
+    with open(os.path.join(tmp_dir, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    old = f"{tmp_dir}.old"
+    if os.path.exists(out_dir):
+        os.rename(out_dir, old)  # the only moment without out_dir; clean_stale() undoes a crash here
+    os.rename(tmp_dir, out_dir)
+    fd = os.open(os.path.dirname(os.path.abspath(out_dir)), os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def temp_dir(out_dir):
+    """Where prepare.py writes before publish(): hidden, beside out_dir, named by our pid."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    return os.path.join(parent, f".{name}.tmp-{os.getpid()}")
+
+
+def clean_stale(out_dir):
+    """Remove what killed runs left behind: temp dirs of dead pids; restore an old dataset that a
+    crash during publish() left moved aside."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    if not os.path.isdir(parent):
+        return
+    prefix = f".{name}.tmp-"
+    for entry in sorted(os.listdir(parent)):
+        pid = entry[len(prefix):].removesuffix(".old")
+        if not entry.startswith(prefix) or not pid.isdigit() or _alive(int(pid)):
+            continue
+        path = os.path.join(parent, entry)
+        if entry.endswith(".old") and not os.path.exists(out_dir):
+            os.rename(path, out_dir)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        pass
+    return True

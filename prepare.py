@@ -1,0 +1,396 @@
+"""
+Prepare a token dataset for train.py: read text documents, train (or reuse) a tokenizer, and write
+data/NAME/{train.bin, val.bin, meta.json, tokenizer.json} (format: see dataset.py).
+
+With no arguments it prepares the running Python's own standard library .py sources (without
+site-packages and test directories) as data/stdlib, with a byte-level BPE of 8192 tokens:
+
+    python prepare.py
+    python prepare.py --input=shakespeare.txt --tokenizer=byte          # -> data/shakespeare
+    python prepare.py --input=notes/ --glob='*.md' --dataset=notes --vocab_size=16384
+    python prepare.py --input=chat.jsonl --text_key=content --tokenizer=data/stdlib/tokenizer.json
+    python prepare.py --tokenizer=gpt2 --dataset=stdlib_gpt2 --force
+
+Each file, or each JSONL record, is one document, followed by an end-of-text token. Files are
+read in pieces of at most 128 KiB cut at line ends, and each piece (so each small document) goes
+to val or train by a hash of its path and index: deterministic, and one huge .txt still gets a val
+split. Re-running with unchanged inputs and settings reuses the output in well under a second;
+--force rebuilds. Everything is written to data/.NAME.tmp-PID first and renamed into place only
+when complete, so a crash or Ctrl-C never leaves a half-written dataset.
+"""
+import argparse
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import stat
+import sys
+import sysconfig
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+
+import numpy as np
+
+import dataset
+
+PIECE_BYTES = 128 * 1024  # split unit of big documents; also bounds the text held per piece
+BATCH_BYTES = 1 << 20     # text handed to one encode thread at a time
+STDLIB_EXCLUDE = ("site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__")
+
+
+def flag(s):
+    """--strict, --strict=True and --strict=0 all work, like the configurator's --key=value."""
+    if s.lower() in ("1", "true", "yes"):
+        return True
+    if s.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+parser = argparse.ArgumentParser(description="Tokenize text into data/NAME/{train,val}.bin.", allow_abbrev=False)
+parser.add_argument("--input", action="append", help="file (.txt, .jsonl, any text) or directory; repeatable "
+                    "(default: this Python's standard library sources)")
+parser.add_argument("--glob", help="file name pattern inside directories (default: * or *.py for the stdlib)")
+parser.add_argument("--text_key", default="text", help="JSONL field holding the text")
+parser.add_argument("--dataset", help="output name: data_dir/NAME (default: stdlib, or the first input's name)")
+parser.add_argument("--data_dir", default="data", help="root folder of datasets")
+parser.add_argument("--tokenizer", default="bpe", help="bpe (train one), gpt2, byte, or a tokenizer.json to reuse")
+parser.add_argument("--vocab_size", type=int, default=8192, help="BPE vocabulary incl. end-of-text (257..65535)")
+parser.add_argument("--bpe_train_bytes", type=lambda s: int(float(s)), default=100_000_000,
+                    help="train the BPE on a deterministic sample of about this many bytes of the train split")
+parser.add_argument("--val_fraction", type=float, default=0.05, help="share of pieces that go to val")
+parser.add_argument("--min_split_tokens", type=int, default=1025, help="fewest tokens per split (block_size + 1)")
+parser.add_argument("--strict", type=flag, nargs="?", const=True, default=False,
+                    help="abort on a bad file inside a directory instead of skipping it")
+parser.add_argument("--force", type=flag, nargs="?", const=True, default=False, help="rebuild even if up to date")
+parser.error = lambda msg: sys.exit(f"prepare: error: {msg} (see python prepare.py --help)")
+
+
+class BadFile(Exception):
+    """A file that is not usable text; str() is the one-line reason."""
+
+
+def list_sources(roots, glob, exclude):
+    """[(path, key, explicit, size, mtime_ns)] of every input file, in a reproducible order."""
+    sources = []
+    for root in roots:
+        if os.path.isfile(root):
+            st = os.stat(root)
+            sources.append((root, os.path.basename(root), True, st.st_size, st.st_mtime_ns))
+            continue
+        if not os.path.isdir(root):
+            sys.exit(f"prepare: error: --input={root}: no such file or directory (check the path)")
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in exclude]  # .git etc.
+            found += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".") and fnmatch.fnmatch(f, glob)]
+        base = os.path.basename(os.path.abspath(root))
+        for path in sorted(found):
+            st = os.stat(path)
+            if stat.S_ISREG(st.st_mode):  # a FIFO or socket would block the read
+                sources.append((path, f"{base}/{os.path.relpath(path, root)}", False, st.st_size, st.st_mtime_ns))
+    return sources
+
+
+def read_pieces(path, key, text_key):
+    """Yield (piece key, text, ends_document, source bytes) for one file; raise BadFile if unusable.
+    A .jsonl record is one piece; other files are cut at line ends into pieces of <= PIECE_BYTES."""
+    with open(path, "rb") as f:
+        if path.endswith(".jsonl"):
+            n = 0
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    raise BadFile(f"{path}:{lineno}: invalid JSON ({e}); expected one JSON object per line")
+                text = record.get(text_key) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise BadFile(f"{path}:{lineno}: no string field {text_key!r} (set --text_key=FIELD)")
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise BadFile(f"{path}:{lineno}: {text_key!r} holds a lone surrogate escape, not text")
+                if text:
+                    yield f"{key}\0{n}", text, True, len(line)
+                n += 1
+            return
+        offset, n, rest, pending = 0, 0, b"", None
+        while block := rest + f.read(PIECE_BYTES - len(rest)):
+            cut = len(block)
+            if len(block) == PIECE_BYTES:  # more may follow: end the piece at a line end
+                cut = block.rfind(b"\n") + 1 or char_boundary(block)
+            piece, rest = block[:cut], block[cut:]
+            if b"\0" in piece:
+                raise BadFile(f"{path}: binary file (NUL bytes)")
+            try:
+                text = piece.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BadFile(f"{path}: not UTF-8 text (bad byte at offset {offset + e.start})")
+            if pending:
+                yield pending[0], pending[1], False, pending[2]
+            pending = (f"{key}\0{n}", text, len(piece))
+            offset, n = offset + len(piece), n + 1
+        if pending:  # the last piece ends the document (an empty file gives no document)
+            yield pending[0], pending[1], True, pending[2]
+
+
+def char_boundary(block):
+    """The last cut in block that does not split a UTF-8 character (for a line longer than a piece)."""
+    for i in range(1, min(4, len(block)) + 1):
+        if block[-i] < 0x80:  # ASCII: a character ends here
+            return len(block) - i + 1
+        if block[-i] >= 0xC0:  # a lead byte: cut before its character
+            return len(block) - i
+    return len(block)  # not UTF-8; decoding will say so
+
+
+def piece_hash(key):
+    """Two independent uniform numbers in [0, 1) for a piece: its split, and its BPE-sample draw."""
+    h = hashlib.blake2b(key.encode(errors="surrogateescape"), digest_size=16).digest()  # any file name
+    return int.from_bytes(h[:8], "little") / 2**64, int.from_bytes(h[8:], "little") / 2**64
+
+
+def main(argv=None):
+    t0 = time.time()
+    args = parser.parse_args(argv)
+
+    # -------------------------------------------------------------------------
+    # inputs, settings, and the cache check (stat only, no heavy imports before it)
+    if args.input:
+        roots, glob, exclude = args.input, args.glob or "*", ()
+    else:
+        roots, glob, exclude = [sysconfig.get_paths()["stdlib"]], args.glob or "*.py", STDLIB_EXCLUDE
+    name = args.dataset or (os.path.splitext(os.path.basename(os.path.normpath(roots[0])))[0] if args.input else "stdlib")
+    if not name or name.startswith(".") or os.sep in name:
+        sys.exit(f"prepare: error: --dataset={name!r} is not a plain folder name (e.g. --dataset=mydata)")
+    if not 0.0 < args.val_fraction < 1.0:
+        sys.exit(f"prepare: error: --val_fraction={args.val_fraction} must be between 0 and 1 (e.g. 0.05)")
+    kind, tokenizer_path = args.tokenizer, None
+    if kind not in ("bpe", "gpt2", "byte"):
+        tokenizer_path = os.path.join(kind, "tokenizer.json") if os.path.isdir(kind) else kind
+        if not os.path.isfile(tokenizer_path):
+            sys.exit(f"prepare: error: --tokenizer={kind}: no such file (use bpe, gpt2, byte, "
+                     f"or the path of a tokenizer.json, e.g. data/stdlib/tokenizer.json)")
+        kind = "bpe"
+    elif kind == "bpe" and not 257 <= args.vocab_size <= np.iinfo(dataset.DTYPE).max:
+        sys.exit(f"prepare: error: --vocab_size={args.vocab_size} does not fit the uint16 token files "
+                 f"(use 257..65535)")
+
+    sources = list_sources(roots, glob, exclude)
+    if not sources:
+        sys.exit(f"prepare: error: no input files in {', '.join(roots)} match --glob={glob} (check --input/--glob)")
+    total_bytes = sum(s[3] for s in sources)
+    listing = "".join(f"{os.path.abspath(p)}\t{size}\t{mtime}\n" for p, _, _, size, mtime in sources)
+    inputs_fingerprint = hashlib.sha256(listing.encode(errors="surrogateescape")).hexdigest()  # stat only: fast
+    settings = dict(format_version=dataset.FORMAT_VERSION, inputs=[os.path.abspath(r) for r in roots],
+                    glob=glob, exclude=list(exclude), text_key=args.text_key, tokenizer=args.tokenizer,
+                    val_fraction=args.val_fraction, piece_bytes=PIECE_BYTES)
+    if tokenizer_path:
+        with open(tokenizer_path, "rb") as f:
+            settings["tokenizer"] = f"{os.path.abspath(tokenizer_path)} sha256:{hashlib.sha256(f.read()).hexdigest()}"
+    elif kind == "bpe":
+        settings.update(vocab_size=args.vocab_size, bpe_train_bytes=args.bpe_train_bytes)
+
+    out_dir = os.path.join(args.data_dir, name)
+    print(f"prepare: dataset {name}: {len(sources)} files, {total_bytes / 1e6:.1f} MB -> {out_dir} "
+          f"(tokenizer {args.tokenizer})")
+    try:
+        old = dataset.read_meta(out_dir)
+    except SystemExit:
+        old = None  # missing, damaged or an older format: build it
+    if (old and not args.force and old["settings"] == settings and old["inputs_fingerprint"] == inputs_fingerprint
+            and not (args.strict and old["inputs"]["skipped"])
+            and min(s["tokens"] for s in old["splits"].values()) >= args.min_split_tokens):
+        print(f"prepare: {out_dir} is up to date, reused it (inputs and settings unchanged; --force rebuilds)")
+        return old
+
+    dataset.clean_stale(out_dir)
+    tmp_dir = dataset.temp_dir(out_dir)
+    try:
+        os.makedirs(tmp_dir)
+        meta = build(args, sources, kind, tokenizer_path, tmp_dir, out_dir)
+        meta.update(dataset=name, inputs_fingerprint=inputs_fingerprint, settings=settings,
+                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    prepare_seconds=round(time.time() - t0, 3))
+        dataset.publish(tmp_dir, out_dir, meta)
+    except KeyboardInterrupt:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # end the progress line
+        sys.exit(f"prepare: interrupted; {out_dir} was left as it was")
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    print(f"prepare: wrote {out_dir}: train {tr['tokens']:,} tokens ({tr['documents']:,} docs), "
+          f"val {va['tokens']:,} tokens ({va['documents']:,} docs), {len(meta['inputs']['skipped'])} files skipped")
+    trained = f"BPE training {meta['bpe_train_seconds']:.1f}s, " if meta["bpe_train_seconds"] else ""
+    print(f"prepare: {total_bytes / 1e6:.1f} MB in {meta['prepare_seconds']:.1f}s ({trained}encoding "
+          f"{meta['encode_seconds']:.1f}s at {meta['encode_mb_per_s']:.1f} MB/s, "
+          f"{meta['encode_tokens_per_s'] / 1e6:.2f}M tok/s)")
+    return meta
+
+
+def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
+    """Read, tokenize and write everything into tmp_dir; returns meta.json without the cache keys."""
+    # a tokenizer that needs no training loads first: a bad tokenizer.json or an offline gpt2 fails fast
+    state = None
+    if tokenizer_path:
+        with open(tokenizer_path, "rb") as f:
+            state = dataset.make_state("bpe", f.read().decode("utf-8", errors="replace"), tokenizer_path)
+    elif kind != "bpe":
+        state = dataset.make_state(kind)
+
+    # -------------------------------------------------------------------------
+    # pass 1: read every document once before writing anything, so that bad files fail or are
+    # skipped up front, and so a split that the hash leaves empty can get one piece anyway
+    skipped, counts, lowest, highest = {}, [0, 0], None, None
+    for path, key, explicit, _, _ in sources:
+        n, low, high = [0, 0], None, None
+        try:
+            for piece_key, _, _, _ in read_pieces(path, key, args.text_key):
+                u = (piece_hash(piece_key)[0], piece_key)
+                n[u[0] < args.val_fraction] += 1
+                low, high = min(low or u, u), max(high or u, u)
+        except BadFile as e:
+            if explicit or args.strict:
+                fix = "fix or remove it" if explicit else "fix or remove it, or drop --strict to skip it"
+                sys.exit(f"prepare: error: {e} ({fix})")
+            skipped[path] = str(e)
+            continue
+        counts = [counts[0] + n[0], counts[1] + n[1]]
+        if low:
+            lowest, highest = min(lowest or low, low), max(highest or high, high)
+    good = [s for s in sources if s[0] not in skipped]
+    if not lowest:
+        why = f"all {len(skipped)} files were skipped, e.g. {next(iter(skipped.values()))}" if skipped else "it is empty"
+        sys.exit(f"prepare: error: no text to prepare: {why} (check --input, --glob and --text_key)")
+    force_val = lowest[1] if counts[1] == 0 else None     # the hash sent nothing to val
+    force_train = highest[1] if counts[0] == 0 else None  # ... or everything
+    total_bytes = sum(s[3] for s in good)
+
+    def pieces():
+        """(is_val, text, ends_document, source bytes, bpe sample draw) of every good piece."""
+        for path, key, _, _, _ in good:
+            for piece_key, text, end, nbytes in read_pieces(path, key, args.text_key):
+                u, v = piece_hash(piece_key)
+                is_val = (u < args.val_fraction or piece_key == force_val) and piece_key != force_train
+                yield is_val, text, end, nbytes, v
+
+    # -------------------------------------------------------------------------
+    # tokenizer: train the BPE on (a deterministic sample of) the train split
+    tty = sys.stderr.isatty()
+    t_bpe = time.time()
+    trained = state is None
+    if trained:
+        train_bytes = total_bytes * (1 - args.val_fraction)
+        share = min(1.0, args.bpe_train_bytes / train_bytes)
+        print(f"prepare: training a {args.vocab_size}-token BPE on {min(args.bpe_train_bytes, train_bytes) / 1e6:.1f} "
+              f"MB of the train split")
+        sample = (text for is_val, text, _, _, v in pieces() if not is_val and v < share)
+        result = {}
+
+        def train():
+            try:
+                result["json"] = dataset.train_bpe(sample, args.vocab_size, show_progress=tty)
+            except Exception as e:
+                result["error"] = e
+        # train in a daemon thread: Rust holds the main thread otherwise, and Ctrl-C would wait for it
+        trainer = threading.Thread(target=train, daemon=True)
+        trainer.start()
+        trainer.join()
+        if "error" in result:
+            raise result["error"]
+        state = dataset.make_state("bpe", result["json"])
+    bpe_seconds = time.time() - t_bpe if trained else 0.0
+    tok = dataset.load_tokenizer(state)
+    if state["json"] is not None:
+        with open(os.path.join(tmp_dir, "tokenizer.json"), "wb") as f:
+            f.write(state["json"].encode("utf-8"))
+
+    # -------------------------------------------------------------------------
+    # pass 2: encode batches of pieces on all cores, write them in order as they finish
+    eot = np.array([tok.eot_id], dtype=dataset.DTYPE)
+
+    def encode(batch):  # runs in a worker thread; tiktoken releases the GIL while it encodes
+        ids = tok.encode_batch([text for _, text, _, _, _ in batch])
+        parts = ([], [])
+        for (is_val, _, end, _, _), a in zip(batch, ids):
+            parts[is_val].extend([a, eot] if end else [a])
+        return [np.concatenate(p) if p else eot[:0] for p in parts]
+
+    def batches():
+        batch, size = [], 0
+        for item in pieces():
+            batch.append(item)
+            size += item[3]
+            if size >= BATCH_BYTES:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
+
+    splits = {s: dict(tokens=0, documents=0, pieces=0, bytes=0) for s in dataset.SPLITS}
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    t_enc = last_print = time.time()
+    done = 0
+    files = [open(os.path.join(tmp_dir, f"{s}.bin"), "wb") for s in dataset.SPLITS]
+    with files[0], files[1], ThreadPoolExecutor(workers) as pool:
+        inflight = deque()
+        for batch in batches():
+            inflight.append((batch, pool.submit(encode, batch)))
+            if len(inflight) > 2 * workers:  # a bounded queue keeps memory flat for any corpus size
+                done += write(inflight.popleft(), files, splits)
+                if tty and time.time() - last_print > 0.5:
+                    last_print = progress(done, total_bytes, splits, t_enc)
+        while inflight:
+            done += write(inflight.popleft(), files, splits)
+    if tty:
+        progress(done, total_bytes, splits, t_enc)
+        print(file=sys.stderr)
+    encode_seconds = time.time() - t_enc
+
+    small = {s: v["tokens"] for s, v in splits.items() if v["tokens"] < args.min_split_tokens}
+    if small:
+        sys.exit(f"prepare: error: corpus too small: " + ", ".join(f"{s} has {n} tokens" for s, n in small.items())
+                 + f", each split needs at least --min_split_tokens={args.min_split_tokens} (add more text, "
+                 f"or change --val_fraction / --min_split_tokens); {out_dir} was left as it was")
+    tokens = sum(v["tokens"] for v in splits.values())
+    return dict(format_version=dataset.FORMAT_VERSION,
+                tokenizer={k: state[k] for k in ("kind", "fingerprint", "vocab_size", "eot_id")},
+                dtype=np.dtype(dataset.DTYPE).name, splits=splits,
+                inputs=dict(files=len(sources), bytes=sum(s[3] for s in sources), skipped=skipped),
+                bpe_train_seconds=round(bpe_seconds, 3), encode_seconds=round(encode_seconds, 3),
+                encode_mb_per_s=round(done / 1e6 / max(encode_seconds, 1e-9), 2),
+                encode_tokens_per_s=round(tokens / max(encode_seconds, 1e-9)))
+
+
+def write(item, files, splits):
+    """Append one encoded batch to train.bin / val.bin; returns its source bytes (for progress)."""
+    batch, future = item
+    for f, split, ids in zip(files, dataset.SPLITS, future.result()):
+        ids.tofile(f)
+        splits[split]["tokens"] += len(ids)
+    for is_val, text, end, nbytes, _ in batch:
+        s = splits[dataset.SPLITS[is_val]]
+        s["pieces"] += 1
+        s["documents"] += end
+        s["bytes"] += nbytes
+    return sum(item[3] for item in batch)
+
+
+def progress(done, total, splits, t_start):
+    dt = max(time.time() - t_start, 1e-9)
+    tokens = sum(s["tokens"] for s in splits.values())
+    eta = (total - done) / max(done / dt, 1)
+    print(f"\rprepare: {100 * done / max(total, 1):5.1f}% {done / 1e6:.1f}/{total / 1e6:.1f} MB, "
+          f"{done / 1e6 / dt:.1f} MB/s, {tokens / 1e6 / dt:.2f}M tok/s, ETA {eta:.0f}s ", end="", file=sys.stderr)
+    return time.time()
+
+
+if __name__ == "__main__":
+    main()
