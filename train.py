@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import dataset as ds
+import hardware
 from configurator import configure
 from model import GPT, GPTConfig
 
@@ -71,6 +72,7 @@ min_lr = 2e-4
 device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto', 'float32', 'bfloat16', 'float16'
 compile = False
+peak_flops = None  # FLOP/s of one device for MFU; None: the GPU's datasheet peak, or measured on CPU
 gradient_checkpointing = False
 seed = 1337
 wandb_log = False
@@ -222,9 +224,10 @@ if ckpt is not None and not reset_state:
         checkpoint.set_rng_state(ckpt['rng'])  # other ranks keep seed + rank: their draws differ anyway
     print(f"resumed from {ckpt_path} at iter {iter_num}, epoch {pos[0]}, window {pos[1]}/{n_windows}")
 ckpt = None  # free the loaded tensors
-raw_model = model
+raw_model = model  # plain module: what checkpoints save, so no '_orig_mod.' or 'module.' prefixes
 if compile:
     model = torch.compile(model)
+eval_model = model  # evaluation needs no DDP gradient sync
 if ddp:
     model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
 
@@ -253,7 +256,7 @@ def estimate_loss():
             if k % world_size == rank:
                 x, y = get_batch(data, windows[start:start + batch_size])
                 with ctx:
-                    _, loss = raw_model(x, y)
+                    _, loss = eval_model(x, y)
                 total += torch.stack([loss.float() * len(x), torch.tensor(float(len(x)), device=device)])
         if ddp:
             dist.all_reduce(total)
@@ -280,12 +283,17 @@ def save(latest=False, rolling=False, epoch=None, best=False):
     print(f"saved {', '.join(names)} in {time.time() - t0:.2f}s; checkpoints use {disk / 2**20:.1f} MB")
 
 
+WANDB_KEYS = {'loss': 'train/loss', 'lr': 'train/lr', 'mfu': 'train/mfu', 'step': 'train/iter',
+              'ms_per_iter': 'train/dt_ms', 'tokens_per_sec': 'train/tokens_per_sec',
+              'train_loss': 'eval/train_loss', 'val_loss': 'eval/val_loss', 'val_ppl': 'eval/val_ppl'}
+
+
 def log(entry):
     with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
         f.write(json.dumps(entry) + '\n')
     if wandb_log:
-        wandb.log({('eval/' if 'val_loss' in entry else 'train/') + k: v for k, v in entry.items()},
-                  step=entry['iter'])
+        wandb.log({WANDB_KEYS[k]: v for k, v in entry.items() if k in WANDB_KEYS and v is not None},
+                  step=entry['step'])
 
 
 # SIGTERM / SIGINT only set a flag; the loop saves at the next iteration boundary and exits
@@ -307,6 +315,9 @@ if wandb_log and master_process:
 
 # -----------------------------------------------------------------------------
 # training loop
+# MFU: model FLOPs (6N + attention, see model.flops_per_token) per second over the hardware's peak
+flops_per_token = raw_model.flops_per_token()
+peak_flops = peak_flops or hardware.peak_flops(device_type, dtype)
 if master_process:
     print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens/iter, "
           f"{n_windows:,} windows/epoch, device {device}, dtype {dtype}, {world_size} process(es)")
@@ -322,7 +333,7 @@ while True:
         if master_process:
             print(f"eval {iter_num}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}, "
                   f"val ppl {math.exp(last_eval['val']):.2f}")
-            log({'iter': iter_num, 'epoch': pos[0], 'train_loss': last_eval['train'],
+            log({'step': iter_num, 'epoch': pos[0], 'train_loss': last_eval['train'],
                  'val_loss': last_eval['val'], 'val_ppl': math.exp(last_eval['val'])})
             if improved and save_best and iter_num > 0:
                 save(best=True)
@@ -364,11 +375,13 @@ while True:
         t0 = time.time()
         tok_s = tokens_per_iter / dt
         eta = (max_iters - iter_num) * dt
+        mfu = flops_per_token * tok_s / (peak_flops * world_size) if peak_flops else None
         if master_process:
             print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f}ms, {tok_s / 1000:.1f}k tok/s, "
-                  f"eta {eta / 60:.1f}min")
-            log({'iter': iter_num, 'epoch': pos[0], 'loss': lossf, 'ppl': math.exp(min(lossf, 50)), 'lr': lr,
-                 'tokens_seen': iter_num * tokens_per_iter, 'ms_per_iter': dt * 1000, 'tokens_per_sec': tok_s})
+                  f"mfu {f'{mfu * 100:.1f}%' if mfu else 'unknown'}, eta {eta / 60:.1f}min")
+            log({'step': iter_num, 'epoch': pos[0], 'loss': lossf, 'ppl': math.exp(min(lossf, 50)), 'lr': lr,
+                 'tokens_seen': iter_num * tokens_per_iter, 'ms_per_iter': dt * 1000, 'tokens_per_sec': tok_s,
+                 'mfu': mfu})
 
     stop = stop_signal is not None
     if ddp:  # every rank stops at the same iteration, whichever got the signal
@@ -383,8 +396,10 @@ while True:
     if stop:
         if master_process:
             name = signal.Signals(stop_signal).name if stop_signal else 'a signal on another rank'
-            print(f"stopped by {name} at iter {iter_num}; resume with: python train.py "
-                  f"{' '.join(sys.argv[1:])} --init_from=resume".replace('  ', ' '))
+            argv = [a for a in sys.argv[1:] if not a.startswith('--init_from=')] + ['--init_from=resume']
+            launcher = f'torchrun --nproc_per_node={world_size}' if ddp else 'python'
+            print(f"stopped by {name} at iter {iter_num}, saved in {os.path.join(out_dir, 'latest.safetensors')}; "
+                  f"resume with: {launcher} train.py {' '.join(argv)}")
         break
 
 # -----------------------------------------------------------------------------

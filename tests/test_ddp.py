@@ -1,0 +1,66 @@
+"""DDP on the CPU (gloo): torchrun with 2 processes matches one process with the same global batch,
+writes one log and one set of checkpoints, stops cleanly on SIGTERM, and resumes on another world size."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, TINY, read_log, run
+from test_train import wait_for_iter
+
+ARGS = TINY + ['--dataset=tiny', '--gradient_accumulation_steps=2', '--eval_interval=1', '--eval_iters=20',
+               '--ckpt_interval=4', '--rolling_interval=0', '--max_iters=16']
+
+
+def torchrun(data, out, *extra, nproc=2):
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
+           os.path.join(ROOT, 'train.py'), *ARGS, f'--data_dir={data}', f'--out_dir={out}', *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+def losses(out):
+    return {e['step']: e['loss'] for e in read_log(out) if 'loss' in e}
+
+
+@pytest.fixture(scope='module')
+def single(tiny_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('single'))
+    run('train.py', *ARGS, f'--data_dir={tiny_data}', f'--out_dir={out}')
+    return out
+
+
+def test_two_processes_match_one(tiny_data, single, tmp_path):
+    p = torchrun(tiny_data, str(tmp_path))
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr
+    assert stdout.count('done:') == 1 and stdout.count('2 process(es)') == 1  # rank 0 alone prints
+    one, two = losses(single), losses(str(tmp_path))
+    assert one.keys() == two.keys() == set(range(1, 17))
+    assert all(abs(one[k] - two[k]) < 1e-4 for k in one), (one, two)
+    names = sorted(os.listdir(tmp_path))
+    assert names == ['best.safetensors', 'latest.safetensors', 'latest_backup.safetensors', 'log.jsonl',
+                     'summary.json']
+    assert len(read_log(str(tmp_path))) == len(read_log(single))  # one writer
+
+
+def test_sigterm_saves_once_then_resume_on_one_process(tiny_data, single, tmp_path):
+    out = str(tmp_path)
+    p = torchrun(tiny_data, out)
+    wait_for_iter(out, 5, p)
+    os.killpg(p.pid, signal.SIGTERM)  # as a scheduler would: the launcher and its workers
+    t0 = time.time()
+    stdout, stderr = p.communicate(timeout=120)
+    assert time.time() - t0 < 60, "the group did not exit promptly"
+    assert stdout.count('stopped by') == 1 and '--init_from=resume' in stdout
+    stopped = max(losses(out))
+    assert stopped < 16
+    # the data position is global, so one process continues where two stopped
+    run('train.py', *ARGS, f'--data_dir={tiny_data}', f'--out_dir={out}', '--init_from=resume')
+    one, resumed = losses(single), losses(out)
+    assert resumed.keys() == one.keys()
+    assert all(abs(one[k] - resumed[k]) < 1e-4 for k in one)
