@@ -1,5 +1,5 @@
 """
-Peak FLOP/s of the hardware, for model FLOPs utilization (MFU):
+Peak FLOP/s of the hardware, for model FLOPs utilization (MFU) in train.py's log:
 
     mfu = model.flops_per_token() * tokens_per_sec / (peak_flops(device, dtype) * world_size)
 

@@ -39,11 +39,11 @@ dataset = 'stdlib'
 init_from = 'scratch'  # 'scratch', 'resume' (newest valid checkpoint), or a checkpoint name / path
 reset_state = False  # with init_from: keep only the weights, start a new run (e.g. fine-tune on new data)
 log_interval = 10
-eval_interval = 250
+eval_interval = 200
 eval_iters = 20
 # checkpoint tiers (iterations); 0 disables a tier
-ckpt_interval = 100  # `latest` (the previous one becomes `latest_backup`)
-rolling_interval = 500  # `step_NNNNNNN`, the newest keep_last are kept
+ckpt_interval = 200  # `latest` (the previous one becomes `latest_backup`)
+rolling_interval = 600  # `step_NNNNNNN`, the newest keep_last are kept
 keep_last = 10
 save_epochs = True  # `epoch_NNNN` at the end of every epoch, kept forever
 save_best = True  # `best` after an eval that improves the val loss
@@ -57,7 +57,7 @@ bias = True
 # batch: the global batch is batch_size * gradient_accumulation_steps sequences on any number of processes
 batch_size = 16
 gradient_accumulation_steps = 1
-max_iters = 2500
+max_iters = 1800
 max_epochs = None  # stop at the end of this epoch instead (max_iters still caps)
 # AdamW, linear warmup then cosine decay to min_lr
 learning_rate = 2e-3

@@ -27,7 +27,7 @@ def losses(out):
     seen = {}
     for e in read_log(out):
         if 'loss' in e:
-            assert seen.setdefault(e['iter'], e['loss']) == e['loss'], f"iter {e['iter']} changed its loss"
+            assert seen.setdefault(e['step'], e['loss']) == e['loss'], f"iter {e['step']} changed its loss"
     return seen
 
 
@@ -52,7 +52,7 @@ def wait_for_iter(out, k, proc, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            if any(e.get('iter', 0) >= k and 'loss' in e for e in read_log(out)):
+            if any(e.get('step', 0) >= k and 'loss' in e for e in read_log(out)):
                 return
         except (FileNotFoundError, ValueError):
             pass
