@@ -1,0 +1,274 @@
+"""
+A GPT language model in one file, written from scratch in the shape of GPT-2 / nanoGPT.
+
+Parameter names follow GPT-2 (transformer.wte, transformer.h.N.attn.c_attn, ...) so GPT-2 weights
+can be imported and exported; every matmul is a plain nn.Linear attribute so LoRA can swap one in.
+References:
+1) GPT-2: https://github.com/openai/gpt-2/blob/master/src/model.py
+2) nanoGPT: https://github.com/karpathy/nanoGPT/blob/master/model.py
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256
+    vocab_size: int = 8192
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    dropout: float = 0.0
+    bias: bool = True  # bias in Linears and LayerNorms; False is a bit better and faster
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.block_size = config.block_size
+
+    def forward(self, x, cache=None, pos=0):
+        # cache: None (training / plain forward) or this layer's dict {'k', 'v'} of
+        # (B, nh, block_size, hs) buffers; x holds the tokens at positions pos..pos+T-1
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        mask, causal = None, True
+        if cache is not None:
+            if 'k' not in cache:
+                # allocate once per generate() call, in the dtype autocast chose, so decoding
+                # writes into place instead of concatenating a new tensor every step
+                shape = (B, self.n_head, self.block_size, C // self.n_head)
+                cache['k'], cache['v'] = k.new_empty(shape), v.new_empty(shape)
+            cache['k'][:, :, pos:pos + T] = k
+            cache['v'][:, :, pos:pos + T] = v
+            k, v = cache['k'][:, :, :pos + T], cache['v'][:, :, :pos + T]  # (B, nh, pos+T, hs)
+            if pos > 0:
+                # is_causal aligns its mask to the top-left, which is wrong once queries start
+                # at pos; a single new token may see the whole cache, so it needs no mask at all
+                causal = False
+                if T > 1:
+                    mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate='tanh')  # GPT-2's GELU, so GPT-2 weights behave as trained
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, pos=0):
+        x = x + self.attn(self.ln_1(x), cache, pos)  # pre-LayerNorm, as in GPT-2
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        self.gradient_checkpointing = False  # trade compute for memory: recompute blocks in backward
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying (https://paperswithcode.com/method/weight-tying): one tensor, two uses
+        self.lm_head.weight = self.transformer.wte.weight
+
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): each block adds two
+        # residual branches, so this keeps the residual stream's variance from growing with depth
+        for name, p in self.named_parameters():
+            if name.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=True) -> int:
+        """Parameter count. wte is counted once (it is also lm_head, a real matmul); with
+        non_embedding the position embeddings are left out, since they are a lookup only."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def _hidden(self, idx, cache=None, pos=0):
+        """Final-LayerNorm hidden states (B, T, C) for tokens idx at positions pos..pos+T-1."""
+        B, T = idx.size()
+        if pos + T > self.config.block_size:
+            raise ValueError(f"sequence length {pos + T} exceeds block_size "
+                             f"{self.config.block_size} (crop the input to its last "
+                             f"{self.config.block_size} tokens)")
+        positions = torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        for i, block in enumerate(self.transformer.h):
+            if cache is not None:
+                x = block(x, cache[i], pos)
+            elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # non-reentrant: works with inputs that need no grad and keeps dropout's RNG
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        """idx, targets: (B, T) token ids, targets may use -1 for 'ignore'.
+        With targets: logits (B, T, V) and the mean cross-entropy. Without (inference):
+        logits (B, 1, V) of the last position only, and loss None."""
+        x = self._hidden(idx)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        else:
+            # the vocab projection is the biggest matmul: only run it where it is used
+            logits = self.lm_head(x[:, [-1], :])  # list index keeps the time dim
+            loss = None
+        return logits, loss
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token, fwd + bwd, as in PaLM appendix B / nanoGPT's estimate_mfu:
+        6 per parameter (N = num_params(), non-embedding: wte counts because it is also lm_head)
+        plus the attention scores and weighted sums. It leaves out the layernorms, softmax, GELU,
+        and the embedding lookups, and the attention term assumes a full block_size context."""
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW that decays only the 2-D matmul weights; biases, LayerNorm weights and the
+        embeddings (wte, tied to lm_head, and wpe) are not decayed. Frozen parameters are left out."""
+        embeddings = {id(self.transformer.wte.weight), id(self.transformer.wpe.weight)}
+        params = [p for p in self.parameters() if p.requires_grad]  # registration order: deterministic
+        decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
+        no_decay = [p for p in params if p.dim() < 2 or id(p) in embeddings]
+        groups = [{'params': decay, 'weight_decay': weight_decay},
+                  {'params': no_decay, 'weight_decay': 0.0}]
+        # the fused CUDA kernel is much faster; it only exists for CUDA (and in newer torch)
+        use_fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        extra = dict(fused=True) if use_fused else dict()
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 use_cache=True, generator=None):
+        """Continue each row of idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
+        Call model.eval() first (dropout would make the output random). See generate_stream."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
+                                        use_cache, generator))
+        return torch.cat([idx] + new, dim=1)
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        use_cache=True, generator=None):
+        """Yield each new token batch (B, 1) as soon as it is sampled.
+        temperature 0 is greedy argmax; top_k keeps the k most likely tokens; top_p keeps the
+        smallest set whose probability reaches top_p (nucleus sampling). Sampling draws from
+        `generator` (a torch.Generator) so a fixed seed gives the same text, cache or not."""
+        B, T = idx.size()
+        if T < 1 or max_new_tokens < 0:
+            raise ValueError(f"generate needs a prompt of at least 1 token and max_new_tokens >= 0, "
+                             f"got {T} and {max_new_tokens}")
+        if temperature < 0 or (top_k is not None and top_k < 1) or \
+                (top_p is not None and not 0 < top_p <= 1):
+            raise ValueError(f"generate needs temperature >= 0, top_k >= 1, 0 < top_p <= 1, got "
+                             f"{temperature}, {top_k}, {top_p}")
+        # Context window policy, the same with and without the cache so both give the same tokens:
+        # the context is seq[:, s:L]; when it would exceed block_size, s jumps so that it keeps the
+        # last `keep` tokens, a quarter block shorter. Why jumps: positions are learned absolute
+        # embeddings, so after a one-token slide every cached key sits at the wrong position and
+        # the cache must be rebuilt. Jumping a quarter block rebuilds it ("re-prefill", positions
+        # restarting at 0) once per block_size // 4 tokens instead of once per token.
+        bs = self.config.block_size
+        keep = bs - bs // 4
+        seq = idx.new_empty(B, T + max_new_tokens)  # prompt + output, filled in place
+        seq[:, :T] = idx
+        cache = [dict() for _ in self.transformer.h] if use_cache else None  # one dict per layer
+        # A cached step reads every weight once, so on CPU it is bound by memory reads, and MKL
+        # streams a (C, V) copy of the vocab projection, the largest weight, about twice as fast
+        # as the (V, C) original (+30% tokens/s for the default model): copy it once per call.
+        head = self.lm_head.weight.t().contiguous() if idx.device.type == 'cpu' else None
+        s, L = 0, T
+        for i in range(max_new_tokens):
+            refill = L - s > bs
+            if refill:
+                s = L - keep
+            if not use_cache:
+                x = self._hidden(seq[:, s:L])  # the whole window, every step
+            elif i == 0 or refill:
+                x = self._hidden(seq[:, s:L], cache, 0)  # prefill the cache
+            else:
+                x = self._hidden(seq[:, L - 1:L], cache, L - 1 - s)  # one new token vs the cache
+            x = x[:, -1, :]  # only the last position's logits are needed
+            logits = x @ head if head is not None else self.lm_head(x)  # (B, V)
+            next_tok = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
+            seq[:, L] = next_tok[:, 0]
+            L += 1
+            yield next_tok
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Draw one token id per row of logits (B, V); returns (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    ids = None  # candidate token ids, most likely first; None means the whole vocabulary
+    if top_k is not None and top_k < logits.size(-1):
+        # sample among the k candidates only: multinomial draws one random number per entry,
+        # and over the full vocabulary that costs more than a cached decoding step's attention
+        logits, ids = torch.topk(logits, top_k, dim=-1)  # (B, k), sorted
+    if top_p is not None and top_p < 1.0:
+        if ids is None:
+            logits, ids = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(logits, dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p (never the top one)
+        logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float('-inf'))
+    choice = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+    return choice if ids is None else ids.gather(-1, choice)
