@@ -61,6 +61,13 @@ def read_meta(data_dir) -> dict:
     return meta
 
 
+def fingerprint(meta) -> str:
+    """Identity of a dataset's token streams: its inputs, every setting and the tokenizer. Checkpoints
+    keep it, so a run never resumes its data position on different data."""
+    key = json.dumps([meta["inputs_fingerprint"], meta["settings"], meta["tokenizer"]["fingerprint"]], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def open_split(data_dir, split) -> np.memmap:
     """Read-only uint16 memmap of train.bin or val.bin."""
     assert split in SPLITS, split

@@ -202,7 +202,7 @@ if ckpt is not None:
                          f"{data_path} ({ckpt['tokenizer']['kind']} {ckpt['tokenizer']['fingerprint'][:12]} vs "
                          f"{tokenizer['kind']} {tokenizer['fingerprint'][:12]}); prepare the data with "
                          f"the checkpoint's tokenizer (prepare.py --tokenizer=PATH/tokenizer.json)")
-    if not reset_state and ckpt['data']['fingerprint'] != meta['inputs_fingerprint']:
+    if not reset_state and ckpt['data']['fingerprint'] != ds.fingerprint(meta):
         raise SystemExit(f"train.py: error: {ckpt_path} was trained on other data than {data_path} "
                          f"(dataset '{ckpt['data']['dataset']}' changed or differs); to start a new run "
                          f"from its weights on this data add --reset_state=True")
@@ -271,7 +271,7 @@ def save(latest=False, rolling=False, epoch=None, best=False):
         'iter_num': iter_num, 'epoch': pos[0], 'data_pos': list(pos), 'best_val_loss': best_val_loss,
         'val_loss': last_eval.get('val'), 'train_loss': last_eval.get('train'),
         'rng': checkpoint.rng_state(), 'config': config, 'model_args': model_args,
-        'data': {'dataset': dataset, 'fingerprint': meta['inputs_fingerprint']},
+        'data': {'dataset': dataset, 'fingerprint': ds.fingerprint(meta)},
         'tokenizer': tokenizer, 'wandb_id': wandb_id, 'time': time.time(),
     }
     t0 = time.time()

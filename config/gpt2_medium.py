@@ -1,7 +1,7 @@
 # GPT-2 medium (350M with the GPT-2 vocabulary) for GPUs:
 #   torchrun --standalone --nproc_per_node=8 train.py config/gpt2_medium.py
 out_dir = 'out-gpt2-medium'
-dataset = 'stdlib-gpt2'
+dataset = 'stdlib_gpt2'
 n_layer = 24
 n_head = 16
 n_embd = 1024

@@ -1,8 +1,8 @@
 # GPT-2 small (124M with the GPT-2 vocabulary) for GPUs:
-#   python prepare.py --tokenizer=gpt2 --dataset=stdlib-gpt2   (or your corpus)
+#   python prepare.py --tokenizer=gpt2 --dataset=stdlib_gpt2   (or your corpus)
 #   torchrun --standalone --nproc_per_node=4 train.py config/slm.py
 out_dir = 'out-slm'
-dataset = 'stdlib-gpt2'
+dataset = 'stdlib_gpt2'
 n_layer = 12
 n_head = 12
 n_embd = 768

@@ -150,3 +150,25 @@ def test_list(reference):
     r = run('train.py', f'--out_dir={reference}', '--list')
     for name in ('latest', 'latest_backup', 'best', 'step_0000028', 'epoch_0001'):
         assert name in r.stdout
+
+
+def test_new_data_needs_reset_state(tiny_data, reference, tmp_path):
+    corpus = tmp_path / 'other'
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f'{i}.txt').write_text(f"class C{i}:\n    value = {i}\n" * 20)
+    for kind in ('byte', 'bpe'):
+        run('prepare.py', f'--input={corpus}', f'--dataset=other_{kind}', f'--data_dir={tiny_data}',
+            f'--tokenizer={kind}', '--vocab_size=300', '--val_fraction=0.3')
+    ckpt = os.path.join(reference, 'latest.safetensors')
+    out = str(tmp_path / 'out')
+    r = run('train.py', *args(tiny_data, out, f'--init_from={ckpt}', '--dataset=other_byte'), check=False)
+    assert r.returncode != 0 and '--reset_state=True' in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run('train.py', *args(tiny_data, out, f'--init_from={ckpt}', '--dataset=other_bpe', '--reset_state=True'),
+            check=False)
+    assert r.returncode != 0 and 'different tokenizer' in r.stderr
+    run('train.py', *args(tiny_data, out, f'--init_from={ckpt}', '--dataset=other_byte', '--reset_state=True',
+                          '--max_iters=3'))
+    log = read_log(out)
+    assert [e['step'] for e in log if 'loss' in e] == [1, 2, 3]  # a new run: iteration, optimizer, data reset
+    assert log[0]['val_loss'] < 4.0  # but the trained weights (a fresh model starts near ln(257) = 5.5)
