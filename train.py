@@ -57,7 +57,7 @@ bias = True
 # batch: the global batch is batch_size * gradient_accumulation_steps sequences on any number of processes
 batch_size = 16
 gradient_accumulation_steps = 1
-max_iters = 1800
+max_iters = 1600
 max_epochs = None  # stop at the end of this epoch instead (max_iters still caps)
 # AdamW, linear warmup then cosine decay to min_lr
 learning_rate = 2e-3
@@ -214,12 +214,13 @@ model.gradient_checkpointing = gradient_checkpointing
 model.to(device)
 optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-iter_num, pos, best_val_loss, wandb_id = 0, (0, 0), float('inf'), None
+iter_num, pos, best_val_loss, wandb_id, last_eval = 0, (0, 0), float('inf'), None, {}
 if ckpt is not None and not reset_state:
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt['scaler'])
     iter_num, pos = ckpt['iter_num'], tuple(ckpt['data_pos'])
     best_val_loss, wandb_id = ckpt['best_val_loss'], ckpt.get('wandb_id')
+    last_eval = {'train': ckpt['train_loss'], 'val': ckpt['val_loss']}
     if rank == 0:
         checkpoint.set_rng_state(ckpt['rng'])  # other ranks keep seed + rank: their draws differ anyway
     print(f"resumed from {ckpt_path} at iter {iter_num}, epoch {pos[0]}, window {pos[1]}/{n_windows}")
@@ -321,26 +322,22 @@ peak_flops = peak_flops or hardware.peak_flops(device_type, dtype)
 if master_process:
     print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens/iter, "
           f"{n_windows:,} windows/epoch, device {device}, dtype {dtype}, {world_size} process(es)")
-last_eval, last_log_iter, t_start = {}, iter_num, time.time()
+def run_eval():
+    losses = estimate_loss()
+    if master_process:
+        print(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+              f"val ppl {math.exp(losses['val']):.2f}")
+        log({'step': iter_num, 'epoch': pos[0], 'train_loss': losses['train'],
+             'val_loss': losses['val'], 'val_ppl': math.exp(losses['val'])})
+    return losses
+
+
+last_log_iter, t_start = iter_num, time.time()
+if iter_num == 0:
+    last_eval = run_eval()  # the untrained model's loss, as a baseline
 loss_sum = torch.zeros((), device=device)
 t0 = time.time()
-while True:
-    if iter_num % eval_interval == 0 or iter_num == max_iters:
-        t_eval = time.time()
-        last_eval = estimate_loss()
-        improved = last_eval['val'] < best_val_loss
-        best_val_loss = min(best_val_loss, last_eval['val'])
-        if master_process:
-            print(f"eval {iter_num}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}, "
-                  f"val ppl {math.exp(last_eval['val']):.2f}")
-            log({'step': iter_num, 'epoch': pos[0], 'train_loss': last_eval['train'],
-                 'val_loss': last_eval['val'], 'val_ppl': math.exp(last_eval['val'])})
-            if improved and save_best and iter_num > 0:
-                save(best=True)
-        t0 += time.time() - t_eval  # iteration timing leaves out evals
-    if iter_num >= max_iters:
-        break
-
+while iter_num < max_iters:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group['lr'] = lr
@@ -383,6 +380,14 @@ while True:
                  'tokens_seen': iter_num * tokens_per_iter, 'ms_per_iter': dt * 1000, 'tokens_per_sec': tok_s,
                  'mfu': mfu})
 
+    best = False
+    if iter_num % eval_interval == 0 or iter_num == max_iters:
+        t_eval = time.time()
+        last_eval = run_eval()
+        best = save_best and last_eval['val'] < best_val_loss
+        best_val_loss = min(best_val_loss, last_eval['val'])
+        t0 += time.time() - t_eval  # iteration timing leaves out evals
+
     stop = stop_signal is not None
     if ddp:  # every rank stops at the same iteration, whichever got the signal
         flag = torch.tensor(float(stop), device=device)
@@ -391,8 +396,8 @@ while True:
     latest = stop or (ckpt_interval and iter_num % ckpt_interval == 0) or iter_num == max_iters
     rolling = rolling_interval and iter_num % rolling_interval == 0
     epoch = pos[0] if epoch_done and save_epochs else None
-    if master_process and (latest or rolling or epoch is not None):
-        save(latest=latest, rolling=rolling, epoch=epoch)
+    if master_process and (latest or rolling or best or epoch is not None):
+        save(latest=latest, rolling=rolling, epoch=epoch, best=best)  # written once, linked per tier
     if stop:
         if master_process:
             name = signal.Signals(stop_signal).name if stop_signal else 'a signal on another rank'
@@ -403,7 +408,7 @@ while True:
         break
 
 # -----------------------------------------------------------------------------
-if master_process and iter_num >= max_iters:
+if master_process and iter_num >= max_iters and last_eval.get('val') is not None:
     summary = {'iters': iter_num, 'epochs': pos[0] + pos[1] / n_windows,
                'final_val_loss': last_eval.get('val'), 'final_val_ppl': math.exp(last_eval['val']),
                'best_val_loss': best_val_loss, 'best_val_ppl': math.exp(best_val_loss),

@@ -12,11 +12,11 @@ TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_
         '--eval_iters=2', '--log_interval=1', '--warmup_iters=5', '--learning_rate=3e-3', '--compile=False']
 
 
-def run(script, *args, cwd=None, check=True, **kw):
-    """Run a top-level script in a subprocess; return the CompletedProcess."""
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
+def run(script, *args, cwd=None, check=True, env=None):
+    """Run a top-level script in a subprocess (env: extra variables); return the CompletedProcess."""
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1', **(env or {})}
     p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=600, **kw)
+                       capture_output=True, text=True, timeout=600)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
     return p
