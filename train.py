@@ -311,8 +311,8 @@ signal.signal(signal.SIGINT, on_signal)
 protect = (ckpt_path,) if ckpt_path else ()
 if wandb_log and master_process:
     import wandb
-    wandb_id = wandb_id or wandb.util.generate_id()
     wandb.init(project=wandb_project, name=wandb_run_name, config=config, id=wandb_id, resume='allow')
+    wandb_id = wandb.run.id  # kept in checkpoints: a resumed run logs into the same wandb run
 
 # -----------------------------------------------------------------------------
 # training loop
