@@ -103,8 +103,7 @@ if init_from != 'scratch':
             ckpt = checkpoint.load(ckpt_path)
     except checkpoint.CheckpointError as e:
         raise SystemExit(f"train.py: error: {e}")
-    model_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size')
-    for k in model_keys:
+    for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias'):
         if k in explicit and config[k] != ckpt['model_args'][k]:
             raise SystemExit(f"train.py: error: {ckpt_path} has {k}={ckpt['model_args'][k]} but "
                              f"--{k}={config[k]} was given (a checkpoint's shape cannot change)")

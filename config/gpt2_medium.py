@@ -15,6 +15,6 @@ min_lr = 3e-5
 beta2 = 0.95
 eval_interval = 1000
 eval_iters = 100
-ckpt_interval = 25
+ckpt_interval = 100
 rolling_interval = 1000
 compile = True

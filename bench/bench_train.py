@@ -1,0 +1,105 @@
+"""
+Training throughput and MFU of a config against this machine's measured float32 matmul peak,
+with and without torch.compile, and where the time of one iteration goes:
+
+    python bench/bench_train.py config/python_code.py
+    python bench/bench_train.py --iters=30 --compile=off          # the default config, eager only
+
+Each measurement is a real `train.py` run (evals and checkpoints off) whose log.jsonl gives
+tokens/s after the first intervals (warm-up, and compilation when on).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import hardware  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+QUIET = ['--eval_interval=1000000', '--ckpt_interval=0', '--rolling_interval=0', '--save_best=False',
+         '--save_epochs=False', '--log_interval=5']
+
+
+def config_of(config_file):
+    """train.py's defaults (its top section) with the config file applied."""
+    src = open(os.path.join(ROOT, 'train.py')).read()
+    top = src[:src.index('defaults = {')]
+    scope = {}
+    exec(''.join(line + '\n' for line in top.splitlines() if not line.startswith(('import', 'from'))), scope)
+    if config_file:
+        exec(open(os.path.join(ROOT, config_file)).read(), scope)
+    return scope
+
+
+def throughput(config_file, iters, compile, peak):
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *([config_file] if config_file else []), *QUIET,
+               f'--out_dir={out}', f'--max_iters={iters}', f'--compile={compile}', f'--peak_flops={peak}']
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if p.returncode:
+            raise SystemExit(f"bench_train: train.py failed: {p.stderr.strip()[-500:]}")
+        log = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+    steady = [e for e in log if 'tokens_per_sec' in e][2:]  # past warm-up / compilation
+    return sum(e['tokens_per_sec'] for e in steady) / len(steady), sum(e['mfu'] for e in steady) / len(steady)
+
+
+def profile(cfg, vocab_size, steps=3):
+    """Top ops of a few eager training steps, by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    model = GPT(GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
+                          block_size=cfg['block_size'], vocab_size=vocab_size, bias=cfg['bias']))
+    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.99), 'cpu')
+    x = torch.randint(0, vocab_size, (cfg['batch_size'], cfg['block_size']))
+
+    def step():
+        _, loss = model(x, x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    print("where an eager iteration's time goes (self CPU time):")
+    for e in events[:10]:
+        print(f"  {e.key:<45} {100 * e.self_cpu_time_total / total:5.1f}%")
+
+
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser()
+    ap.add_argument('config', nargs='?', default=None)
+    ap.add_argument('--iters', type=int, default=40)
+    ap.add_argument('--compile', choices=['both', 'on', 'off'], default='both')
+    args = ap.parse_args()
+    subprocess.run([sys.executable, os.path.join(ROOT, 'prepare.py')], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)  # the default corpus, cached after the first time
+    cfg = config_of(args.config)
+    meta = json.load(open(os.path.join(ROOT, cfg['data_dir'], cfg['dataset'], 'meta.json')))
+    peak = hardware.measure_cpu_flops(seconds=3.0)
+    model = GPT(GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
+                          block_size=cfg['block_size'], vocab_size=meta['tokenizer']['vocab_size']))
+    print(f"{args.config or 'default config'}: {model.num_params() / 1e6:.2f}M params, "
+          f"{model.flops_per_token() / 1e6:.1f} MFLOP/token; measured float32 matmul peak {peak / 1e9:.0f} GFLOP/s "
+          f"on {torch.get_num_threads()} threads")
+    rates = {}
+    for compile in {'both': (False, True), 'on': (True,), 'off': (False,)}[args.compile]:
+        tok_s, mfu = throughput(args.config, args.iters, compile, peak)
+        rates[compile] = tok_s
+        print(f"compile={compile}: {tok_s:,.0f} tokens/s, MFU {100 * mfu:.1f}% of the measured peak")
+    # the peak again after the runs, in case other work on the machine disturbed the first measurement
+    peak_after = hardware.measure_cpu_flops(seconds=3.0)
+    if peak_after > peak:
+        print(f"measured peak after the runs: {peak_after / 1e9:.0f} GFLOP/s; MFU against it: " + ", ".join(
+            f"compile={c} {100 * r * model.flops_per_token() / peak_after:.1f}%" for c, r in rates.items()))
+    if len(rates) == 2:
+        print(f"compile speed-up: {rates[True] / rates[False]:.2f}x")
+    profile(cfg, meta['tokenizer']['vocab_size'])
