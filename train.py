@@ -420,4 +420,5 @@ if master_process and iter_num >= max_iters and last_eval.get('val') is not None
 if wandb_log and master_process:
     wandb.finish()
 if ddp:
+    dist.barrier()  # ranks leave together: gloo aborts a rank whose peer tears down mid-exit
     dist.destroy_process_group()
