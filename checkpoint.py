@@ -306,6 +306,14 @@ def find_resume(out_dir):
         raise CheckpointError(f"no checkpoint in {out_dir} (looked for latest, latest_backup, step_*, epoch_*)")
     raise CheckpointError(f"no valid checkpoint in {out_dir}: " + "; ".join(skipped))
 
+def find(init_from, out_dir):
+    """(path, state, skipped) for init_from 'resume' (the newest valid, as find_resume) or a name
+    or path (as resolve); what train.py, sample.py and evaluate.py start from."""
+    if init_from == "resume":
+        return find_resume(out_dir)
+    path = resolve(init_from, out_dir)
+    return path, load(path), []
+
 def resolve(init_from, out_dir) -> str:
     init_from = os.fspath(init_from)
     m = NAME.fullmatch(init_from.removesuffix(".safetensors"))

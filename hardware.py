@@ -37,6 +37,18 @@ GPU_PEAK_TFLOPS = [
 ]
 
 
+def resolve(device, dtype):
+    """'auto' made concrete: CUDA, else MPS, else CPU; bfloat16 on GPUs that have it, float16 on
+    older ones, float32 on CPUs (which emulate bfloat16 slowly). One-line error for a bad dtype."""
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    if dtype == 'auto':
+        dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device.startswith('cuda') else 'float32'
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise SystemExit(f"error: dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return device, dtype
+
+
 def measure_cpu_flops(seconds=0.5, n=1024):
     """Best float32 matmul FLOP/s over a short loop (what this CPU really does with torch's threads)."""
     a, b = torch.randn(n, n), torch.randn(n, n)

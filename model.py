@@ -193,7 +193,11 @@ class GPT(nn.Module):
         x = self._hidden(idx)
         if targets is not None:
             logits = self.lm_head(x)
-            loss = CrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+            logits2d, targets1d = logits.view(-1, logits.size(-1)), targets.reshape(-1)
+            if logits.device.type == 'cpu':  # memory-bound there; GPUs and torch.compile fuse F's well
+                loss = CrossEntropy.apply(logits2d, targets1d)
+            else:
+                loss = F.cross_entropy(logits2d, targets1d, ignore_index=-1)
         else:
             # the vocab projection is the biggest matmul: only run it where it is used
             logits = self.lm_head(x[:, [-1], :])  # list index keeps the time dim

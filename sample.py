@@ -15,6 +15,7 @@ import torch
 
 import checkpoint
 import dataset as ds
+import hardware
 from configurator import configure
 from model import GPT, GPTConfig
 
@@ -37,24 +38,17 @@ defaults = {k: v for k, v in globals().items()
 config, _ = configure(defaults, sys.argv[1:], prog='sample.py')
 globals().update(config)
 
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+device, dtype = hardware.resolve(device, dtype)
 device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
-if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
 try:
-    if ckpt == 'resume':
-        path, state, skipped = checkpoint.find_resume(out_dir)
-        for reason in skipped:
-            print(f"warning: {reason}", file=sys.stderr)
-    else:
-        path = checkpoint.resolve(ckpt, out_dir)
-        state = checkpoint.load(path)
+    path, state, skipped = checkpoint.find(ckpt, out_dir)
 except checkpoint.CheckpointError as e:
     raise SystemExit(f"sample.py: error: {e} (train a model first: python prepare.py && python train.py)")
+for reason in skipped:
+    print(f"warning: {reason}", file=sys.stderr)
 model = GPT(GPTConfig(**state['model_args']))
 model.load_state_dict(state['model'], strict=True)
 model.eval().to(device)

@@ -57,7 +57,7 @@ bias = True
 # batch: the global batch is batch_size * gradient_accumulation_steps sequences on any number of processes
 batch_size = 16
 gradient_accumulation_steps = 1
-max_iters = 1600
+max_iters = 2000
 max_epochs = None  # stop at the end of this epoch instead (max_iters still caps)
 # AdamW, linear warmup then cosine decay to min_lr
 learning_rate = 2e-3
@@ -94,15 +94,11 @@ globals().update(config)
 ckpt, ckpt_path = None, None
 if init_from != 'scratch':
     try:
-        if init_from == 'resume':
-            ckpt_path, ckpt, skipped = checkpoint.find_resume(out_dir)
-            for reason in skipped:
-                print(f"warning: {reason}", file=sys.stderr)
-        else:
-            ckpt_path = checkpoint.resolve(init_from, out_dir)
-            ckpt = checkpoint.load(ckpt_path)
+        ckpt_path, ckpt, skipped = checkpoint.find(init_from, out_dir)
     except checkpoint.CheckpointError as e:
         raise SystemExit(f"train.py: error: {e}")
+    for reason in skipped:
+        print(f"warning: {reason}", file=sys.stderr)
     for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias'):
         if k in explicit and config[k] != ckpt['model_args'][k]:
             raise SystemExit(f"train.py: error: {ckpt_path} has {k}={ckpt['model_args'][k]} but "
@@ -114,8 +110,7 @@ if init_from != 'scratch':
 # -----------------------------------------------------------------------------
 # device, DDP and dtype: decided once, then objects that do nothing when unused
 ddp = int(os.environ.get('RANK', -1)) != -1
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+device, dtype = hardware.resolve(device, dtype)
 if ddp:
     dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -130,10 +125,6 @@ if gradient_accumulation_steps % world_size:
                      f"divisible by the number of processes ({world_size})")
 micro_steps = gradient_accumulation_steps // world_size
 device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
-if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    raise SystemExit(f"train.py: error: dtype must be float32, bfloat16 or float16, got {dtype!r}")
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+: ~8x faster matmuls, loss unaffected
