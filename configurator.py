@@ -92,7 +92,7 @@ def configure(defaults: dict, argv: list, prog: str = 'train.py') -> tuple:
             if not eq:
                 if key not in defaults:
                     _check(key, None, defaults, f"--{key}", prog)  # the unknown-key message
-                if not isinstance(defaults[key], bool):
+                if not isinstance(defaults[key], bool) and defaults[key] is not None:
                     raise SystemExit(f"{prog}: error: --{key} needs a value: --{key}=...")
                 raw = 'True'
             config[key] = _check(key, _parse(key, raw, defaults), defaults, f"--{key}={raw}", prog)

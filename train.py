@@ -71,7 +71,7 @@ min_lr = 2e-4
 # system
 device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto', 'float32', 'bfloat16', 'float16'
-compile = False
+compile = None  # None: on for CUDA, off on the CPU (where bench/bench_train.py measured it slower)
 peak_flops = None  # FLOP/s of one device for MFU; None: the GPU's datasheet peak, or measured on CPU
 gradient_checkpointing = False
 seed = 1337
@@ -215,6 +215,8 @@ if ckpt is not None and not reset_state:
         checkpoint.set_rng_state(ckpt['rng'])  # other ranks keep seed + rank: their draws differ anyway
     print(f"resumed from {ckpt_path} at iter {iter_num}, epoch {pos[0]}, window {pos[1]}/{n_windows}")
 ckpt = None  # free the loaded tensors
+if compile is None:
+    compile = device_type == 'cuda'
 raw_model = model  # plain module: what checkpoints save, so no '_orig_mod.' or 'module.' prefixes
 if compile:
     model = torch.compile(model)
