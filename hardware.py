@@ -49,7 +49,7 @@ def resolve(device, dtype):
     return device, dtype
 
 
-def measure_cpu_flops(seconds=0.5, n=1024):
+def measure_cpu_flops(seconds=1.0, n=1024):
     """Best float32 matmul FLOP/s over a short loop (what this CPU really does with torch's threads)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     best, end = 0.0, time.perf_counter() + seconds
