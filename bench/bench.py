@@ -20,6 +20,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench_train import config_of  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 
 def bench_prepare():
@@ -40,22 +41,11 @@ def bench_train(name, config_args, iters):
         tok_s = sum(e['tokens_per_sec'] for e in steady) / len(steady)
         saves = [float(t) for t in re.findall(r'saved .* in ([0-9.]+)s', p.stdout)]
         size = os.path.getsize(os.path.join(out, 'latest.safetensors')) / 2**20
-    ckpt_interval = default_of(config_args, 'ckpt_interval')
+    ckpt_interval = config_of(config_args[0] if config_args else None)['ckpt_interval']
     save_s = max(saves) if saves else float('nan')
     overhead = save_s / (ckpt_interval * ms / 1000) * 100
     print(f"train {name}: {tok_s:,.0f} tokens/s, {ms:.1f} ms/iter; checkpoint {size:.1f} MB saved in "
           f"{save_s * 1000:.0f} ms, every {ckpt_interval} iters = {overhead:.2f}% of training time")
-
-
-def default_of(config_args, key):
-    """The value train.py would use for key: its default, overridden by the config files given."""
-    scope = {}
-    src = open(os.path.join(ROOT, 'train.py')).read()
-    exec(re.search(rf'^{key} = .*$', src, re.M).group(0), scope)
-    for f in config_args:
-        if f.endswith('.py'):
-            exec(open(os.path.join(ROOT, f)).read(), scope)
-    return scope[key]
 
 
 def bench_sample(new_tokens=500):
