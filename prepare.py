@@ -222,7 +222,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         if sys.stderr.isatty():
             print(file=sys.stderr)  # end the progress line
-        sys.exit(f"prepare: interrupted; {out_dir} was left as it was")
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        print(f"prepare: interrupted; {out_dir} was left as it was", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # os._exit, not sys.exit: interpreter shutdown with the BPE trainer's Rust thread still
+        # running can abort the process (SIGABRT) after our message
+        os._exit(1)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
