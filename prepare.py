@@ -361,7 +361,7 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
 
     small = {s: v["tokens"] for s, v in splits.items() if v["tokens"] < args.min_split_tokens}
     if small:
-        sys.exit(f"prepare: error: corpus too small: " + ", ".join(f"{s} has {n} tokens" for s, n in small.items())
+        sys.exit("prepare: error: corpus too small: " + ", ".join(f"{s} has {n} tokens" for s, n in small.items())
                  + f", each split needs at least --min_split_tokens={args.min_split_tokens} (add more text, "
                  f"or change --val_fraction / --min_split_tokens); {out_dir} was left as it was")
     tokens = sum(v["tokens"] for v in splits.values())
