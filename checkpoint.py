@@ -15,6 +15,7 @@ leaves either the old complete file or the new complete one.
 """
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -257,22 +258,55 @@ def _disk_bytes(paths):
             pass
     return sum(sizes.values())
 
-def save_tiers(out_dir, state, *, iter_num, latest, rolling, epoch, best, keep_last, protect=()):
-    """Save once under each requested tier name, then prune step_ files (keep_last <= 0 keeps all)."""
+def save_tiers(out_dir, state, *, iter_num, latest, rolling, epoch, best, keep_last, keep_epochs=0, protect=()):
+    """Save once under each requested tier name, then prune the step_ and epoch_ files to the newest
+    keep_last / keep_epochs (<= 0 keeps all)."""
     names = [n + ".safetensors" for n, want in (("latest", latest), (f"step_{iter_num:07d}", rolling),
              (f"epoch_{epoch or 0:04d}", epoch is not None), ("best", best)) if want]
     if names:
         _publish(out_dir, state, names, f"checkpoint in {out_dir}", rotate=True)
-    # prune the rolling tier, never the file training resumed from
+    # prune, never the file training resumed from
     keep = {os.path.realpath(p) for p in protect}
-    steps = sorted((int(n[5:]), p) for n, p in _tier_files(out_dir).items() if n.startswith("step_"))
-    for _, p in steps[:-keep_last] if keep_last and keep_last > 0 else ():
-        try:
-            if os.path.realpath(p) not in keep:
-                os.remove(p)
-        except OSError:  # best effort: the save itself succeeded
-            pass
+    files = _tier_files(out_dir)
+    for prefix, n in (("step_", keep_last), ("epoch_", keep_epochs)):
+        numbered = sorted((int(name[len(prefix):]), p) for name, p in files.items() if name.startswith(prefix))
+        for _, p in numbered[:-n] if n and n > 0 else ():
+            try:
+                if os.path.realpath(p) not in keep:
+                    os.remove(p)
+            except OSError:  # best effort: the save itself succeeded
+                pass
     return names, _disk_bytes(_tier_files(out_dir).values())
+
+def files_kept(iters, *, ckpt_interval, rolling_interval, keep_last, save_best, epoch_iters, keep_epochs):
+    """How many checkpoint files the tiers can hold at once over the next `iters` iterations
+    (epoch_iters: iterations per epoch, None without epoch_ files); an upper bound, since one save
+    published under several names is a single file."""
+    files = 2 * bool(ckpt_interval) + bool(save_best)  # latest + latest_backup, best
+    if rolling_interval:
+        files += min(iters // rolling_interval, keep_last if keep_last > 0 else iters)
+    if epoch_iters:  # at most one per rolling_interval (train.py)
+        every = epoch_iters * max(1, math.ceil(rolling_interval / epoch_iters))
+        files += min(int(iters // every), keep_epochs if keep_epochs > 0 else iters)
+    return files
+
+def check_disk(out_dir, *, file_bytes, files):
+    """None if `files` checkpoints of file_bytes fit on out_dir's filesystem beside what is there;
+    else one line: 'cannot ...' when not even one save fits (it needs a scratch copy too)."""
+    probe = out_dir
+    while not os.path.isdir(probe):  # out_dir may not exist yet: its nearest existing parent
+        probe = os.path.dirname(os.path.abspath(probe))
+    free = shutil.disk_usage(probe).free
+    have = _disk_bytes(_tier_files(out_dir).values())  # today's files are replaced, not added to
+    gb = lambda b: f"{b / 1e9:.1f} GB"
+    if free < 2 * file_bytes:
+        return (f"cannot save a checkpoint: one takes {gb(file_bytes)} (twice that while it is written) and "
+                f"{probe} has {gb(free)} free; free space or use another --out_dir")
+    need = files * file_bytes + file_bytes - have
+    if need > free:
+        return (f"the checkpoint tiers may need {gb(need)} ({files} files of {gb(file_bytes)}) and {probe} has "
+                f"{gb(free)} free; lower keep_last / keep_epochs or raise rolling_interval, or free space")
+    return None
 
 def find_resume(out_dir):
     """latest -> latest_backup -> step_/epoch_ newest first (never best: it may be older)."""
@@ -378,7 +412,8 @@ def rng_state() -> dict:
             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            # this process's GPU only: get_rng_state_all() would create a context on every GPU
+            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else []}
 
 def set_rng_state(tree: dict) -> None:
     version, mt, gauss = tree["python"]
@@ -387,6 +422,5 @@ def set_rng_state(tree: dict) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     torch.set_rng_state(tree["torch"])
-    for i, s in enumerate(tree.get("cuda") or []):
-        if i < torch.cuda.device_count():
-            torch.cuda.set_rng_state(s, i)
+    if tree.get("cuda") and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(tree["cuda"][0])  # the current device's (older files: GPU 0's, rank 0's)

@@ -1,74 +1,159 @@
 """
-Peak FLOP/s of the hardware, for model FLOPs utilization (MFU) in train.py's log:
+The device a script runs on, and its peak FLOP/s for model FLOPs utilization (MFU):
 
+    device, dtype = resolve(device, dtype, local_rank)     # 'auto' made concrete, bad values refused
     mfu = model.flops_per_token() * tokens_per_sec / (peak_flops(device, dtype) * world_size)
 
 GPU peaks are the vendors' dense (no 2:4 sparsity) tensor-core figures per dtype; float32 means
-TF32 on Ampere and newer because train.py enables TF32 matmuls. On CPU the peak is measured with a
-short float32 matmul loop. An unknown GPU returns None: MFU is then reported as unknown rather
-than as a wrong number.
+TF32 on Ampere and newer because train.py enables TF32 matmuls. A GPU that is not in the table, a
+laptop part or a MIG slice returns None: MFU is then reported as unknown rather than wrong. On a
+CPU the peak is measured once (best float32 matmul rate over a few sizes) and cached per CPU model,
+thread count and torch version, so every run's log and bench/bench_train.py use the same figure.
 """
+import json
+import os
+import platform
+import re
 import time
 
 import torch
 
-# name fragment (as in torch.cuda.get_device_name, most specific first) -> TFLOP/s per dtype
+# (regex on torch.cuda.get_device_name(), {dtype: dense TFLOP/s}), most specific first. Whole
+# words only, so "RTX A1000" is not an A100 and "T400" is not a T4.
 GPU_PEAK_TFLOPS = [
-    ('H100 PCIe', {'bfloat16': 756, 'float16': 756, 'float32': 378}),
-    ('H100 NVL', {'bfloat16': 835, 'float16': 835, 'float32': 418}),
-    ('H100', {'bfloat16': 989, 'float16': 989, 'float32': 495}),  # SXM, and GH200
-    ('H200', {'bfloat16': 989, 'float16': 989, 'float32': 495}),
-    ('H800', {'bfloat16': 989, 'float16': 989, 'float32': 495}),
-    ('B200', {'bfloat16': 2250, 'float16': 2250, 'float32': 1100}),
-    ('A100', {'bfloat16': 312, 'float16': 312, 'float32': 156}),
-    ('A800', {'bfloat16': 312, 'float16': 312, 'float32': 156}),
-    ('L40S', {'bfloat16': 362, 'float16': 362, 'float32': 183}),
-    ('L40', {'bfloat16': 181, 'float16': 181, 'float32': 90.5}),
-    ('L4', {'bfloat16': 121, 'float16': 121, 'float32': 60}),
-    ('A10G', {'bfloat16': 70, 'float16': 70, 'float32': 35}),
-    ('A10', {'bfloat16': 125, 'float16': 125, 'float32': 62.5}),
-    ('RTX 6000 Ada', {'bfloat16': 364, 'float16': 364, 'float32': 182}),
-    ('RTX A6000', {'bfloat16': 155, 'float16': 155, 'float32': 77}),
-    ('RTX 5090', {'bfloat16': 209.5, 'float16': 209.5, 'float32': 104.8}),
-    ('RTX 4090', {'bfloat16': 165.2, 'float16': 165.2, 'float32': 82.6}),
-    ('RTX 3090', {'bfloat16': 71, 'float16': 71, 'float32': 35.6}),  # GeForce: halved with fp32 accumulate
-    ('V100', {'float16': 125, 'float32': 15.7}),
-    ('T4', {'float16': 65, 'float32': 8.1}),
+    (r'H100 PCIe', {'bfloat16': 756, 'float16': 756, 'float32': 378}),
+    (r'H100 NVL', {'bfloat16': 835, 'float16': 835, 'float32': 418}),
+    (r'H100', {'bfloat16': 989, 'float16': 989, 'float32': 495}),  # SXM ("H100 80GB HBM3")
+    (r'G?H200 NVL', {'bfloat16': 835, 'float16': 835, 'float32': 418}),
+    (r'G?H200', {'bfloat16': 989, 'float16': 989, 'float32': 495}),  # SXM, and GH200
+    (r'H800 PCIe', {'bfloat16': 756, 'float16': 756, 'float32': 378}),
+    (r'H800', {'bfloat16': 989, 'float16': 989, 'float32': 495}),
+    (r'GB200', {'bfloat16': 2500, 'float16': 2500, 'float32': 1250}),
+    (r'B200', {'bfloat16': 2250, 'float16': 2250, 'float32': 1100}),
+    (r'A100', {'bfloat16': 312, 'float16': 312, 'float32': 156}),
+    (r'A800', {'bfloat16': 312, 'float16': 312, 'float32': 156}),
+    (r'A40', {'bfloat16': 149.7, 'float16': 149.7, 'float32': 74.8}),
+    (r'L40S', {'bfloat16': 362, 'float16': 362, 'float32': 183}),
+    (r'L40', {'bfloat16': 181, 'float16': 181, 'float32': 90.5}),
+    (r'L4', {'bfloat16': 121, 'float16': 121, 'float32': 60}),
+    (r'A10G', {'bfloat16': 70, 'float16': 70, 'float32': 35}),
+    (r'A10', {'bfloat16': 125, 'float16': 125, 'float32': 62.5}),
+    (r'RTX 6000 Ada Generation', {'bfloat16': 364, 'float16': 364, 'float32': 182}),
+    (r'RTX A6000', {'bfloat16': 155, 'float16': 155, 'float32': 77}),
+    # GeForce: the figures with float32 accumulation (what autocast uses), half the fp16-accumulate ones
+    (r'RTX 5090', {'bfloat16': 209.5, 'float16': 209.5, 'float32': 104.8}),
+    (r'RTX 4090', {'bfloat16': 165.2, 'float16': 165.2, 'float32': 82.6}),
+    (r'RTX 3090 Ti', {'bfloat16': 80, 'float16': 80, 'float32': 40}),
+    (r'RTX 3090', {'bfloat16': 71, 'float16': 71, 'float32': 35.6}),
+    (r'V100S', {'float16': 130, 'float32': 16.4}),
+    (r'V100-PCIE', {'float16': 112, 'float32': 14}),
+    (r'V100', {'float16': 125, 'float32': 15.7}),  # SXM2
+    (r'T4', {'float16': 65, 'float32': 8.1}),
 ]
+NOT_FULL_CHIP = re.compile(r'\bMIG\b|Laptop|Max-Q|Mobile', re.IGNORECASE)  # slower than the datasheet part
 
 
-def resolve(device, dtype):
-    """'auto' made concrete: CUDA, else MPS, else CPU; bfloat16 on GPUs that have it, float16 on
-    older ones, float32 on CPUs (which emulate bfloat16 slowly). One-line error for a bad dtype."""
+def _error(msg):
+    return SystemExit(f"error: {msg}")
+
+
+def resolve(device, dtype, local_rank=None):
+    """'auto' made concrete (CUDA, else MPS, else CPU), checked against what this machine has; under
+    torchrun a CUDA device is cuda:LOCAL_RANK, made current before anything else touches a GPU.
+    dtype 'auto' is bfloat16 on GPUs with native bfloat16 (Ampere and newer), float16 on older ones
+    (V100, T4: torch can emulate bfloat16 there, slowly), float32 on CPUs."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    available = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] + ["mps"] * mps)
     if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+        device = 'cuda' if cuda else 'mps' if mps else 'cpu'
+    kind, _, index = device.partition(':')
+    if kind == 'cuda' and cuda:
+        if local_rank is not None:
+            index = str(local_rank)  # torchrun: one GPU per local process
+        if index and not (index.isdigit() and int(index) < torch.cuda.device_count()):
+            raise _error(f"device {device!r} does not exist on this machine (available: {available})")
+        device = f"cuda:{index or torch.cuda.current_device()}"
+        torch.cuda.set_device(device)
+    elif not ((kind == 'cpu' and not index) or (kind == 'mps' and mps and not index)):
+        raise _error(f"device {device!r} is not available on this machine (available: {available})")
     if dtype == 'auto':
-        dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device.startswith('cuda') else 'float32'
+        if kind == 'cuda':
+            dtype = 'bfloat16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'float16'
+        else:
+            dtype = 'float32'
     if dtype not in ('float32', 'bfloat16', 'float16'):
-        raise SystemExit(f"error: dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+        raise _error(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     return device, dtype
 
 
-def measure_cpu_flops(seconds=1.0, n=1024):
-    """Best float32 matmul FLOP/s over a short loop (what this CPU really does with torch's threads)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t0 = time.perf_counter()
-        for _ in range(4):
+def gpu_peak_tflops(name, dtype):
+    """Datasheet dense TFLOP/s of the GPU called `name` for dtype, or None if unknown."""
+    if NOT_FULL_CHIP.search(name):
+        return None
+    for pattern, peaks in GPU_PEAK_TFLOPS:
+        if re.search(rf'(?<![\w-]){pattern}(?![\w])', name):
+            return peaks.get(dtype)
+    return None
+
+
+def measure_cpu_flops(seconds=3.0, sizes=(512, 1024, 2048)):
+    """The best float32 matmul FLOP/s of single products, over a few sizes after a warm-up: what
+    this CPU does at its best with torch's threads. A single short loop read far too low when the
+    machine was busy for a moment (75 against 190 GFLOP/s), which inflated MFU."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b  # warm-up: thread pool, page faults
+        end = time.perf_counter() + seconds / len(sizes)
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
             a @ b
-        best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0))
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
     return best
 
 
-def peak_flops(device_type, dtype):
+def _cpu_cache():
+    """(cache file, key of this CPU + thread count + torch version)."""
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    model = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            model = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), model)
+    except OSError:
+        pass
+    return os.path.join(base, 'sturdygpt', 'cpu_peak.json'), f"{model} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+
+
+def cpu_peak_flops(measure=False):
+    """This CPU's float32 peak: the cached figure, or a new measurement (always with measure=True).
+    The cache keeps the best figure ever measured: any measurement can only read low."""
+    path, key = _cpu_cache()
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    cached = cache.get(key, {}).get('flops') if isinstance(cache.get(key), dict) else None
+    if cached and not measure:
+        return cached
+    flops = max(measure_cpu_flops(), cached or 0.0)
+    cache[key] = {'flops': flops, 'time': time.time()}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, 'w') as f:
+            json.dump(cache, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable home: measure again next time
+    return flops
+
+
+def peak_flops(device, dtype):
     """Peak FLOP/s of one device for this dtype, or None if unknown."""
-    if device_type == 'cpu':
-        return measure_cpu_flops()
-    if device_type != 'cuda':
+    if device == 'cpu':
+        return cpu_peak_flops()
+    if not device.startswith('cuda'):
         return None
-    name = torch.cuda.get_device_name()
-    for fragment, peaks in GPU_PEAK_TFLOPS:
-        if fragment in name:
-            return peaks[dtype] * 1e12 if dtype in peaks else None
-    return None
+    tflops = gpu_peak_tflops(torch.cuda.get_device_name(device), dtype)
+    return tflops * 1e12 if tflops else None

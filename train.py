@@ -27,7 +27,7 @@ import checkpoint
 import dataset as ds
 import hardware
 from configurator import configure
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, load_optimizer_state, pad_vocab
 
 # -----------------------------------------------------------------------------
 # default config: a small model that trains on the stdlib corpus on 2 CPU cores in ~10 minutes
@@ -44,7 +44,8 @@ eval_iters = 20
 ckpt_interval = 200  # `latest` (the previous one becomes `latest_backup`)
 rolling_interval = 600  # `step_NNNNNNN`, the newest keep_last are kept
 keep_last = 10
-save_epochs = True  # `epoch_NNNN` at the end of every epoch, kept forever
+save_epochs = True  # `epoch_NNNN` at the end of an epoch, at most one per rolling_interval iterations
+keep_epochs = 0  # the newest keep_epochs epoch_ files are kept; 0 keeps them all
 save_best = True  # `best` after an eval that improves the val loss
 # model
 n_layer = 4
@@ -109,13 +110,14 @@ if init_from != 'scratch':
 # -----------------------------------------------------------------------------
 # device, DDP and dtype: decided once, then objects that do nothing when unused
 ddp = int(os.environ.get('RANK', -1)) != -1
-device, dtype = hardware.resolve(device, dtype)
+# under torchrun, cuda:LOCAL_RANK is made current before anything (the dtype probe) touches a GPU
+device, dtype = hardware.resolve(device, dtype, int(os.environ['LOCAL_RANK']) if ddp else None)
+device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
 if ddp:
-    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    # device_id binds the process group to this rank's GPU, so barriers need not guess it
+    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo',
+                            device_id=torch.device(device) if device_type == 'cuda' else None)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    if device.startswith('cuda'):
-        device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
-        torch.cuda.set_device(device)
 else:
     rank, world_size = 0, 1
 master_process = rank == 0
@@ -123,7 +125,6 @@ if gradient_accumulation_steps % world_size:
     raise SystemExit(f"train.py: error: gradient_accumulation_steps={gradient_accumulation_steps} must be "
                      f"divisible by the number of processes ({world_size})")
 micro_steps = gradient_accumulation_steps // world_size
-device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+: ~8x faster matmuls, loss unaffected
@@ -174,17 +175,19 @@ def next_windows(pos, count):
 
 def get_batch(data, windows):
     xy = torch.from_numpy(np.stack([data[w * block_size: w * block_size + block_size + 1]
-                                    for w in windows]).astype(np.int64))
-    x, y = xy[:, :-1], xy[:, 1:]
+                                    for w in windows]).astype(np.int64))  # (B, T + 1)
     if device_type == 'cuda':
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        # one contiguous pinned copy, sliced on the GPU: pinning the strided x / y views would
+        # stage each through an unpinned temporary, and the copy could not overlap compute
+        xy = xy.pin_memory().to(device, non_blocking=True)
+    return xy[:, :-1], xy[:, 1:]
 
 
 # -----------------------------------------------------------------------------
 # model and optimizer: from scratch, or the checkpoint's weights (and, unless reset_state, its state)
-model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                  bias=bias, vocab_size=meta['tokenizer']['vocab_size'], dropout=dropout)
+model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                  vocab_size=meta['tokenizer']['vocab_size'], dropout=dropout,
+                  padded_vocab_size=pad_vocab(meta['tokenizer']['vocab_size']))
 if ckpt is not None:
     if ckpt['tokenizer']['fingerprint'] != tokenizer['fingerprint']:
         raise SystemExit(f"train.py: error: {ckpt_path} was trained with a different tokenizer than "
@@ -195,7 +198,8 @@ if ckpt is not None:
         raise SystemExit(f"train.py: error: {ckpt_path} was trained on other data than {data_path} "
                          f"(dataset '{ckpt['data']['dataset']}' changed or differs); to start a new run "
                          f"from its weights on this data add --reset_state=True")
-    model_args.update({k: ckpt['model_args'][k] for k in model_args if k != 'dropout'})
+    # padded_vocab_size: absent (None, unpadded) in checkpoints written before padding existed
+    model_args.update({k: ckpt['model_args'].get(k) for k in model_args if k != 'dropout'})
 model = GPT(GPTConfig(**model_args))
 if ckpt is not None:
     model.load_state_dict(ckpt['model'], strict=True)
@@ -204,10 +208,12 @@ model.to(device)
 optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 iter_num, pos, best_val_loss, wandb_id, last_eval = 0, (0, 0), float('inf'), None, {}
+last_epoch_ckpt = None  # iteration of the newest epoch_ checkpoint
 if ckpt is not None and not reset_state:
-    optimizer.load_state_dict(ckpt['optimizer'])
-    scaler.load_state_dict(ckpt['scaler'])
-    iter_num, pos = ckpt['iter_num'], tuple(ckpt['data_pos'])
+    load_optimizer_state(optimizer, ckpt['optimizer'])
+    if ckpt['scaler']:  # empty when the run was not float16; a fresh scaler then starts from its defaults
+        scaler.load_state_dict(ckpt['scaler'])
+    iter_num, pos, last_epoch_ckpt = ckpt['iter_num'], tuple(ckpt['data_pos']), ckpt.get('last_epoch_ckpt')
     best_val_loss, wandb_id = ckpt['best_val_loss'], ckpt.get('wandb_id')
     last_eval = {'train': ckpt['train_loss'], 'val': ckpt['val_loss']}
     if rank == 0:
@@ -237,16 +243,18 @@ def get_lr(it):
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss on the same fixed windows of each split every time, split across ranks."""
+    """Mean loss on the same fixed windows of each split every time, split across ranks. Whole
+    batches only: a short last batch would make torch.compile recompile for its shape."""
     out = {}
     model.eval()
     for split, data in (('train', train_data), ('val', val_data)):
         n = (len(data) - 1) // block_size
-        windows = np.random.default_rng([seed, 2**31]).permutation(n)[:eval_iters * batch_size]
+        size = min(batch_size, n)  # a split smaller than one batch: one smaller batch
+        windows = np.random.default_rng([seed, 2**31]).permutation(n)[:min(eval_iters, n // size) * size]
         total = torch.zeros(2, device=device)  # (sum of losses * windows, windows)
-        for k, start in enumerate(range(0, len(windows), batch_size)):
+        for k, start in enumerate(range(0, len(windows), size)):
             if k % world_size == rank:
-                x, y = get_batch(data, windows[start:start + batch_size])
+                x, y = get_batch(data, windows[start:start + size])
                 with ctx:
                     _, loss = eval_model(x, y)
                 total += torch.stack([loss.float() * len(x), torch.tensor(float(len(x)), device=device)])
@@ -258,9 +266,11 @@ def estimate_loss():
 
 
 def save(latest=False, rolling=False, epoch=None, best=False):
+    """Write the requested tiers; returns the seconds it took (left out of the iteration timing)."""
     state = {
         'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
         'iter_num': iter_num, 'epoch': pos[0], 'data_pos': list(pos), 'best_val_loss': best_val_loss,
+        'last_epoch_ckpt': last_epoch_ckpt,
         'val_loss': last_eval.get('val'), 'train_loss': last_eval.get('train'),
         'rng': checkpoint.rng_state(), 'config': config, 'model_args': model_args,
         'data': {'dataset': dataset, 'fingerprint': ds.fingerprint(meta)},
@@ -269,14 +279,16 @@ def save(latest=False, rolling=False, epoch=None, best=False):
     t0 = time.time()
     try:
         names, disk = checkpoint.save_tiers(out_dir, state, iter_num=iter_num, latest=latest, rolling=rolling,
-                                            epoch=epoch, best=best, keep_last=keep_last, protect=protect)
+                                            epoch=epoch, best=best, keep_last=keep_last, keep_epochs=keep_epochs,
+                                            protect=protect)
     except checkpoint.CheckpointError as e:
         raise SystemExit(f"train.py: error: {e} (earlier checkpoints are intact)")
     print(f"saved {', '.join(names)} in {time.time() - t0:.2f}s; checkpoints use {disk / 2**20:.1f} MB")
+    return time.time() - t0
 
 
 WANDB_KEYS = {'loss': 'train/loss', 'lr': 'train/lr', 'mfu': 'train/mfu', 'step': 'train/iter',
-              'ms_per_iter': 'train/dt_ms', 'tokens_per_sec': 'train/tokens_per_sec',
+              'ms_per_iter': 'train/dt_ms', 'tokens_per_sec': 'train/tokens_per_sec', 'peak_mem_gib': 'train/peak_mem_gib',
               'train_loss': 'eval/train_loss', 'val_loss': 'eval/val_loss', 'val_ppl': 'eval/val_ppl'}
 
 
@@ -285,7 +297,7 @@ def log(entry):
         f.write(json.dumps(entry) + '\n')
     if wandb_log:
         wandb.log({WANDB_KEYS[k]: v for k, v in entry.items() if k in WANDB_KEYS and v is not None},
-                  step=entry['step'])
+                  step=entry['step'])  # mfu in percent, as nanoGPT's panels show it
 
 
 # SIGTERM / SIGINT only set a flag; the loop saves at the next iteration boundary and exits
@@ -309,10 +321,26 @@ if wandb_log and master_process:
 # training loop
 # MFU: model FLOPs (6N + attention, see model.flops_per_token) per second over the hardware's peak
 flops_per_token = raw_model.flops_per_token()
-peak_flops = peak_flops or hardware.peak_flops(device_type, dtype)
+peak_flops = peak_flops or hardware.peak_flops(device, dtype)
 if master_process:
     print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens/iter, "
-          f"{n_windows:,} windows/epoch, device {device}, dtype {dtype}, {world_size} process(es)")
+          f"{n_windows:,} windows/epoch, device {device}, dtype {dtype}, {world_size} process(es), "
+          f"MFU against {f'{peak_flops / 1e12:.3g} TFLOP/s' if peak_flops else 'an unknown peak'}")
+    # a checkpoint holds the weights and AdamW's two moments: warn now about a run that would
+    # fill the disk hours from now, refuse one that cannot save even once
+    problem = checkpoint.check_disk(
+        out_dir, file_bytes=sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1)
+                                for p in raw_model.parameters()),
+        files=checkpoint.files_kept(max_iters - iter_num, ckpt_interval=ckpt_interval, save_best=save_best,
+                                    rolling_interval=rolling_interval, keep_last=keep_last,
+                                    epoch_iters=n_windows / windows_per_iter if save_epochs else None,
+                                    keep_epochs=keep_epochs))
+    if problem and problem.startswith('cannot'):
+        raise SystemExit(f"train.py: error: {problem}")
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr)
+
+
 def run_eval():
     losses = estimate_loss()
     if master_process:
@@ -327,7 +355,9 @@ last_log_iter, t_start = iter_num, time.time()
 if iter_num == 0:
     last_eval = run_eval()  # the untrained model's loss, as a baseline
 loss_sum = torch.zeros((), device=device)
-t0 = time.time()
+# timing for tokens/s and MFU: from the end of this process's first iteration (compilation and
+# warm-up), leaving out evals and saves
+t0, timed = time.time(), -1
 while iter_num < max_iters:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
@@ -352,6 +382,9 @@ while iter_num < max_iters:
     optimizer.zero_grad(set_to_none=True)
     epoch_done = next_pos[0] > pos[0]
     iter_num, pos = iter_num + 1, next_pos
+    timed += 1
+    if timed == 0:
+        t0 = time.time()
 
     if iter_num % log_interval == 0 or iter_num == max_iters:
         if ddp:
@@ -359,17 +392,18 @@ while iter_num < max_iters:
         steps, last_log_iter = iter_num - last_log_iter, iter_num
         lossf = loss_sum.item() / steps / world_size
         loss_sum.zero_()
-        dt = (time.time() - t0) / steps
-        t0 = time.time()
-        tok_s = tokens_per_iter / dt
-        eta = (max_iters - iter_num) * dt
-        mfu = flops_per_token * tok_s / (peak_flops * world_size) if peak_flops else None
+        dt = (time.time() - t0) / timed if timed > 0 else None  # None: only the warm-up iteration so far
+        t0, timed = time.time(), 0
+        tok_s = dt and tokens_per_iter / dt
+        mfu = 100 * flops_per_token * tok_s / (peak_flops * world_size) if dt and peak_flops else None
+        mem = torch.cuda.max_memory_allocated() / 2**30 if device_type == 'cuda' else None  # this rank's peak
         if master_process:
-            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f}ms, {tok_s / 1000:.1f}k tok/s, "
-                  f"mfu {f'{mfu * 100:.1f}%' if mfu else 'unknown'}, eta {eta / 60:.1f}min")
+            speed = (f"{dt * 1000:.1f}ms, {tok_s / 1000:.1f}k tok/s, mfu {f'{mfu:.1f}%' if mfu else 'unknown'}, "
+                     f"eta {(max_iters - iter_num) * dt / 60:.1f}min") if dt else "warm-up"
+            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {speed}" + (f", {mem:.1f} GiB" if mem else ""))
             log({'step': iter_num, 'epoch': pos[0], 'loss': lossf, 'ppl': math.exp(min(lossf, 50)), 'lr': lr,
-                 'tokens_seen': iter_num * tokens_per_iter, 'ms_per_iter': dt * 1000, 'tokens_per_sec': tok_s,
-                 'mfu': mfu})
+                 'tokens_seen': iter_num * tokens_per_iter, 'ms_per_iter': dt and dt * 1000,
+                 'tokens_per_sec': tok_s, 'mfu': mfu, 'peak_mem_gib': mem})
 
     best = False
     if iter_num % eval_interval == 0 or iter_num == max_iters:
@@ -386,9 +420,12 @@ while iter_num < max_iters:
         stop = bool(flag)
     latest = stop or (ckpt_interval and iter_num % ckpt_interval == 0) or iter_num == max_iters
     rolling = rolling_interval and iter_num % rolling_interval == 0
-    epoch = pos[0] if epoch_done and save_epochs else None
+    # epoch_ files at most once per rolling_interval: on a small corpus an epoch is a few iterations
+    epoch = None
+    if epoch_done and save_epochs and (last_epoch_ckpt is None or iter_num - last_epoch_ckpt >= rolling_interval):
+        epoch, last_epoch_ckpt = pos[0], iter_num
     if master_process and (latest or rolling or best or epoch is not None):
-        save(latest=latest, rolling=rolling, epoch=epoch, best=best)  # written once, linked per tier
+        t0 += save(latest=latest, rolling=rolling, epoch=epoch, best=best)  # written once, linked per tier
     if stop:
         if master_process:
             name = signal.Signals(stop_signal).name if stop_signal else 'a signal on another rank'
