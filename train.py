@@ -403,7 +403,7 @@ while iter_num < max_iters:
             print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {speed}" + (f", {mem:.1f} GiB" if mem else ""))
             log({'step': iter_num, 'epoch': pos[0], 'loss': lossf, 'ppl': math.exp(min(lossf, 50)), 'lr': lr,
                  'tokens_seen': iter_num * tokens_per_iter, 'ms_per_iter': dt and dt * 1000,
-                 'tokens_per_sec': tok_s, 'mfu': mfu, 'peak_mem_gib': mem})
+                 'tokens_per_sec': tok_s, 'mfu': mfu, **({'peak_mem_gib': mem} if mem else {})})
 
     best = False
     if iter_num % eval_interval == 0 or iter_num == max_iters:

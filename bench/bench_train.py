@@ -45,7 +45,7 @@ def throughput(config_file, iters, compile, peak):
         if p.returncode:
             raise SystemExit(f"bench_train: train.py failed: {p.stderr.strip()[-500:]}")
         log = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
-    steady = [e for e in log if 'tokens_per_sec' in e][2:]  # past warm-up / compilation
+    steady = [e for e in log if e.get('tokens_per_sec')][2:]  # past warm-up / compilation
     return sum(e['tokens_per_sec'] for e in steady) / len(steady), sum(e['mfu'] for e in steady) / len(steady)
 
 
@@ -84,7 +84,7 @@ if __name__ == '__main__':
                    stdout=subprocess.DEVNULL)  # the default corpus, cached after the first time
     cfg = config_of(args.config)
     meta = json.load(open(os.path.join(ROOT, cfg['data_dir'], cfg['dataset'], 'meta.json')))
-    peak = hardware.measure_cpu_flops(seconds=3.0)
+    peak = hardware.cpu_peak_flops(measure=True)  # measures, and keeps the best in the cache train.py reads
     model = GPT(GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
                           block_size=cfg['block_size'], vocab_size=meta['tokenizer']['vocab_size']))
     print(f"{args.config or 'default config'}: {model.num_params() / 1e6:.2f}M params, "
@@ -94,9 +94,9 @@ if __name__ == '__main__':
     for compile in {'both': (False, True), 'on': (True,), 'off': (False,)}[args.compile]:
         tok_s, mfu = throughput(args.config, args.iters, compile, peak)
         rates[compile] = tok_s
-        print(f"compile={compile}: {tok_s:,.0f} tokens/s, MFU {100 * mfu:.1f}% of the measured peak")
+        print(f"compile={compile}: {tok_s:,.0f} tokens/s, MFU {mfu:.1f}% of the measured peak")
     # the peak again after the runs, in case other work on the machine disturbed the first measurement
-    peak_after = hardware.measure_cpu_flops(seconds=3.0)
+    peak_after = hardware.cpu_peak_flops(measure=True)
     if peak_after > peak:
         print(f"measured peak after the runs: {peak_after / 1e9:.0f} GFLOP/s; MFU against it: " + ", ".join(
             f"compile={c} {100 * r * model.flops_per_token() / peak_after:.1f}%" for c, r in rates.items()))
