@@ -4,7 +4,7 @@ latest (+ latest_backup), rolling step_NNNNNNN, epoch_NNNN (kept forever), best.
 
     save(path, state) / load(path)       one file; load() checks a sha256 over all of it
     save_tiers(out_dir, state, ...)      serialize once, publish under each tier name
-    find_resume(out_dir) / resolve(init_from, out_dir) / list_checkpoints(out_dir)
+    find(init_from, out_dir) / find_or_exit(...) / resolve(...) / list_checkpoints(out_dir)
     rng_state() / set_rng_state(tree)    every RNG training draws from
 
 Only safetensors reads and writes these files (no pickle, no torch.load), so opening a checkpoint
@@ -21,6 +21,7 @@ import random
 import re
 import shutil
 import struct
+import sys
 import time
 
 import numpy as np
@@ -347,6 +348,17 @@ def find(init_from, out_dir):
         return find_resume(out_dir)
     path = resolve(init_from, out_dir)
     return path, load(path), []
+
+def find_or_exit(init_from, out_dir, prog, hint=''):
+    """find() for scripts: (path, state); the tiers it skipped are warnings on stderr, and failure
+    is one line and exit status 1."""
+    try:
+        path, state, skipped = find(init_from, out_dir)
+    except CheckpointError as e:
+        raise SystemExit(f"{prog}: error: {e}{hint}") from None
+    for reason in skipped:
+        print(f"warning: {reason}", file=sys.stderr)
+    return path, state
 
 def resolve(init_from, out_dir) -> str:
     init_from = os.fspath(init_from)

@@ -1,16 +1,23 @@
 """
 nanoGPT-style configuration: module-level defaults in the script, then Python override files
-(config/*.py, exec'd in order), then --key=value arguments. Used by train.py and sample.py:
+(config/*.py, exec'd in order), then --key=value arguments. Used by the top-level scripts:
 
-    config = configure(defaults, sys.argv[1:], prog='train.py')
+    config, explicit = configure(defaults, sys.argv[1:], prog='train.py', source=__file__)
     globals().update(config)
+    check_ranges(config, {'batch_size': '[1, inf)', 'dropout': '[0, 1)'}, prog='train.py')
 
 Fixes nanoGPT's known gaps: keys set by a config file are checked too (a typo is an error naming
 the closest valid key), an int is accepted for a float, a None default can be overridden, values
-may contain '=', and a bare --flag means --flag=True for a boolean key.
+may contain '=', and a bare --flag means --flag=True for a boolean key. -h / --help prints the
+script's docstring and its block of defaults, comments included.
+
+Config files are Python and are executed, as in nanoGPT: run only config files you trust.
 """
 import ast
 import difflib
+import math
+import os
+import sys
 import types
 from ast import literal_eval
 
@@ -57,10 +64,36 @@ def _parse(key, raw, defaults):
         return raw
 
 
-def configure(defaults: dict, argv: list, prog: str = 'train.py') -> tuple:
+def print_help(source):
+    """The script's docstring, then its defaults block: the lines between the first '# ---' rule
+    and 'defaults = ', where every key sits with its default and a comment saying what it does."""
+    with open(source, encoding='utf-8') as f:
+        text = f.read()
+    out = [(ast.get_docstring(ast.parse(text)) or '').strip(), '',
+           "Config keys and their defaults; set them in a config file (Python, executed: use only files you "
+           "trust) or as --key=value:", '']
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith('# ---')), len(lines))
+    for line in lines[start + 1:]:
+        if line.startswith('defaults = '):
+            break
+        if not line.startswith('# ---'):
+            out.append(f"  {line}")
+    try:
+        sys.stdout.write('\n'.join(out) + '\n')
+        sys.stdout.flush()
+    except BrokenPipeError:  # `--help | head`: the reader left, which is fine
+        sys.stdout = open(os.devnull, 'w')
+
+
+def configure(defaults: dict, argv: list, prog: str = 'train.py', source: str = None) -> tuple:
     """Apply config files and --key=value overrides to a copy of defaults.
 
-    Returns (config, explicit): the resolved config and the set of keys the user set."""
+    Returns (config, explicit): the resolved config and the set of keys the user set.
+    With -h or --help in argv: prints the help of `source` (the script's file) and exits 0."""
+    if source and ('-h' in argv or '--help' in argv):
+        print_help(source)
+        raise SystemExit(0)
     config = dict(defaults)
     explicit = set()
     for arg in argv:
@@ -98,3 +131,20 @@ def configure(defaults: dict, argv: list, prog: str = 'train.py') -> tuple:
             config[key] = _check(key, _parse(key, raw, defaults), defaults, f"--{key}={raw}", prog)
             explicit.add(key)
     return config, explicit
+
+
+def check_ranges(config: dict, ranges: dict, prog: str) -> None:
+    """Exit with one line per value outside its interval, written '[1, inf)', '(0, 1]', ...;
+    None passes (an unset optional key), and a float must be finite whatever its interval."""
+    problems = []
+    for key, interval in ranges.items():
+        value = config[key]
+        if value is None or isinstance(value, (bool, str)):
+            continue
+        lo, hi = (float(b) for b in interval[1:-1].split(','))
+        ok = math.isfinite(value) and (lo <= value if interval[0] == '[' else lo < value) and \
+            (value <= hi if interval[-1] == ']' else value < hi)
+        if not ok:
+            problems.append(f"{prog}: error: {key} must be in {interval}, got {value!r}")
+    if problems:
+        raise SystemExit('\n'.join(problems))

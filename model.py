@@ -302,6 +302,13 @@ class GPT(nn.Module):
             yield next_tok
 
 
+def from_state(state) -> GPT:
+    """The model a checkpoint state holds (its model_args and weights), on the CPU."""
+    model = GPT(GPTConfig(**state['model_args']))
+    model.load_state_dict(state['model'], strict=True)
+    return model
+
+
 def load_optimizer_state(optimizer, state):
     """optimizer.load_state_dict(state), keeping this optimizer's implementation flags. Loading
     replaces each param group with the saved one, `fused` and `foreach` included, so a run saved on

@@ -17,7 +17,7 @@ import checkpoint
 import dataset as ds
 import hardware
 from configurator import configure
-from model import GPT, GPTConfig
+from model import from_state
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'
@@ -35,7 +35,7 @@ dtype = 'auto'
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
-config, _ = configure(defaults, sys.argv[1:], prog='sample.py')
+config, _ = configure(defaults, sys.argv[1:], prog='sample.py', source=__file__)
 globals().update(config)
 
 device, dtype = hardware.resolve(device, dtype)
@@ -43,15 +43,9 @@ device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
-try:
-    path, state, skipped = checkpoint.find(ckpt, out_dir)
-except checkpoint.CheckpointError as e:
-    raise SystemExit(f"sample.py: error: {e} (train a model first: python prepare.py && python train.py)")
-for reason in skipped:
-    print(f"warning: {reason}", file=sys.stderr)
-model = GPT(GPTConfig(**state['model_args']))
-model.load_state_dict(state['model'], strict=True)
-model.eval().to(device)
+path, state = checkpoint.find_or_exit(ckpt, out_dir, 'sample.py',
+                                     hint=' (train a model first: python prepare.py && python train.py)')
+model = from_state(state).eval().to(device)
 tokenizer = ds.load_tokenizer(state['tokenizer'])
 print(f"# {path}: iter {state['iter_num']}, val loss {state.get('val_loss')}", file=sys.stderr)
 state = None

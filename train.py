@@ -83,22 +83,17 @@ defaults = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
 if '--list' in sys.argv[1:]:
     argv = [a for a in sys.argv[1:] if a != '--list']
-    cfg, _ = configure(defaults, argv, prog='train.py')
+    cfg, _ = configure(defaults, argv, prog='train.py', source=__file__)
     print(checkpoint.format_listing(checkpoint.list_checkpoints(cfg['out_dir'])))
     sys.exit(0)
-config, explicit = configure(defaults, sys.argv[1:], prog='train.py')
+config, explicit = configure(defaults, sys.argv[1:], prog='train.py', source=__file__)
 globals().update(config)
 
 # -----------------------------------------------------------------------------
 # checkpoint to start from (its config is the base; the keys set on this command line win)
 ckpt, ckpt_path = None, None
 if init_from != 'scratch':
-    try:
-        ckpt_path, ckpt, skipped = checkpoint.find(init_from, out_dir)
-    except checkpoint.CheckpointError as e:
-        raise SystemExit(f"train.py: error: {e}")
-    for reason in skipped:
-        print(f"warning: {reason}", file=sys.stderr)
+    ckpt_path, ckpt = checkpoint.find_or_exit(init_from, out_dir, 'train.py')
     for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias'):
         if k in explicit and config[k] != ckpt['model_args'][k]:
             raise SystemExit(f"train.py: error: {ckpt_path} has {k}={ckpt['model_args'][k]} but "
