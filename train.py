@@ -414,7 +414,10 @@ def run_eval():
     return losses
 
 
-last_log_iter, t_start = iter_num, time.time()
+last_log_iter, t_start, start_iter = iter_num, time.time(), iter_num
+if master_process and iter_num >= max_iters:
+    print(f"the run in {out_dir} is complete (iter {iter_num}, max_iters={max_iters}); "
+          f"to train it further, raise --max_iters")
 if iter_num == 0:
     last_eval = run_eval()  # the untrained model's loss, as a baseline
 loss_sum = torch.zeros((), device=device)
@@ -504,7 +507,7 @@ if master_process:
         raise SystemExit(f"train.py: error: {e} (earlier checkpoints are intact)")
 
 # -----------------------------------------------------------------------------
-if master_process and iter_num >= max_iters and last_eval.get('val') is not None:
+if master_process and max_iters <= iter_num > start_iter and last_eval.get('val') is not None:
     summary = {'iters': iter_num, 'epochs': pos[0] + pos[1] / n_windows,
                'final_val_loss': last_eval.get('val'), 'final_val_ppl': math.exp(last_eval['val']),
                'best_val_loss': best_val_loss, 'best_val_ppl': math.exp(best_val_loss),
