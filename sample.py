@@ -16,7 +16,7 @@ import torch
 import checkpoint
 import dataset as ds
 import hardware
-from configurator import configure
+from configurator import check_ranges, configure
 from model import from_state
 
 # -----------------------------------------------------------------------------
@@ -36,6 +36,8 @@ dtype = 'auto'
 defaults = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
 config, _ = configure(defaults, sys.argv[1:], prog='sample.py', source=__file__)
+check_ranges(config, dict(num_samples='[1, inf)', max_new_tokens='[0, inf)', temperature='[0, inf)',
+                          top_k='[1, inf)', top_p='(0, 1]', seed='[0, 9223372036854775807]'), 'sample.py')
 globals().update(config)
 
 device, dtype = hardware.resolve(device, dtype)
@@ -43,19 +45,25 @@ device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
-path, state = checkpoint.find_or_exit(ckpt, out_dir, 'sample.py',
-                                     hint=' (train a model first: python prepare.py && python train.py)')
-model = from_state(state).eval().to(device)
-tokenizer = ds.load_tokenizer(state['tokenizer'])
-print(f"# {path}: iter {state['iter_num']}, val loss {state.get('val_loss')}", file=sys.stderr)
-state = None
-
 if start.startswith('FILE:'):
     try:
         with open(start[5:], encoding='utf-8') as f:
             start = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"sample.py: error: cannot read prompt file {start[5:]}: {e}")
+    except OSError as e:
+        raise SystemExit(f"sample.py: error: cannot read prompt file {start[5:]}: {e.strerror}")
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"sample.py: error: prompt file {start[5:]} is not UTF-8 text (byte {e.start}: {e.reason})")
+try:
+    start.encode('utf-8')
+except UnicodeEncodeError:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
+    raise SystemExit("sample.py: error: the prompt is not valid UTF-8 text") from None
+path, state = checkpoint.find_or_exit(ckpt, out_dir, 'sample.py',
+                                     hint=' (train a model first: python prepare.py && python train.py)')
+model = from_state(state).eval().to(device)
+tokenizer = ds.load_tokenizer(state['tokenizer'])
+print(f"# {path}: iter {state.get('iter_num')}, val loss {state.get('val_loss')}", file=sys.stderr)
+state = None
+
 prompt = tokenizer.encode(start) if start else [tokenizer.eot_id]
 x = torch.tensor([prompt[-model.config.block_size:]], dtype=torch.long, device=device)
 generator = torch.Generator(device=device).manual_seed(seed)
