@@ -7,9 +7,10 @@ A dataset is a folder data/<name>/ holding
     meta.json            format version, tokenizer, token/document counts, inputs and settings
     tokenizer.json       the byte-level BPE (only for tokenizer kind "bpe")
 
-Tokenizer kinds: "bpe" (a byte-level BPE trained by prepare.py, stored as HF tokenizers'
-tokenizer.json), "gpt2" (tiktoken's GPT-2 encoding) and "byte" (raw UTF-8 bytes). All three
-run as tiktoken Encodings: one encode/decode path, and much faster than HF's encoder.
+Tokenizer kinds: "bpe" (a byte-level BPE trained by prepare.py, or a base one that extend_bpe grew
+by more merges, stored as HF tokenizers' tokenizer.json), "gpt2" (tiktoken's GPT-2 encoding) and
+"byte" (raw UTF-8 bytes). All three run as tiktoken Encodings: one encode/decode path, and much
+faster than HF's encoder.
 """
 import hashlib
 import json
@@ -229,6 +230,7 @@ def train_bpe(texts, vocab_size: int, show_progress=False) -> str:
     tok.add_special_tokens([EOT])
     return tok.to_str()
 
+
 def extend_bpe(json_text: str, texts, n_merges: int, source: str = "tokenizer.json") -> str:
     """The byte-level BPE tokenizer.json json_text with up to n_merges more merges learned on an
     iterator of texts (fewer if the words run out of pairs); returns the new tokenizer.json text.
@@ -240,7 +242,7 @@ def extend_bpe(json_text: str, texts, n_merges: int, source: str = "tokenizer.js
     import heapq
     from collections import Counter, defaultdict
     import regex
-    spec, vocab, _, _, merges = _parse_bpe(json_text, source)
+    spec, vocab, _, _, _ = _parse_bpe(json_text, source)
     state = make_state("bpe", json_text, source)
     counts = Counter()
     pat = regex.compile(GPT2_PAT)

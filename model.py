@@ -2,7 +2,8 @@
 A GPT language model in one file, written from scratch in the shape of GPT-2 / nanoGPT.
 
 Parameter names follow GPT-2 (transformer.wte, transformer.h.N.attn.c_attn, ...), so a reader
-who knows GPT-2 or nanoGPT finds every weight where they expect it.
+who knows GPT-2 or nanoGPT finds every weight where they expect it. Fine-tuning adds optional LoRA
+adapters (LoRALinear, mark_trainable) and vocabulary growth (resize_vocab).
 References:
 1) GPT-2: https://github.com/openai/gpt-2/blob/master/src/model.py
 2) nanoGPT: https://github.com/karpathy/nanoGPT/blob/master/model.py
@@ -44,10 +45,9 @@ class GPTConfig:
         assert self.padded_vocab_size >= self.vocab_size
         # one spelling (a string, in LORA_TARGETS order) whether given as a string, tuple or JSON list,
         # so model_args compare equal across checkpoints
-        targets = self.lora_targets.split(',') if isinstance(self.lora_targets, str) else list(self.lora_targets)
-        targets = [t.strip() for t in targets if t.strip()]
-        unknown = [t for t in targets if t not in LORA_TARGETS]
-        if unknown or (self.lora_rank and not targets) or self.lora_rank < 0:
+        targets = self.lora_targets.split(',') if isinstance(self.lora_targets, str) else self.lora_targets
+        targets = {t.strip() for t in targets} - {''}
+        if not targets <= set(LORA_TARGETS) or self.lora_rank < 0 or (self.lora_rank and not targets):
             raise ValueError(f"lora_rank={self.lora_rank}, lora_targets={self.lora_targets!r}: the rank must "
                              f"be >= 0 and the targets a non-empty comma-separated list of {', '.join(LORA_TARGETS)}")
         self.lora_targets = ','.join(t for t in LORA_TARGETS if t in targets)
@@ -86,7 +86,7 @@ class LoRALinear(nn.Linear):
     def merge(self):
         """Fold B A * scale into weight and drop the adapter: from now on a plain linear, whose
         state_dict holds only weight and bias (a merged model saves as a base model)."""
-        self.weight += (self.lora_B @ self.lora_A).to(self.weight.dtype) * self.scale
+        self.weight += (self.lora_B @ self.lora_A * self.scale).to(self.weight.dtype)
         self.lora_A = self.lora_B = None
 
 
@@ -290,18 +290,20 @@ class GPT(nn.Module):
         """Training FLOPs per token, fwd + bwd, as in PaLM appendix B / nanoGPT's estimate_mfu:
         6 per parameter (N = num_params(), non-embedding: wte counts because it is also lm_head)
         plus the attention scores and weighted sums. It leaves out the layernorms, softmax, GELU,
-        and the embedding lookups, and the attention term assumes a full block_size context."""
-        cfg = self.config
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        and the embedding lookups, and the attention term assumes a full block_size context.
+        A frozen weight (LoRA fine-tuning) needs no weight gradient: 4 per parameter, not 6."""
+        cfg, wpe = self.config, self.transformer.wpe.weight
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad and p is not wpe)
+        if not self.transformer.wte.weight.requires_grad:
+            frozen -= (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd  # padding: not in num_params
+        return 6 * self.num_params() - 2 * frozen + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
         """AdamW that decays only the 2-D matmul weights; biases, LayerNorm weights and the
         embeddings (wte, tied to lm_head, and wpe) are not decayed. Frozen parameters are left out
-        (see mark_trainable), so with LoRA the optimizer state is only the adapters'. lora_A / lora_B
-        are decayed like the weights they adapt: decaying them shrinks B A, so it pulls the model
-        towards the base model rather than the base weights towards zero (peft and lit-gpt also
-        apply the run's weight decay to them). Embeddings must stay undecayed for
-        trainable=new_tokens: decay would move the frozen base rows."""
+        (mark_trainable), so with LoRA the AdamW state is only the adapters'. lora_A / lora_B are
+        decayed: that shrinks B A, pulling the model towards the base model, not towards zero (peft
+        and lit-gpt decay them too). Undecayed embeddings keep trainable=new_tokens' base rows fixed."""
         embeddings = {id(self.transformer.wte.weight), id(self.transformer.wpe.weight)}
         params = [p for p in self.parameters() if p.requires_grad]  # registration order: deterministic
         decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
@@ -426,17 +428,11 @@ def mark_trainable(model, trainable='', base_vocab_size=None):
 def count_params(model) -> tuple[int, int]:
     """(trainable, total) parameters, as train.py prints them: a tied tensor counts once, wte's
     padding rows not at all, and with trainable=new_tokens only the new rows of wte are trainable."""
-    wte, cfg = model.transformer.wte.weight, model.config
-    trainable = total = 0
-    for p in model.parameters():
-        n = p.numel()
-        if p is wte:
-            n = cfg.vocab_size * cfg.n_embd
-            trainable += (cfg.vocab_size - model.frozen_wte_rows) * cfg.n_embd if p.requires_grad else 0
-        elif p.requires_grad:
-            trainable += n
-        total += n
-    return trainable, total
+    cfg, wte = model.config, model.transformer.wte.weight
+    others = [p for p in model.parameters() if p is not wte]
+    trainable = sum(p.numel() for p in others if p.requires_grad)
+    trainable += (cfg.vocab_size - model.frozen_wte_rows) * cfg.n_embd if wte.requires_grad else 0
+    return trainable, sum(p.numel() for p in others) + cfg.vocab_size * cfg.n_embd
 
 
 def resize_vocab(state_dict, vocab_size, new_vocab_size) -> dict:

@@ -412,7 +412,8 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
                  f"or change --val_fraction / --min_split_tokens); {out_dir} was left as it was")
     tokens = sum(v["tokens"] for v in splits.values())
     return dict(format_version=dataset.FORMAT_VERSION,
-                tokenizer={k: state[k] for k in ("kind", "fingerprint", "vocab_size", "eot_id", "extends") if k in state},
+                tokenizer={k: state[k] for k in ("kind", "fingerprint", "vocab_size", "eot_id", "extends")
+                           if k in state},
                 dtype=np.dtype(dataset.DTYPE).name, splits=splits,
                 inputs=dict(files=len(sources), bytes=sum(s[3] for s in sources), skipped=skipped),
                 bpe_train_seconds=round(bpe_seconds, 3), encode_seconds=round(encode_seconds, 3),

@@ -106,6 +106,8 @@ def test_only_adapters_and_named_params_train(trainable):
     assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}  # frozen: no AdamW state
     decayed = {n for n, p in model.named_parameters() if id(p) in map(id, opt.param_groups[0]['params'])}
     assert decayed == lora
+    if trainable == '':  # frozen base weights: 4 FLOPs per parameter; adapters 6; attention as before
+        assert model.flops_per_token() == 4 * 27520 + 6 * 2 * (4 * 32 + 96 * 4 + 4 * 32 + 32 * 4) + 12288
     trainable_count, total = count_params(model)
     assert total == sum(p.numel() for p in model.parameters())  # vocab 64: no padding rows
     assert trainable_count == sum(before[n].numel() for n in lora | named) == sum(

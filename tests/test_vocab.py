@@ -42,6 +42,7 @@ def test_extended_tokenizer_keeps_base_ids_and_round_trips(extended):
     old, new = dataset.tokenizer_state(base_dir), dataset.tokenizer_state(kor_dir)
     assert new["vocab_size"] == old["vocab_size"] + 200 == 500 and new["eot_id"] == old["eot_id"] == 299
     assert meta["tokenizer"]["extends"] == {"fingerprint": old["fingerprint"], "vocab_size": 300}
+    assert meta["settings"]["extend_vocab"] == 200  # part of the cache key
     old_vocab, new_vocab = (json.loads(s["json"])["model"]["vocab"] for s in (old, new))
     assert old_vocab.items() < new_vocab.items()  # every base token keeps its id
     assert sorted(set(new_vocab.values()) - set(old_vocab.values())) == list(range(300, 500))
