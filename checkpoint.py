@@ -456,19 +456,24 @@ def find_resume(out_dir):
 
 def find(init_from, out_dir):
     """(path, state, skipped) for init_from 'resume' (the newest valid, as find_resume) or a name
-    or path (as resolve); what train.py, sample.py and evaluate.py start from."""
+    or path (as resolve); what train.py, sample.py and evaluate.py start from. Other formats ('gpt2'
+    .. 'gpt2-xl', 'hf:DIR', 'nanogpt:PATH') come from interop.py as states without training state."""
+    import interop  # here: interop imports this module
     if init_from == "resume":
         return find_resume(out_dir)
+    if interop.is_import(init_from):
+        return *interop.load(init_from), []
     path = resolve(init_from, out_dir)
     return path, load(path), []
 
 def find_or_exit(init_from, out_dir, prog, hint=''):
     """find() for scripts: (path, state); the tiers it skipped are warnings on stderr, and failure
     is one line and exit status 1."""
+    import interop
     try:
         path, state, skipped = find(init_from, out_dir)
     except CheckpointError as e:
-        raise SystemExit(f"{prog}: error: {e}{hint}") from None
+        raise SystemExit(f"{prog}: error: {e}{'' if interop.is_import(init_from) else hint}") from None
     for reason in skipped:
         print(f"warning: {reason}", file=sys.stderr)
     return path, state
