@@ -53,6 +53,8 @@ def hf_weights(model) -> dict:
     and zero biases where ours has none (bias=False computes the same as GPT-2 with zero biases)."""
     cfg = model.config
     for f in dataclasses.fields(cfg):
+        if f.name.startswith("lora_") and not getattr(cfg, "lora_rank", 0):
+            continue  # settings of adapters that are merged (model.py's LoRA): they no longer act
         if f.name not in EXPRESSIBLE and getattr(cfg, f.name) != f.default:
             raise CheckpointError(f"the model option {f.name}={getattr(cfg, f.name)!r} cannot be expressed in "
                                   "GPT-2's format (refused rather than exported wrong)")

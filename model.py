@@ -2,7 +2,8 @@
 A GPT language model in one file, written from scratch in the shape of GPT-2 / nanoGPT.
 
 Parameter names follow GPT-2 (transformer.wte, transformer.h.N.attn.c_attn, ...), so a reader
-who knows GPT-2 or nanoGPT finds every weight where they expect it.
+who knows GPT-2 or nanoGPT finds every weight where they expect it, and interop.py converts to and
+from Hugging Face's GPT-2 and nanoGPT's checkpoints without renaming (HF's Conv1D is transposed).
 References:
 1) GPT-2: https://github.com/openai/gpt-2/blob/master/src/model.py
 2) nanoGPT: https://github.com/karpathy/nanoGPT/blob/master/model.py
