@@ -58,11 +58,12 @@ def hf_weights(model) -> dict:
         if f.name not in EXPRESSIBLE and getattr(cfg, f.name) != f.default:
             raise CheckpointError(f"the model option {f.name}={getattr(cfg, f.name)!r} cannot be expressed in "
                                   "GPT-2's format (refused rather than exported wrong)")
-    extra = sorted(set(model.state_dict()) - set(gpt2_shapes(dataclasses.asdict(cfg))))
+    sd = model.state_dict()
+    extra = sorted(set(sd) - set(gpt2_shapes(dataclasses.asdict(cfg))))
     if extra:
         raise CheckpointError(f"the model has weights GPT-2's format has no place for: {', '.join(extra[:3])}")
     out = {}
-    for k, v in model.state_dict().items():
+    for k, v in sd.items():
         if k == "lm_head.weight":
             continue  # tied to wte; GPT2LMHeadModel ties it back (tie_word_embeddings)
         if k == "transformer.wte.weight":
@@ -161,8 +162,8 @@ def model_card(model, state, name) -> str:
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [gpt2, sturdygpt]", "---", "",
         f"# {name}", "",
-        f"A GPT-2-architecture language model ({model.num_params() / 1e6:.2f}M parameters without position "
-        f"embeddings: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, a context of {cfg.block_size} "
+        f"A GPT-2-architecture language model ({model.num_params(non_embedding=False) / 1e6:.2f}M parameters: "
+        f"{cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, a context of {cfg.block_size} "
         f"tokens, a vocabulary of {cfg.vocab_size}) trained with sturdygpt and exported by its export.py.", "",
         "## Training", "",
         f"- dataset: `{data.get('dataset', 'unknown')}`, fingerprint `{data.get('fingerprint', 'unknown')}`",
@@ -334,8 +335,9 @@ def load_nanogpt(path) -> dict:
                               "ckpt.pt is read with torch.load(weights_only=True), which never runs code") from None
     except Exception as e:
         raise CheckpointError(f"cannot read {path} as a torch.save file ({type(e).__name__}: {_oneline(e)[:200]})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("model_args"), dict):
-        raise CheckpointError(f"{path} is not a nanoGPT checkpoint (a dict with 'model' and 'model_args')")
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model_args"), dict) and isinstance(ckpt.get("model"), dict)
+            and all(isinstance(v, torch.Tensor) for v in ckpt["model"].values())):
+        raise CheckpointError(f"{path} is not a nanoGPT checkpoint (a dict with 'model' tensors and 'model_args')")
     args, config = ckpt["model_args"], ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     if args.get("vocab_size") not in (50257, 50304):
         raise CheckpointError(f"{path} has vocab_size={args.get('vocab_size')} (dataset "
