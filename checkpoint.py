@@ -35,6 +35,7 @@ FORMAT = "sturdygpt-checkpoint-2"  # -1: the same, with its metadata under four 
 READS = (FORMAT, "sturdygpt-checkpoint-1")
 INFO_KEYS = ("iter_num", "epoch", "val_loss", "best_val_loss", "time")  # what read_info() returns
 NAME = re.compile(r"(latest|latest_backup|best)|step_(\d+)|epoch_(\d+)")
+IMPORT = re.compile(r"gpt2(-medium|-large|-xl)?|(hf|nanogpt):.*", re.DOTALL)  # other formats' weights: interop.py
 TMP = re.compile(r"\.ckpt-tmp-(\d+)")  # a saving process's scratch dir
 TENSOR, TUPLE, DICT = "__tensor__", "__tuple__", "__dict__"  # tags in the JSON tree
 
@@ -458,10 +459,10 @@ def find(init_from, out_dir):
     """(path, state, skipped) for init_from 'resume' (the newest valid, as find_resume) or a name
     or path (as resolve); what train.py, sample.py and evaluate.py start from. Other formats ('gpt2'
     .. 'gpt2-xl', 'hf:DIR', 'nanogpt:PATH') come from interop.py as states without training state."""
-    import interop  # here: interop imports this module
     if init_from == "resume":
         return find_resume(out_dir)
-    if interop.is_import(init_from):
+    if IMPORT.fullmatch(os.fspath(init_from)):
+        import interop  # here: interop imports this module
         return *interop.load(init_from), []
     path = resolve(init_from, out_dir)
     return path, load(path), []
@@ -469,11 +470,10 @@ def find(init_from, out_dir):
 def find_or_exit(init_from, out_dir, prog, hint=''):
     """find() for scripts: (path, state); the tiers it skipped are warnings on stderr, and failure
     is one line and exit status 1."""
-    import interop
     try:
         path, state, skipped = find(init_from, out_dir)
     except CheckpointError as e:
-        raise SystemExit(f"{prog}: error: {e}{'' if interop.is_import(init_from) else hint}") from None
+        raise SystemExit(f"{prog}: error: {e}{'' if IMPORT.fullmatch(os.fspath(init_from)) else hint}") from None
     for reason in skipped:
         print(f"warning: {reason}", file=sys.stderr)
     return path, state
@@ -481,6 +481,8 @@ def find_or_exit(init_from, out_dir, prog, hint=''):
 def in_dir(init_from, out_dir) -> bool:
     """Whether init_from names a checkpoint of out_dir's own run: a tier name, or a path in out_dir."""
     init_from = os.fspath(init_from)
+    if IMPORT.fullmatch(init_from):
+        return False
     if NAME.fullmatch(init_from.removesuffix(".safetensors")):
         return True
     path = os.path.realpath(init_from)

@@ -24,7 +24,6 @@ import dataset as ds
 from checkpoint import CheckpointError, _oneline
 from model import GPTConfig, pad_vocab
 
-GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # HF: (in, out)
 EXPRESSIBLE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "padded_vocab_size", "dropout", "bias")
 # ds.make_state("gpt2") without needing tiktoken's file (GPT-2's vocabulary is fixed)
@@ -32,12 +31,9 @@ GPT2_TOKENIZER = dict(kind="gpt2", fingerprint="gpt2", vocab_size=50257, eot_id=
 GPT2_MERGES_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"  # vocab.bpe, as tiktoken pins it
 
 
-def is_import(name) -> bool:
-    return name in GPT2_MODELS or name.startswith(("hf:", "nanogpt:"))
-
-
 def load(name):
-    """(path, state) of a model in another format; CheckpointError with a one-line reason."""
+    """(path, state) of a model in another format (a name checkpoint.IMPORT matches); CheckpointError
+    with a one-line reason."""
     if name.startswith("nanogpt:"):
         return name[8:], load_nanogpt(name[8:])
     if name.startswith("hf:"):

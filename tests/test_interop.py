@@ -81,7 +81,7 @@ def test_fine_tune_from_hf_export(exported, tiny_data, tmp_path):
     p = run('train.py', *TINY, '--max_iters=3', '--eval_interval=3', '--dataset=tiny', f'--data_dir={tiny_data}',
             f'--out_dir={tmp_path}', f'--init_from=hf:{exported["byte"][1]}')
     assert 'resumed' not in p.stdout and checkpoint.load(tmp_path / 'latest.safetensors')['iter_num'] == 3
-    p = run('train.py', *TINY, '--dataset=tiny', f'--data_dir={tiny_data}', f'--out_dir={tmp_path}',
+    p = run('train.py', *TINY, '--dataset=tiny', f'--data_dir={tiny_data}', f'--out_dir={tmp_path / "b"}',
             f'--init_from=hf:{exported["bpe"][1]}', check=False)  # its tokenizer is not the data's
     assert p.returncode == 1 and f'--tokenizer={exported["bpe"][1]}/tokenizer.json' in p.stderr
 
