@@ -35,6 +35,7 @@ FORMAT = "sturdygpt-checkpoint-2"  # -1: the same, with its metadata under four 
 READS = (FORMAT, "sturdygpt-checkpoint-1")
 INFO_KEYS = ("iter_num", "epoch", "val_loss", "best_val_loss", "time")  # what read_info() returns
 NAME = re.compile(r"(latest|latest_backup|best)|step_(\d+)|epoch_(\d+)")
+IMPORT = re.compile(r"gpt2(-medium|-large|-xl)?|(hf|nanogpt):.*", re.DOTALL)  # other formats' weights: interop.py
 TMP = re.compile(r"\.ckpt-tmp-(\d+)")  # a saving process's scratch dir
 TENSOR, TUPLE, DICT = "__tensor__", "__tuple__", "__dict__"  # tags in the JSON tree
 
@@ -270,15 +271,14 @@ def _usable(state, defaults=None):
     for key, top in ARG_RANGES.items():
         if not (isinstance(args.get(key), int) and 1 <= args[key] <= top):
             raise bad(f"model_args {key}={args.get(key)!r}")
-    from model import GPT, GPTConfig  # here: checkpoint.py itself never needs the model
+    from model import GPTConfig, state_shapes  # here: checkpoint.py itself never needs the model
     try:
-        with torch.device("meta"):  # shapes only, no memory
-            expected = {k: v.shape for k, v in GPT(GPTConfig(**args)).state_dict().items()}
+        expected = state_shapes(GPTConfig(**args))
     except Exception as e:
         raise bad(f"its model_args build no model: {type(e).__name__}: {_oneline(e)}")
     weights = state["model"]
     for key in expected.keys() | weights.keys():
-        if not isinstance(weights.get(key), torch.Tensor) or weights[key].shape != expected.get(key):
+        if not isinstance(weights.get(key), torch.Tensor) or tuple(weights[key].shape) != expected.get(key):
             raise bad(f"weight {key}: {tuple(getattr(weights.get(key), 'shape', ()))} where its model_args "
                       f"make {tuple(expected[key]) if key in expected else 'none'}")
     tok = state["tokenizer"]
@@ -521,10 +521,14 @@ def find_resume(out_dir, defaults=None):
 
 def find(init_from, out_dir, defaults=None):
     """(path, state, skipped) for init_from 'resume' (the newest usable, as find_resume) or a name
-    or path (as resolve); what train.py, sample.py and evaluate.py start from. `defaults`: the
-    training config's, whose types a training checkpoint's config must have."""
+    or path (as resolve); what train.py, sample.py and evaluate.py start from. Other formats ('gpt2'
+    .. 'gpt2-xl', 'hf:DIR', 'nanogpt:PATH') come from interop.py as states without training state.
+    `defaults`: the training config's, whose types a training checkpoint's config must have."""
     if init_from == "resume":
         return find_resume(out_dir, defaults)
+    if IMPORT.fullmatch(os.fspath(init_from)):
+        import interop  # here: interop imports this module
+        return *interop.load(init_from), []
     path = resolve(init_from, out_dir)
     state = load(path)
     try:
@@ -539,7 +543,7 @@ def find_or_exit(init_from, out_dir, prog, hint='', defaults=None):
     try:
         path, state, skipped = find(init_from, out_dir, defaults)
     except CheckpointError as e:
-        raise SystemExit(f"{prog}: error: {e}{hint}") from None
+        raise SystemExit(f"{prog}: error: {e}{'' if IMPORT.fullmatch(os.fspath(init_from)) else hint}") from None
     for reason in skipped:
         print(f"warning: {reason}", file=sys.stderr)
     return path, state
@@ -547,6 +551,8 @@ def find_or_exit(init_from, out_dir, prog, hint='', defaults=None):
 def in_dir(init_from, out_dir) -> bool:
     """Whether init_from names a checkpoint of out_dir's own run: a tier name, or a path in out_dir."""
     init_from = os.fspath(init_from)
+    if IMPORT.fullmatch(init_from):
+        return False
     if NAME.fullmatch(init_from.removesuffix(".safetensors")):
         return True
     path = os.path.realpath(init_from)

@@ -2,8 +2,10 @@
 A GPT language model in one file, written from scratch in the shape of GPT-2 / nanoGPT.
 
 Parameter names follow GPT-2 (transformer.wte, transformer.h.N.attn.c_attn, ...), so a reader
-who knows GPT-2 or nanoGPT finds every weight where they expect it. Fine-tuning adds optional LoRA
-adapters (LoRALinear, mark_trainable) and vocabulary growth (resize_vocab).
+who knows GPT-2 or nanoGPT finds every weight where they expect it, and interop.py converts to and
+from Hugging Face's GPT-2 and nanoGPT's checkpoints without renaming (HF's Conv1D is transposed).
+Fine-tuning adds optional LoRA adapters (LoRALinear, mark_trainable) and vocabulary growth
+(resize_vocab).
 References:
 1) GPT-2: https://github.com/openai/gpt-2/blob/master/src/model.py
 2) nanoGPT: https://github.com/karpathy/nanoGPT/blob/master/model.py
@@ -372,6 +374,25 @@ class GPT(nn.Module):
             seq[:, L] = next_tok[:, 0]
             L += 1
             yield next_tok
+
+
+def state_shapes(config: GPTConfig) -> dict:
+    """{name: shape} of GPT(config).state_dict(), computed without building the model (building
+    one on the meta device first imports torch's compiler, ~2 s): checkpoint.py checks a loaded
+    state against it. Tested equal to the real state_dict."""
+    C, V = config.n_embd, config.padded_vocab_size
+    shapes = {'transformer.wte.weight': (V, C), 'transformer.wpe.weight': (config.block_size, C)}
+    layer = {'ln_1': (C,), 'attn.c_attn': (3 * C, C), 'attn.c_proj': (C, C), 'ln_2': (C,), 'mlp.c_fc': (4 * C, C),
+             'mlp.c_proj': (C, 4 * C)}
+    targets = config.lora_targets.split(',') if config.lora_rank else []
+    for name, shape in [(f'h.{i}.{n}', s) for i in range(config.n_layer) for n, s in layer.items()] + [('ln_f', (C,))]:
+        shapes[f'transformer.{name}.weight'] = shape
+        if config.bias:
+            shapes[f'transformer.{name}.bias'] = shape[:1]
+        if name.split('.', 2)[-1] in targets:
+            shapes[f'transformer.{name}.lora_A'] = (config.lora_rank, shape[1])
+            shapes[f'transformer.{name}.lora_B'] = (shape[0], config.lora_rank)
+    return {**shapes, 'lm_head.weight': (V, C)}
 
 
 def from_state(state) -> GPT:

@@ -4,6 +4,7 @@ Sample from a trained model, streaming the text as it is generated.
     python sample.py --start="def add"
     python sample.py --start=FILE:prompt.txt --num_samples=5 --max_new_tokens=500
     python sample.py --ckpt=best --temperature=0.7 --top_k=50 --top_p=0.9 --seed=7
+    python sample.py --ckpt=gpt2 --start="The meaning of life"   # or hf:DIR, nanogpt:ckpt.pt
 
 The checkpoint carries its tokenizer, so sampling works even after data/ is gone.
 """
@@ -21,7 +22,7 @@ from model import from_state
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'
-ckpt = 'resume'  # 'resume' (the newest valid checkpoint), or 'best', 'latest', 'step_0001000', a path
+ckpt = 'resume'  # 'resume' (the newest valid checkpoint), or 'best', 'latest', 'step_0001000', a path, gpt2, hf:DIR, nanogpt:PATH
 start = ''  # the prompt, or FILE:path to read it from a file; empty starts a new document
 num_samples = 3
 max_new_tokens = 300

@@ -5,6 +5,7 @@ Train a GPT on a dataset made by prepare.py, on one CPU, one GPU or many GPUs.
     python train.py config/python_code.py --max_iters=5000
     python train.py --init_from=best                     # or latest_backup, step_0001000, epoch_0002, a path
     python train.py --overwrite=True                     # start over: the old run moves to out/previous-*/
+    python train.py --init_from=gpt2 --dataset=stdlib_gpt2   # fine-tune GPT-2 (or hf:DIR, nanogpt:ckpt.pt)
     python train.py --list                               # the checkpoints in out_dir and whether they verify
     torchrun --standalone --nproc_per_node=4 train.py config/slm.py
 
@@ -38,6 +39,7 @@ out_dir = 'out'
 data_dir = 'data'
 dataset = 'stdlib'
 init_from = 'auto'  # 'auto' (resume the run in out_dir if any, else scratch), 'scratch', 'resume', a checkpoint name / path
+# init_from also takes another format's weights: gpt2 .. gpt2-xl, hf:DIR (Hugging Face GPT-2), nanogpt:PATH (ckpt.pt)
 reset_state = False  # with init_from: keep only the weights, start a new run (e.g. fine-tune on new data)
 overwrite = False  # start a new run in an out_dir that holds one, moving the old run to out_dir/previous-<time>/
 log_interval = 10  # iterations per log line
@@ -136,15 +138,23 @@ elif checkpoint.has_run(out_dir) and not overwrite:
 if not continuing and init_from != 'scratch':
     ckpt_path, ckpt = checkpoint.find_or_exit(init_from, out_dir, 'train.py', defaults=defaults)
 if ckpt is not None:
-    for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias'):
+    shape = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias')
+    for k in shape:
         if k in explicit and config[k] != ckpt['model_args'][k]:
             raise SystemExit(f"train.py: error: {ckpt_path} has {k}={ckpt['model_args'][k]} but "
                              f"--{k}={config[k]} was given (a checkpoint's shape cannot change)")
+    if continuing and 'optimizer' not in ckpt:
+        raise SystemExit(f"train.py: error: {ckpt_path} holds weights only (export.py wrote it), no run to "
+                         f"continue; start a new run from it with --reset_state=True")
     if continuing:
         origin, config['reset_state'] = ckpt.get('origin'), False
+    elif 'optimizer' not in ckpt:  # weights only (export.py, gpt2, hf:, nanogpt:): a new run from them
+        config['reset_state'] = True
     if not config['reset_state']:  # how this command starts (init_from, ...) is not the run's to set
         config.update({k: v for k, v in ckpt['config'].items()
                        if k in defaults and k not in explicit | {'init_from', 'reset_state', 'overwrite'}})
+    else:  # a new run keeps only the weights, and so their shape
+        config.update({k: ckpt['model_args'][k] for k in shape if k not in explicit})
 config['init_from'] = init_from  # as decided, for the checkpoints' record
 if ckpt is not None:
     check_config(config, f' (in the config of {ckpt_path})')
@@ -259,10 +269,13 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
                   vocab_size=vocab_size, dropout=dropout, padded_vocab_size=pad_vocab(vocab_size))
 if ckpt is not None:
     if ckpt['tokenizer']['fingerprint'] != tokenizer['fingerprint']:
+        # gpt2 and byte go by name, a BPE by its tokenizer.json (an hf: directory holds its own)
+        kind = ckpt['tokenizer']['kind']
+        bpe = os.path.join(ckpt_path, 'tokenizer.json') if init_from.startswith('hf:') else 'PATH/tokenizer.json'
         raise SystemExit(f"train.py: error: {ckpt_path} was trained with a different tokenizer than "
-                         f"{data_path} ({ckpt['tokenizer']['kind']} {ckpt['tokenizer']['fingerprint'][:12]} vs "
+                         f"{data_path} ({kind} {ckpt['tokenizer']['fingerprint'][:12]} vs "
                          f"{tokenizer['kind']} {tokenizer['fingerprint'][:12]}); prepare the data with "
-                         f"the checkpoint's tokenizer (prepare.py --tokenizer=PATH/tokenizer.json)")
+                         f"the checkpoint's tokenizer (prepare.py --tokenizer={bpe if kind == 'bpe' else kind})")
     if not reset_state and ckpt['data']['fingerprint'] != ds.fingerprint(meta):
         raise SystemExit(f"train.py: error: {ckpt_path} was trained on other data than {data_path} "
                          f"(dataset '{ckpt['data']['dataset']}' changed or differs); to start a new run "
