@@ -39,6 +39,9 @@ def read_meta(data_dir) -> dict:
     """meta.json of a complete dataset, checked against the format version and the .bin sizes."""
     path = os.path.join(data_dir, "meta.json")
     name = os.path.basename(os.path.normpath(data_dir))
+    for folder in (os.path.dirname(os.path.normpath(data_dir)), data_dir):
+        if folder and os.path.exists(folder) and not os.path.isdir(folder):
+            raise _error(f"{folder} is a file, not a folder (check --data_dir and --dataset)")
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -50,6 +53,12 @@ def read_meta(data_dir) -> dict:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise _error(f"{path} has format_version {version}, this code reads {FORMAT_VERSION} "
                      f"(rebuild it: python prepare.py --force ...)")
+    tok = meta.get("tokenizer")
+    if not (isinstance(tok, dict) and tok.get("kind") in ("bpe", "gpt2", "byte") and isinstance(tok.get("vocab_size"), int)
+            and 1 <= tok["vocab_size"] <= np.iinfo(DTYPE).max + 1 and isinstance(tok.get("eot_id"), int)
+            and 0 <= tok["eot_id"] < tok["vocab_size"]):
+        raise _error(f"{path} has no usable tokenizer record (kind, vocab_size, eot_id) "
+                     f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
     for split in SPLITS:
         size = os.path.getsize(p) if os.path.exists(p := os.path.join(data_dir, f"{split}.bin")) else -1
         try:
@@ -79,8 +88,16 @@ def tokenizer_state(data_dir) -> dict:
     """Everything needed to rebuild the dataset's tokenizer, JSON-able (stored in checkpoints)."""
     state = dict(read_meta(data_dir)["tokenizer"], json=None)
     if state["kind"] == "bpe":
-        with open(os.path.join(data_dir, "tokenizer.json"), "rb") as f:
-            state["json"] = f.read().decode("utf-8")
+        path = os.path.join(data_dir, "tokenizer.json")
+        try:
+            with open(path, "rb") as f:
+                state["json"] = f.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise _error(f"{path} is missing or unreadable ({getattr(e, 'strerror', None) or e}) "
+                         f"(the dataset is damaged; rebuild it: python prepare.py --force ...)") from None
+        if hashlib.sha256(state["json"].encode("utf-8")).hexdigest() != state["fingerprint"]:
+            raise _error(f"{path} does not match its fingerprint in meta.json "
+                         f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
     return state
 
 # -----------------------------------------------------------------------------

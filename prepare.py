@@ -95,6 +95,8 @@ def list_sources(roots, glob, exclude):
             st = os.stat(root)
             sources.append((root, os.path.basename(root), True, st.st_size, st.st_mtime_ns))
             continue
+        if os.path.exists(root) and not os.path.isdir(root):  # a FIFO, socket or device: reading would block
+            sys.exit(f"prepare: error: --input={root} is not a regular file or a folder")
         if not os.path.isdir(root):
             sys.exit(f"prepare: error: --input={root}: no such file or directory (check the path)")
         found = []
@@ -184,6 +186,19 @@ def main(argv=None):
         sys.exit(f"prepare: error: --dataset={name!r} is not a plain folder name (e.g. --dataset=mydata)")
     if not 0.0 < args.val_fraction < 1.0:
         sys.exit(f"prepare: error: --val_fraction={args.val_fraction} must be between 0 and 1 (e.g. 0.05)")
+    if args.bpe_train_bytes < 1:
+        sys.exit(f"prepare: error: --bpe_train_bytes={args.bpe_train_bytes} must be at least 1 (default 100000000)")
+    if args.min_split_tokens < 2:
+        sys.exit(f"prepare: error: --min_split_tokens={args.min_split_tokens} must be at least 2 (block_size + 1)")
+    if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        sys.exit(f"prepare: error: --data_dir={args.data_dir} is a file, not a folder")
+    for root in roots:  # reading a prepared dataset as text would rebuild it from its own files
+        folder = os.path.abspath(root)
+        while folder != os.path.dirname(folder) and not os.path.isfile(os.path.join(folder, "meta.json")):
+            folder = os.path.dirname(folder)
+        if os.path.isfile(os.path.join(folder, "meta.json")) and os.path.isfile(os.path.join(folder, "train.bin")):
+            sys.exit(f"prepare: error: --input={root} is inside the prepared dataset {folder}; "
+                     f"give the corpus it was made from instead")
     kind, tokenizer_path = args.tokenizer, None
     if kind not in ("bpe", "gpt2", "byte"):
         tokenizer_path = os.path.join(kind, "tokenizer.json") if os.path.isdir(kind) else kind
@@ -220,6 +235,10 @@ def main(argv=None):
         settings.update(max_docs=args.max_docs)
 
     out_dir = os.path.join(args.data_dir, name)
+    for root in roots:
+        if os.path.commonpath([os.path.abspath(root), os.path.abspath(out_dir)]) == os.path.abspath(root):
+            sys.exit(f"prepare: error: --input={root} contains the output folder {out_dir}; "
+                     f"keep the corpus and --data_dir apart")
     cap = f", the first {args.max_docs} documents" if args.max_docs else ""
     print(f"prepare: dataset {name}: {len(sources)} files, {total_bytes / 1e6:.1f} MB{cap} -> {out_dir} "
           f"(tokenizer {args.tokenizer})")
@@ -236,7 +255,10 @@ def main(argv=None):
     dataset.clean_stale(out_dir)
     tmp_dir = dataset.temp_dir(out_dir)
     try:
-        os.makedirs(tmp_dir)
+        try:
+            os.makedirs(tmp_dir)
+        except OSError as e:
+            sys.exit(f"prepare: error: cannot write in --data_dir={args.data_dir}: {e.strerror}")
         meta = build(args, sources, kind, tokenizer_path, tmp_dir, out_dir)
         meta.update(dataset=name, inputs_fingerprint=inputs_fingerprint, settings=settings,
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

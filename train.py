@@ -565,7 +565,10 @@ while iter_num < max_iters:
     if epoch_done and save_epochs and (last_epoch_ckpt is None or iter_num - last_epoch_ckpt >= rolling_interval):
         epoch, last_epoch_ckpt = pos[0], iter_num
     if latest or rolling or best or epoch is not None:
-        log_losses += check_losses()  # a state whose loss went non-finite is never saved
+        log_losses += check_losses()  # a state whose loss went non-finite is never saved,
+        if not torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all():  # nor non-finite weights
+            window.append(torch.tensor(float('nan'), device=device))
+            check_losses()
         t0 += save(latest=latest, rolling=rolling, epoch=epoch, best=best)  # written once, linked per tier
     if stop:
         if master_process:
