@@ -225,19 +225,67 @@ def _read_header(path):
                               else f"corrupt ({size - end} trailing bytes)")
     return meta
 
-def _read(path):
-    """Verify path and return its state tree; CheckpointError(reason) if it is bad."""
+def _read(path, bases=None):
+    """Verify path and return its state tree; CheckpointError(reason) if it is bad. A LoRA run's
+    file (one with a 'base') comes back whole: its base's weights with its own on top (bases: a
+    dict that keeps read bases, for callers reading many adapters of one base)."""
     meta = _read_header(path)
     try:
         with safe_open(path, framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         if _checksum(meta, tensors) != meta["checksum"]:
             raise CheckpointError("checksum mismatch (file is corrupted)")
-        return _unflatten(json.loads(meta["state"]), tensors)
+        state = _unflatten(json.loads(meta["state"]), tensors)
+        if isinstance(state, dict) and isinstance(state.get("base"), dict):
+            state = _with_base(state, path, {} if bases is None else bases)
+        return state
     except CheckpointError:
         raise
     except Exception as e:  # a crafted header that still checksums; never a traceback
         raise CheckpointError(f"corrupt checkpoint ({type(e).__name__}: {_oneline(e)})") from None
+
+def _with_base(state, path, bases):
+    """An adapter state (a LoRA run saves only what trains) completed with its base's weights. The
+    base is named by path, relative to the adapter's folder, and checksum (a sha256 of its content)."""
+    from model import resize_vocab  # here: checkpoint.py itself never needs the model
+    ref = state["base"]
+    base_path = os.path.join(os.path.dirname(os.path.abspath(path)), ref["path"])
+    try:
+        checksum = _read_header(base_path)["checksum"]
+    except CheckpointError as e:
+        raise CheckpointError(f"its base {base_path} is missing or unreadable ({e}); this adapter needs that file")
+    if checksum != ref["sha256"]:
+        raise CheckpointError(f"its base {base_path} is not the file it was trained on (sha256 {checksum[:12]}, "
+                              f"expected {ref['sha256'][:12]})")
+    if (base_path, checksum) not in bases:
+        base = _read(base_path)
+        bases[(base_path, checksum)] = (base["model"], base["model_args"])
+    weights, args = bases[(base_path, checksum)]
+    if args["vocab_size"] != state["model_args"]["vocab_size"]:  # the run extended the vocabulary
+        weights = resize_vocab(weights, args["vocab_size"], state["model_args"]["vocab_size"])
+    weights, own = dict(weights), state["model"]
+    for name, t in own.items():
+        if name == "transformer.wte.weight" and t.size(0) < weights[name].size(0):  # new_tokens: the new rows
+            t = torch.cat([weights[name][:-t.size(0)], t])
+        weights[name] = t
+    weights["lm_head.weight"] = weights["transformer.wte.weight"]  # tied
+    return {**state, "model": weights}
+
+def keep_base(out_dir, path, state) -> dict:
+    """A run with frozen weights saves only what trains, so its base must stay exactly as it was:
+    out_dir/base.safetensors, a hard link of the file it started from (no copy, and replacing that
+    file later, like a newer best, cannot change it), else written from state. Returns the
+    reference a checkpoint of the run stores: {'path', 'sha256'}."""
+    dest = os.path.join(out_dir, "base.safetensors")
+    if os.path.exists(dest):
+        os.remove(dest)
+    try:
+        if not os.path.isfile(path) or _read_header(path).get("format") not in READS:
+            raise OSError("not one of our files")
+        os.link(path, dest)
+    except (OSError, CheckpointError):  # another filesystem, or gpt2 / hf: / nanogpt: weights
+        save(dest, {k: state[k] for k in ("model", "model_args", "tokenizer") if k in state})
+    return {"path": "base.safetensors", "sha256": _read_header(dest)["checksum"]}
 
 def load(path) -> dict:
     try:
@@ -313,7 +361,7 @@ def has_run(out_dir) -> bool:
     """Whether out_dir holds checkpoints (valid or not) of a run."""
     return bool(_tier_files(out_dir))
 
-RUN_FILES = re.compile(r"(latest|latest_backup|best|step_\d+|epoch_\d+)\.safetensors|log\.jsonl(\.dropped)?"
+RUN_FILES = re.compile(r"(latest|latest_backup|best|base|step_\d+|epoch_\d+)\.safetensors|log\.jsonl(\.dropped)?"
                        r"|summary\.json|tb|\.ckpt-tmp-\d+")  # what a training run writes in out_dir
 
 def move_aside(out_dir) -> str:
@@ -575,7 +623,7 @@ def resolve(init_from, out_dir) -> str:
 
 def list_checkpoints(out_dir, verify=True, defaults=None) -> list:
     """One row per checkpoint file; ok: the checksum verifies and the state is usable (once per inode)."""
-    rows, errors, now = [], {}, time.time()  # errors: inode -> reason, or None if it verified
+    rows, errors, now, bases = [], {}, time.time(), {}  # errors: inode -> reason, or None if it verified
     for name, path in _tier_files(out_dir).items():
         st = os.stat(path)
         ino = (st.st_dev, st.st_ino)
@@ -586,7 +634,7 @@ def list_checkpoints(out_dir, verify=True, defaults=None) -> list:
             row.update(iter=info.get("iter_num"), epoch=info.get("epoch"),
                        val_loss=info.get("val_loss", info.get("best_val_loss")))
             if verify and ino not in errors:
-                _usable(_read(path), defaults)
+                _usable(_read(path, bases), defaults)
                 errors[ino] = None
         except (CheckpointError, ValueError, RecursionError, AttributeError) as e:
             errors[ino] = str(e)

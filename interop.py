@@ -192,6 +192,7 @@ def _imported(sd, model_args, tokenizer, source, **info) -> dict:
     if tokenizer["vocab_size"] > model_args["vocab_size"]:
         raise CheckpointError(f"{source}: the tokenizer has {tokenizer['vocab_size']} tokens, the model only "
                               f"{model_args['vocab_size']}")
+    model_args = dataclasses.asdict(GPTConfig(**model_args))  # every field, spelled as train.py's checkpoints
     return {"model": sd, "model_args": model_args, "tokenizer": tokenizer, "config": {}, "iter_num": None, **info}
 
 

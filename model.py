@@ -473,6 +473,29 @@ def resize_vocab(state_dict, vocab_size, new_vocab_size) -> dict:
     return {**state_dict, 'transformer.wte.weight': wte, 'lm_head.weight': wte}  # still one tied tensor
 
 
+def trained_weights(model) -> dict:
+    """What a run with frozen weights saves of the model: the parameters that train, and of a wte
+    that trains only for new_tokens its new rows (the base rows come back from the base file)."""
+    rows, sd = getattr(model, 'frozen_wte_rows', 0), model.state_dict()
+    return {n: sd[n][rows:] if n == 'transformer.wte.weight' else sd[n]
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def wte_moments(state, optimizer, model, cut):
+    """An AdamW state dict with wte's moments cut to the rows that train (cut=True, to save), or
+    grown back (cut=False, to load) with the frozen rows' moments, which are zero (mark_trainable)."""
+    rows = getattr(model, 'frozen_wte_rows', 0)
+    params = [p for g in optimizer.param_groups for p in g['params']]
+    i = next((i for i, p in enumerate(params) if p is model.transformer.wte.weight), None)
+    if not rows or i not in state['state']:
+        return state
+    moments = dict(state['state'][i])
+    for k in ('exp_avg', 'exp_avg_sq'):
+        t = moments[k]
+        moments[k] = t[rows:] if cut else torch.cat([t.new_zeros(rows, t.size(1)), t])
+    return {**state, 'state': {**state['state'], i: moments}}
+
+
 def load_optimizer_state(optimizer, state):
     """optimizer.load_state_dict(state), keeping this optimizer's implementation flags. Loading
     replaces each param group with the saved one, `fused` and `foreach` included, so a run saved on

@@ -61,6 +61,7 @@ except UnicodeEncodeError:  # bytes that are not UTF-8 on the command line arriv
 path, state = checkpoint.find_or_exit(ckpt, out_dir, 'sample.py',
                                      hint=' (train a model first: python prepare.py && python train.py)')
 model = from_state(state).eval().to(device)
+model.merge_lora()  # a LoRA run's adapters fold into the weights: the same outputs, faster
 tokenizer = ds.load_tokenizer(state['tokenizer'])
 print(f"# {path}: iter {state.get('iter_num')}, val loss {state.get('val_loss')}", file=sys.stderr)
 state = None

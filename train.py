@@ -30,7 +30,8 @@ import checkpoint
 import dataset as ds
 import hardware
 from configurator import check_ranges, configure
-from model import GPT, GPTConfig, load_optimizer_state, pad_vocab
+from model import (GPT, GPTConfig, count_params, load_base, load_optimizer_state, mark_trainable, pad_vocab,
+                   resize_vocab, trained_weights, wte_moments)
 
 # -----------------------------------------------------------------------------
 # default config: a small model that trains on the stdlib corpus on 2 CPU cores in ~10 minutes
@@ -60,6 +61,12 @@ n_embd = 128
 block_size = 128
 dropout = 0.0
 bias = True
+# fine-tuning with LoRA (config/finetune_lora.py): adapters on a base model given by init_from
+lora_rank = 0  # rank of the adapters; 0: none (and with trainable empty, every weight trains)
+lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0
+lora_targets = 'attn.c_attn,attn.c_proj'  # any of attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
+trainable = ''  # besides adapters, comma-separated: wte, wpe, ln, new_tokens (an extended vocabulary's rows), all
 # batch: the global batch is batch_size * gradient_accumulation_steps sequences on any number of processes
 batch_size = 16
 gradient_accumulation_steps = 1
@@ -99,7 +106,8 @@ RANGES = dict(n_layer='[1, inf)', n_head='[1, inf)', n_embd='[1, inf)', block_si
               beta2='[0, 1)', grad_clip='[0, inf)', warmup_iters='[0, inf)', lr_decay_iters='[1, inf)',
               min_lr='[0, inf)', log_interval='[1, inf)', eval_interval='[1, inf)', eval_iters='[1, inf)',
               ckpt_interval='[0, inf)', rolling_interval='[0, inf)', keep_last='[0, inf)', keep_epochs='[0, inf)',
-              seed='[0, 2147483647]', peak_flops='(0, inf)')
+              seed='[0, 2147483647]', peak_flops='(0, inf)', lora_rank='[0, inf)', lora_alpha='(0, inf)',
+              lora_dropout='[0, 1)')
 
 
 def check_config(c, where=''):
@@ -109,6 +117,10 @@ def check_config(c, where=''):
         raise SystemExit(f"train.py: error: n_embd={c['n_embd']} must be a multiple of n_head={c['n_head']}{where}")
     if not c['out_dir']:
         raise SystemExit("train.py: error: out_dir is empty (name a folder, e.g. --out_dir=out)")
+    try:
+        GPTConfig(lora_rank=c['lora_rank'], lora_targets=c['lora_targets'])
+    except ValueError as e:
+        raise SystemExit(f"train.py: error: {e}{where}") from None
 
 
 check_config(config)  # before anything is read or written
@@ -139,9 +151,9 @@ if not continuing and init_from != 'scratch':
     ckpt_path, ckpt = checkpoint.find_or_exit(init_from, out_dir, 'train.py', defaults=defaults)
 if ckpt is not None:
     shape = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias')
-    for k in shape:
-        if k in explicit and config[k] != ckpt['model_args'][k]:
-            raise SystemExit(f"train.py: error: {ckpt_path} has {k}={ckpt['model_args'][k]} but "
+    for k in shape + (('lora_rank', 'lora_targets') if continuing else ()):  # an adapter's shape too
+        if k in explicit and config[k] != ckpt['model_args'].get(k, defaults[k]):
+            raise SystemExit(f"train.py: error: {ckpt_path} has {k}={ckpt['model_args'].get(k, defaults[k])} but "
                              f"--{k}={config[k]} was given (a checkpoint's shape cannot change)")
     if continuing and 'optimizer' not in ckpt:
         raise SystemExit(f"train.py: error: {ckpt_path} holds weights only (export.py wrote it), no run to "
@@ -264,27 +276,45 @@ def trim_log(path, last_iter):
 
 
 # -----------------------------------------------------------------------------
-# model and optimizer: from scratch, or the checkpoint's weights (and, unless reset_state, its state)
+# model and optimizer: from scratch, or the checkpoint's weights (and, unless reset_state, its
+# state). With lora_rank or trainable set, only the adapters and what trainable names train.
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                  vocab_size=vocab_size, dropout=dropout, padded_vocab_size=pad_vocab(vocab_size))
+                  vocab_size=vocab_size, dropout=dropout, padded_vocab_size=pad_vocab(vocab_size),
+                  lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets)
+weights = None
 if ckpt is not None:
-    if ckpt['tokenizer']['fingerprint'] != tokenizer['fingerprint']:
+    if not (continuing or ds.extends(tokenizer, ckpt['tokenizer'])) or (
+            continuing and ckpt['tokenizer']['fingerprint'] != tokenizer['fingerprint']):
         # gpt2 and byte go by name, a BPE by its tokenizer.json (an hf: directory holds its own)
         kind = ckpt['tokenizer']['kind']
         bpe = os.path.join(ckpt_path, 'tokenizer.json') if init_from.startswith('hf:') else 'PATH/tokenizer.json'
         raise SystemExit(f"train.py: error: {ckpt_path} was trained with a different tokenizer than "
                          f"{data_path} ({kind} {ckpt['tokenizer']['fingerprint'][:12]} vs "
                          f"{tokenizer['kind']} {tokenizer['fingerprint'][:12]}); prepare the data with "
-                         f"the checkpoint's tokenizer (prepare.py --tokenizer={bpe if kind == 'bpe' else kind})")
+                         f"the checkpoint's tokenizer (prepare.py --tokenizer={bpe if kind == 'bpe' else kind}, "
+                         f"optionally --extend_vocab=N)")
     if not reset_state and ckpt['data']['fingerprint'] != ds.fingerprint(meta):
         raise SystemExit(f"train.py: error: {ckpt_path} was trained on other data than {data_path} "
                          f"(dataset '{ckpt['data']['dataset']}' changed or differs); to start a new run "
                          f"from its weights on this data add --reset_state=True")
-    # padded_vocab_size: absent (None, unpadded) in checkpoints written before padding existed
-    model_args.update({k: ckpt['model_args'].get(k) for k in model_args if k != 'dropout'})
+    args, weights = ckpt['model_args'], ckpt['model']
+    if not continuing and args.get('lora_rank'):
+        raise SystemExit(f"train.py: error: {ckpt_path} is a LoRA checkpoint; to build on it, export it merged "
+                         f"first (python export.py --ckpt={ckpt_path} --out=merged.safetensors)")
+    if args['vocab_size'] != vocab_size:  # the data's tokenizer extends the checkpoint's
+        weights = resize_vocab(weights, args['vocab_size'], vocab_size)
+    else:  # padded_vocab_size: absent (None, unpadded) in checkpoints written before padding existed
+        model_args['padded_vocab_size'] = args.get('padded_vocab_size')
 model = GPT(GPTConfig(**model_args))
-if ckpt is not None:
-    model.load_state_dict(ckpt['model'], strict=True)
+try:
+    if weights is not None:
+        load_base(model, weights)  # the adapters, if any and not in weights, keep their init
+    if lora_rank or trainable:
+        mark_trainable(model, trainable, (tokenizer.get('extends') or {}).get('vocab_size'))
+except ValueError as e:
+    raise SystemExit(f"train.py: error: {e}") from None
+trained, total = count_params(model)
+frozen = trained < total  # then checkpoints hold only what trains, and name the base they build on
 model.gradient_checkpointing = gradient_checkpointing
 model.to(device)
 optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type)
@@ -293,7 +323,7 @@ iter_num, pos, best_val_loss, wandb_id, last_eval = 0, (0, 0), float('inf'), Non
 last_epoch_ckpt = None  # iteration of the newest epoch_ checkpoint
 if ckpt is not None and not reset_state:
     try:
-        load_optimizer_state(optimizer, ckpt['optimizer'])
+        load_optimizer_state(optimizer, wte_moments(ckpt['optimizer'], optimizer, model, cut=False))
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise SystemExit(f"train.py: error: {ckpt_path}: its optimizer state does not fit the model "
                          f"({type(e).__name__}: {' '.join(str(e).split())})") from None
@@ -311,6 +341,30 @@ if ckpt is not None and not reset_state:
         print(f"resumed from {ckpt_path} at iter {iter_num}, epoch {pos[0]}, window {pos[1]}/{n_windows}")
         if continuing:
             trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
+base = ckpt.get('base') if continuing else None  # where a run with frozen weights finds the rest
+if master_process:
+    # out_dir, before the first write into it: writable; for a new run, what an older run left
+    # there moves aside, and a frozen base is kept beside the run; a checkpoint holds what trains
+    # and AdamW's two moments of it: warn now about a run that would fill the disk hours from
+    # now, refuse one that cannot save even once
+    problem = checkpoint.check_writable(out_dir)
+    if problem:
+        raise SystemExit(f"train.py: error: {problem}")
+    moved = None if continuing else checkpoint.move_aside(out_dir)
+    if moved:
+        print(f"moved what was in {out_dir} to {moved}")
+    if frozen and not continuing:
+        base = checkpoint.keep_base(out_dir, ckpt_path, ckpt)
+    problem = checkpoint.check_disk(
+        out_dir, file_bytes=sum(p.numel() * p.element_size() * 3 for p in model.parameters() if p.requires_grad),
+        files=checkpoint.files_kept(max_iters - iter_num, ckpt_interval=ckpt_interval, save_best=save_best,
+                                    rolling_interval=rolling_interval, keep_last=keep_last,
+                                    epoch_iters=n_windows / windows_per_iter if save_epochs else None,
+                                    keep_epochs=keep_epochs))
+    if problem and problem.startswith('cannot'):
+        raise SystemExit(f"train.py: error: {problem}")
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr)
 ckpt = None  # free the loaded tensors
 if compile is None:
     compile = device_type == 'cuda'
@@ -366,8 +420,9 @@ def save(latest=False, rolling=False, epoch=None, best=False):
         dist.gather_object(checkpoint.rng_state(), rngs, dst=0)
     if not master_process:
         return 0.0
-    state = {
-        'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+    state = {  # a run with frozen weights saves what trains (and names its base); other runs, everything
+        'model': trained_weights(raw_model) if frozen else raw_model.state_dict(), 'base': base,
+        'optimizer': wte_moments(optimizer.state_dict(), optimizer, raw_model, cut=True), 'scaler': scaler.state_dict(),
         'iter_num': iter_num, 'epoch': pos[0], 'data_pos': list(pos), 'best_val_loss': best_val_loss,
         'last_epoch_ckpt': last_epoch_ckpt, 'val_loss': last_eval.get('val'), 'train_loss': last_eval.get('train'),
         'rng': rngs[0], 'rng_ranks': rngs, 'config': config, 'model_args': model_args, 'origin': origin,
@@ -427,29 +482,10 @@ if wandb_log and master_process:
 flops_per_token = raw_model.flops_per_token()
 peak_flops = peak_flops or hardware.peak_flops(device, dtype)
 if master_process:
-    print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens/iter, "
+    trains = f" ({trained:,} of all {total:,} trained: {100 * trained / total:.2f}%)" if frozen else ""
+    print(f"{raw_model.num_params() / 1e6:.2f}M parameters{trains}, {tokens_per_iter:,} tokens/iter, "
           f"{n_windows:,} windows/epoch, device {device}, dtype {dtype}, {world_size} process(es), "
           f"MFU against {f'{peak_flops / 1e12:.3g} TFLOP/s' if peak_flops else 'an unknown peak'}")
-    # out_dir, before the first write into it: writable; for a new run, what an older run left
-    # there moves aside; and a checkpoint holds the weights and AdamW's two moments: warn now
-    # about a run that would fill the disk hours from now, refuse one that cannot save even once
-    problem = checkpoint.check_writable(out_dir)
-    if problem:
-        raise SystemExit(f"train.py: error: {problem}")
-    moved = None if continuing else checkpoint.move_aside(out_dir)
-    if moved:
-        print(f"moved what was in {out_dir} to {moved}")
-    problem = checkpoint.check_disk(
-        out_dir, file_bytes=sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1)
-                                for p in raw_model.parameters()),
-        files=checkpoint.files_kept(max_iters - iter_num, ckpt_interval=ckpt_interval, save_best=save_best,
-                                    rolling_interval=rolling_interval, keep_last=keep_last,
-                                    epoch_iters=n_windows / windows_per_iter if save_epochs else None,
-                                    keep_epochs=keep_epochs))
-    if problem and problem.startswith('cannot'):
-        raise SystemExit(f"train.py: error: {problem}")
-    if problem:
-        print(f"warning: {problem}", file=sys.stderr)
 
 
 def run_eval():
