@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import dataset as ds
 import hardware
+import metrics
 from configurator import configure
 from model import GPT, GPTConfig, load_optimizer_state, pad_vocab
 
@@ -78,6 +79,11 @@ seed = 1337
 wandb_log = False
 wandb_project = 'sturdygpt'
 wandb_run_name = None
+# evaluation during training: at iteration 0 (the baseline) and every eval_interval, as evaluate.py measures
+eval_mcq = None  # a JSONL exam (evaluate.py's formats): logs eval/mcq_acc, eval/mcq_acc_norm
+eval_generate = False  # sample the prompts: logs eval/repetition, eval/distinct_1..4, eval/code_parses, ...
+eval_prompts = None  # the prompts file for eval_generate (one per line); None: evaluate.py's code prompts
+tensorboard_log = False  # also write the wandb scalars to out_dir/tb/ (pip install tensorboard)
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
@@ -285,6 +291,7 @@ def save(latest=False, rolling=False, epoch=None, best=False):
 WANDB_KEYS = {'loss': 'train/loss', 'lr': 'train/lr', 'mfu': 'train/mfu', 'step': 'train/iter',
               'ms_per_iter': 'train/dt_ms', 'tokens_per_sec': 'train/tokens_per_sec', 'peak_mem_gib': 'train/peak_mem_gib',
               'train_loss': 'eval/train_loss', 'val_loss': 'eval/val_loss', 'val_ppl': 'eval/val_ppl'}
+WANDB_KEYS.update({k: f'eval/{k}' for k in metrics.TRAINING_KEYS})  # eval_mcq, eval_generate
 
 
 def log(entry):
@@ -293,6 +300,10 @@ def log(entry):
     if wandb_log:
         wandb.log({WANDB_KEYS[k]: v for k, v in entry.items() if k in WANDB_KEYS and v is not None},
                   step=entry['step'])  # mfu in percent, as nanoGPT's panels show it
+    if tb_writer:
+        for k, v in entry.items():
+            if k in WANDB_KEYS and v is not None:
+                tb_writer.add_scalar(WANDB_KEYS[k], v, entry['step'])
 
 
 # SIGTERM / SIGINT only set a flag; the loop saves at the next iteration boundary and exits
@@ -311,6 +322,23 @@ if wandb_log and master_process:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config, id=wandb_id, resume='allow')
     wandb_id = wandb.run.id  # kept in checkpoints: a resumed run logs into the same wandb run
+tb_writer = None
+if tensorboard_log and master_process:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SystemExit("train.py: error: tensorboard_log=True needs tensorboard: pip install tensorboard")
+    # purge_step: a resumed run hides what a killed process logged after its checkpoint
+    tb_writer = SummaryWriter(os.path.join(out_dir, 'tb'), purge_step=iter_num or None, flush_secs=10)
+# eval_mcq / eval_generate: their files are read now, so a bad one stops the run before it starts
+eval_items, eval_prompt_list, eval_tokenizer = None, None, None
+if master_process and (eval_mcq or eval_generate):
+    try:
+        eval_items = metrics.load_mcq(eval_mcq) if eval_mcq else None
+        eval_prompt_list = metrics.load_prompts(eval_prompts) if eval_generate else None
+    except metrics.EvalError as e:
+        raise SystemExit(f"train.py: error: {e}")
+    eval_tokenizer = ds.load_tokenizer(tokenizer)
 
 # -----------------------------------------------------------------------------
 # training loop
@@ -341,8 +369,17 @@ def run_eval():
     if master_process:
         print(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
               f"val ppl {math.exp(losses['val']):.2f}")
-        log({'step': iter_num, 'epoch': pos[0], 'train_loss': losses['train'],
-             'val_loss': losses['val'], 'val_ppl': math.exp(losses['val'])})
+        entry = {'step': iter_num, 'epoch': pos[0], 'train_loss': losses['train'],
+                 'val_loss': losses['val'], 'val_ppl': math.exp(losses['val'])}
+        if eval_tokenizer:  # eval_mcq / eval_generate: the numbers evaluate.py gives, on the plain module
+            raw_model.eval()
+            with ctx:
+                entry.update(metrics.training_metrics(raw_model, eval_tokenizer, eval_items, eval_prompt_list,
+                                                      seed=seed, device=device))
+            raw_model.train()
+            print(f"eval {iter_num}: " + ', '.join(f"{k} {v:.3f}" for k, v in entry.items()
+                                                   if k in metrics.TRAINING_KEYS))
+        log(entry)
     return losses
 
 
@@ -443,6 +480,8 @@ if master_process and iter_num >= max_iters and last_eval.get('val') is not None
           f"{summary['tokens_seen']:,} tokens in {summary['wall_seconds'] / 60:.1f} min")
 if wandb_log and master_process:
     wandb.finish()
+if tb_writer:
+    tb_writer.close()
 if ddp:
     dist.barrier()  # ranks leave together: gloo aborts a rank whose peer tears down mid-exit
     dist.destroy_process_group()
