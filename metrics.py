@@ -21,7 +21,6 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 DEFAULT_PROMPTS = ['def add(a, b):', 'class DataLoader:', 'import numpy as np']
 UNIT = re.compile(r'\w+|[^\w\s]|\n')  # the units of distinct-n and repetition: words, symbols, line ends
@@ -50,16 +49,20 @@ def read_text(path) -> str:
 
 def _nll(model, x, y):
     """Negative log-likelihood (B, T) of targets y after inputs x, 0 where y is -1 (not scored). The
-    vocabulary projection runs only at scored positions, 2048 rows at a time (bounded memory with
-    GPT-2's 50k vocabulary), and without the padding columns (model.pad_vocab)."""
+    vocabulary projection runs only at scored positions and without the padding columns (pad_vocab),
+    in row chunks: 64 rows of logits stay in a CPU's cache (2x faster than log_softmax over 2048 rows,
+    see model.CrossEntropy), 4096 on a GPU, and memory stays bounded with GPT-2's 50k vocabulary."""
     h = model._hidden(x)
     mask = y >= 0
-    V = model.config.vocab_size
-    rows = [F.cross_entropy(model.lm_head(hc)[:, :V].float(), yc, reduction='none')
-            for hc, yc in zip(h[mask].split(2048), y[mask].split(2048))]
+    V, rows = model.config.vocab_size, 64 if x.device.type == 'cpu' else 4096
+    nll = []
+    for hc, yc in zip(h[mask].split(rows), y[mask].split(rows)):
+        logits = model.lm_head(hc)[:, :V].float()
+        nll.append(torch.logsumexp(logits, dim=-1) - logits.gather(1, yc[:, None])[:, 0])
     out = torch.zeros(y.shape, device=y.device)
-    out[mask] = torch.cat(rows) if rows else out[mask]
+    out[mask] = torch.cat(nll) if nll else out[mask]
     return out
+
 
 # -----------------------------------------------------------------------------
 # perplexity and bits per byte

@@ -95,9 +95,9 @@ try:
     import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
 except ImportError:
     pass
-print(f"# a prompt per line (end a line with \\ to go on to the next); ':temperature 0.7' sets one of "
-      f"{', '.join(SETTINGS)}; ':' shows them; Ctrl-D or Ctrl-C leaves", file=sys.stderr)
 try:
+    print(f"# a prompt per line (end a line with \\ to go on to the next); ':temperature 0.7' sets one of "
+          f"{', '.join(SETTINGS)}; ':' shows them; Ctrl-D or Ctrl-C leaves", file=sys.stderr)
     while True:
         line = input('> ')
         while line.endswith('\\'):

@@ -137,6 +137,33 @@ def test_mcq_batched_equals_one_forward_per_choice(bpe):
         assert (got['acc'], got['acc_norm'], got['items']) == (acc, norm, 12)
 
 
+def test_tiny_model_trained_on_sentences_answers_cloze_items():
+    tok = ds.load_tokenizer(ds.make_state('byte'))
+    rng = np.random.default_rng(0)
+    names = ['Anna', 'Boris', 'Chen', 'Dara', 'Emil', 'Fatima', 'Goran', 'Hana', 'Ivan', 'Jana']
+    things = ['apples', 'bricks', 'candles', 'drums', 'eggs', 'flutes', 'gloves', 'hats', 'inks', 'jars']
+    pairs = list(zip(names, rng.permutation(things)))
+    docs = [tok.encode(f"Question: What does {name} keep?\nAnswer: {thing}") + [tok.eot_id] for name, thing in pairs]
+    x = torch.full((len(docs), max(map(len, docs)) - 1), tok.eot_id)
+    y = torch.full_like(x, -1)
+    for i, d in enumerate(docs):
+        x[i, :len(d) - 1], y[i, :len(d) - 1] = torch.tensor(d[:-1]), torch.tensor(d[1:])
+    model = tiny(tok.vocab_size, block_size=64).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    items = []
+    for name, thing in pairs:
+        choices = list(rng.choice([t for t in things if t != thing], 3, replace=False)) + [thing]
+        rng.shuffle(choices)
+        items.append(dict(question=f"What does {name} keep?", choices=[str(c) for c in choices], answer=choices.index(thing)))
+    r = metrics.score_mcq(model.eval(), tok, items)
+    assert r['chance'] == 0.25 and r['acc'] >= 0.8 and r['acc_norm'] >= 0.8
+
+
 def test_both_mcq_formats(tmp_path):
     mmlu = [{"question": "2+2?", "choices": ["3", "4", "5"], "answer": 1},
             {"question": "Capital?", "choices": ["Rome", "Oslo"], "answer": "B"}]
