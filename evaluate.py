@@ -80,10 +80,17 @@ if plot:
         metrics.plot_log(os.path.join(out_dir, 'log.jsonl'), plot)
     except metrics.EvalError as e:
         fail(e)
+    except OSError as e:
+        fail(f"cannot write --plot={plot}: {e.strerror}")
     print(f"wrote {plot}")
     sys.exit(0)
 
-# every input file is read before any model is loaded, so a bad one fails at once
+# every input file is read, and the outputs' folders checked, before any model is loaded
+if split not in ('', 'train', 'val'):
+    fail(f"split must be 'val', 'train' or '' (no perplexity), got {split!r}")
+for out_file in (json,):
+    if out_file and not os.path.isdir(os.path.dirname(os.path.abspath(out_file))):
+        fail(f"--json={out_file}: the folder {os.path.dirname(os.path.abspath(out_file))} does not exist")
 texts = None
 try:
     if text is not None:
@@ -112,25 +119,44 @@ ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device
 
 
 def tokens_to_score(state, tokenizer):
-    """(token stream, what it is) for perplexity: the text files, or the split, re-encoded with this
+    """(token stream, where from) for perplexity: the text files, or the split, re-encoded with this
     checkpoint's tokenizer when the dataset was prepared with another one."""
     if texts is not None:
         return metrics.encode_docs(tokenizer, texts), f"{text} ({len(texts)} file(s))"
     path = os.path.join(data_dir, dataset or state['data']['dataset'])
     meta = ds.read_meta(path)
     tokens = ds.open_split(path, split)[:max_tokens]
+    source = f"{path} {split} split" + (f" (first {max_tokens:,} tokens)" if max_tokens else "")
     if meta['tokenizer']['fingerprint'] != tokenizer.fingerprint:
         data_tok = ds.load_tokenizer(ds.tokenizer_state(path))
         docs = np.split(tokens, np.flatnonzero(tokens == data_tok.eot_id) + 1)
         tokens = metrics.encode_docs(tokenizer, [data_tok.decode(d[d != data_tok.eot_id]) for d in docs if len(d)])
-    return tokens, f"{path} {split} split" + (f" (first {max_tokens:,} tokens)" if max_tokens else "")
+        source += f", re-encoded with the checkpoint's {tokenizer.kind} tokenizer"
+    return tokens, source
+
+
+def cells(r):
+    """One checkpoint's column of the table: {row label: formatted value}."""
+    out = {'iter': str(r['iter_num'])}
+    if 'perplexity' in r:
+        p = r['perplexity']
+        out.update({'tokens scored': f"{p['tokens']:,}", 'loss (nats/token)': f"{p['loss']:.4f}",
+                    'perplexity': f"{p['ppl']:.2f}", 'bits per byte': f"{p['bits_per_byte']:.4f}"})
+    for key, value in r.get('generation', {}).items():
+        if key != 'samples':
+            out[key.replace('_', ' ').replace('distinct ', 'distinct-')] = f"{value:.3f}"
+    if 'mcq' in r:
+        m = r['mcq']
+        out['mcq acc'] = f"{m['acc']:.3f} ({m['correct']}/{m['items']})"
+        out['mcq acc_norm'] = f"{m['acc_norm']:.3f}"
+    return out
 
 
 results = []
 for name in [n.strip() for n in ckpt.split(',') if n.strip()]:
     t0 = time.time()
     path, state = checkpoint.find_or_exit(name, out_dir, 'evaluate.py')
-    model = from_state(state).eval().to(device)
+    model = from_state(state).eval().to(device)  # a LoRA adapter checkpoint comes back with its base
     tokenizer = ds.load_tokenizer(state['tokenizer'])
     r = dict(name=name, path=path, iter_num=state.get('iter_num'), val_loss=state.get('val_loss'),
              tokenizer=dict(kind=tokenizer.kind, fingerprint=tokenizer.fingerprint),
@@ -140,8 +166,10 @@ for name in [n.strip() for n in ckpt.split(',') if n.strip()]:
         with ctx:
             if split or texts is not None:
                 tokens, source = tokens_to_score(state, tokenizer)
-                r['perplexity'] = dict(metrics.perplexity(model, tokens, tokenizer, stride, batch_size, device),
-                                       source=source)
+                p = metrics.perplexity(model, tokens, tokenizer, stride, batch_size, device)
+                scheme = (f"non-overlapping windows of {p['block_size']} tokens" if p['stride'] == p['block_size'] else
+                          f"windows of {p['block_size']} tokens every {p['stride']}, each scoring its last {p['stride']}")
+                r['perplexity'] = dict(p, scored=f"{source}, {p['bytes']:,} bytes; {scheme}")
             if prompt_list:
                 samples = metrics.generate_samples(model, tokenizer, prompt_list, num_samples, max_new_tokens,
                                                    temperature, top_k, top_p, seed, device)
@@ -155,39 +183,17 @@ for name in [n.strip() for n in ckpt.split(',') if n.strip()]:
     state = model = None  # free before the next checkpoint
 
 # -----------------------------------------------------------------------------
-# the table: one column per checkpoint
-first = results[0]
-if 'perplexity' in first:
-    p = first['perplexity']
-    scheme = (f"non-overlapping windows of {p['block_size']} tokens" if p['stride'] == p['block_size'] else
-              f"windows of {p['block_size']} tokens every {p['stride']}, each scoring its last {p['stride']}")
-    print(f"perplexity: {p['source']}, {p['bytes']:,} bytes; {scheme}")
+# what was measured, then the table: one column per checkpoint
+scored = {r['name']: r['perplexity']['scored'] for r in results if 'perplexity' in r}
+for name, what in scored.items():
+    print(f"perplexity{f' ({name})' if len(set(scored.values())) > 1 else ''}: {what}")
+    if len(set(scored.values())) == 1:
+        break
 if prompt_list:
     print(f"generation: {len(prompt_list)} prompts x {num_samples} samples, up to {max_new_tokens} new tokens, "
           f"temperature {temperature}, top_k {top_k}, top_p {top_p}, seed {seed}")
 if items:
-    print(f"multiple choice: {mcq}, {len(items)} items, {fewshot}-shot, chance {first['mcq']['chance']:.3f}")
-
-
-def cells(r):
-    """One checkpoint's column of the table: {row label: formatted value}."""
-    out = {'iter': str(r['iter_num'])}
-    if 'perplexity' in r:
-        p = r['perplexity']
-        out.update({'tokens scored': f"{p['tokens']:,}", 'loss (nats/token)': f"{p['loss']:.4f}",
-                    'perplexity': f"{p['ppl']:.2f}", 'bits per byte': f"{p['bits_per_byte']:.4f}"})
-    if 'generation' in r:
-        g = r['generation']
-        for key in ('distinct_1', 'distinct_2', 'distinct_3', 'distinct_4', 'repetition', 'code_parses', 'code_keywords'):
-            if key in g:
-                out[key.replace('_', ' ').replace('distinct ', 'distinct-')] = f"{g[key]:.3f}"
-    if 'mcq' in r:
-        m = r['mcq']
-        out['mcq acc'] = f"{m['acc']:.3f} ({m['correct']}/{m['items']})"
-        out['mcq acc_norm'] = f"{m['acc_norm']:.3f}"
-    return out
-
-
+    print(f"multiple choice: {mcq}, {len(items)} items, {fewshot}-shot, chance {results[0]['mcq']['chance']:.3f}")
 columns = [cells(r) for r in results]
 table = [[''] + [r['name'] for r in results]]
 for label in columns[0]:
@@ -197,7 +203,7 @@ for row in table:
     print('  '.join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]))
 
 if json:
-    out = dict(settings=dict(config, device=device, dtype=dtype, prompts=prompt_list), checkpoints=results)
+    out = dict(settings=dict(config, device=device, dtype=dtype, prompt_texts=prompt_list), checkpoints=results)
     with open(json, 'w', encoding='utf-8') as f:
         jsonlib.dump(out, f, indent=1, ensure_ascii=False)
     print(f"wrote {json}")

@@ -60,7 +60,8 @@ def _nll(model, x, y):
         logits = model.lm_head(hc)[:, :V].float()
         nll.append(torch.logsumexp(logits, dim=-1) - logits.gather(1, yc[:, None])[:, 0])
     out = torch.zeros(y.shape, device=y.device)
-    out[mask] = torch.cat(nll) if nll else out[mask]
+    if nll:
+        out[mask] = torch.cat(nll)
     return out
 
 
@@ -87,6 +88,10 @@ def perplexity(model, tokens, tokenizer, stride=None, batch_size=16, device='cpu
         raise EvalError(f"stride {S} is larger than the checkpoint's block_size {T}: tokens would be skipped")
     seq = np.concatenate([[tokenizer.eot_id], np.asarray(tokens, dtype=np.int64)])
     N = len(seq) - 1  # targets seq[1..N]
+    text_ids = seq[1:][seq[1:] != tokenizer.eot_id]
+    n_bytes = sum(len(tokenizer.decode_bytes(c)) for c in np.split(text_ids, range(1 << 20, len(text_ids), 1 << 20)))
+    if not n_bytes:
+        raise EvalError("no text to score (the text or split is empty)")
     windows, prev = [], 0  # (first input, end, first scored target), in target indices
     for begin in range(0, N, S):
         end = min(begin + T, N)
@@ -103,10 +108,8 @@ def perplexity(model, tokens, tokenizer, stride=None, batch_size=16, device='cpu
             x[r, :e - b] = torch.from_numpy(seq[b:e])
             y[r, first - b:e - b] = torch.from_numpy(seq[first + 1:e + 1])
         total += _nll(model, x.to(device), y.to(device)).double().sum().item()
-    text_ids = seq[1:][seq[1:] != tokenizer.eot_id]
-    n_bytes = sum(len(tokenizer.decode_bytes(c)) for c in np.split(text_ids, range(1 << 20, len(text_ids), 1 << 20)))
-    loss = total / max(N, 1)
-    return dict(loss=loss, ppl=math.exp(min(loss, 700)), bits_per_byte=total / math.log(2) / n_bytes if n_bytes else None,
+    loss = total / N
+    return dict(loss=loss, ppl=math.exp(min(loss, 700)), bits_per_byte=total / math.log(2) / n_bytes,
                 tokens=N, bytes=n_bytes, windows=len(windows), block_size=T, stride=S)
 
 # -----------------------------------------------------------------------------
