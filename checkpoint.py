@@ -13,6 +13,7 @@ someone sent you cannot run their code. Tensors are stored under their path in t
 Files are published by tmp + fsync + rename + fsync(dir): a kill or power cut at any moment
 leaves either the old complete file or the new complete one.
 """
+import copy
 import hashlib
 import json
 import math
@@ -22,6 +23,7 @@ import re
 import shutil
 import struct
 import sys
+import threading
 import time
 
 import numpy as np
@@ -29,7 +31,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-FORMAT = "sturdygpt-checkpoint-1"
+FORMAT = "sturdygpt-checkpoint-2"  # -1: the same, with its metadata under four keys (read, never written)
+READS = (FORMAT, "sturdygpt-checkpoint-1")
 INFO_KEYS = ("iter_num", "epoch", "val_loss", "best_val_loss", "time")  # what read_info() returns
 NAME = re.compile(r"(latest|latest_backup|best)|step_(\d+)|epoch_(\d+)")
 TMP = re.compile(r"\.ckpt-tmp-(\d+)")  # a saving process's scratch dir
@@ -122,7 +125,10 @@ def _write(path, state):
             if k in INFO_KEYS}  # nanoGPT's best_val_loss is a 0-dim tensor
     meta = dict(format=FORMAT, info=json.dumps({k: v for k, v in info.items() if isinstance(v, (int, float))}),
                 state=json.dumps(tree))
-    save_file(tensors, path, metadata=dict(meta, checksum=_checksum(meta, tensors)))
+    meta["checksum"] = _checksum(meta, tensors)
+    # one metadata key: safetensors writes several in a random order, and a checkpoint's bytes
+    # should depend on its state alone (a background save writes the same file as a direct one)
+    save_file(tensors, path, metadata={"sturdygpt": json.dumps(meta)})
     umask = os.umask(0o22); os.umask(umask)
     os.chmod(path, 0o666 & ~umask)  # safetensors' own temp file is 0600
     _fsync(path)
@@ -200,9 +206,14 @@ def _read_header(path):
     except ValueError:  # bad JSON or UTF-8
         raise CheckpointError("not a safetensors file (unreadable header)") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if isinstance(meta, dict) and "sturdygpt" in meta:
+        try:
+            meta = json.loads(meta["sturdygpt"])
+        except (TypeError, ValueError):
+            raise CheckpointError("corrupt checkpoint (unreadable sturdygpt metadata)") from None
     if not isinstance(meta, dict) or "format" not in meta:
         raise CheckpointError("not a sturdygpt checkpoint (safetensors file without sturdygpt metadata)")
-    if meta["format"] != FORMAT:
+    if meta["format"] not in READS:
         raise CheckpointError(f"unsupported checkpoint format {meta['format']!r} (this code reads {FORMAT!r})")
     try:
         end = 8 + n + max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"] + [0])
@@ -249,6 +260,28 @@ def _tier_files(out_dir):
     return {n[:-12]: os.path.join(out_dir, n) for n in names
             if n.endswith(".safetensors") and NAME.fullmatch(n[:-12])}
 
+def has_run(out_dir) -> bool:
+    """Whether out_dir holds checkpoints (valid or not) of a run."""
+    return bool(_tier_files(out_dir))
+
+RUN_FILES = re.compile(r"(latest|latest_backup|best|step_\d+|epoch_\d+)\.safetensors|log\.jsonl(\.dropped)?"
+                       r"|summary\.json|tb|\.ckpt-tmp-\d+")  # what a training run writes in out_dir
+
+def move_aside(out_dir) -> str:
+    """Move what a run wrote in out_dir (RUN_FILES; nothing else, whatever else is there) into
+    out_dir/previous-<time>/, never deleted; returns that folder, or None if there was nothing."""
+    names = [n for n in sorted(os.listdir(out_dir)) if RUN_FILES.fullmatch(n)] if os.path.isdir(out_dir) else []
+    if not names:
+        return None
+    dest = os.path.join(out_dir, time.strftime("previous-%Y%m%d-%H%M%S"))
+    while os.path.exists(dest):
+        dest += "+"
+    os.mkdir(dest)
+    for n in names:
+        os.rename(os.path.join(out_dir, n), os.path.join(dest, n))
+    _fsync(out_dir)
+    return dest
+
 def _disk_bytes(paths):
     sizes = {}
     for p in paths:
@@ -278,6 +311,84 @@ def save_tiers(out_dir, state, *, iter_num, latest, rolling, epoch, best, keep_l
             except OSError:  # best effort: the save itself succeeded
                 pass
     return names, _disk_bytes(_tier_files(out_dir).values())
+
+class Writer:
+    """Saves tiers (save_tiers' arguments) and prints one line per save. In a background thread,
+    training blocks only for a
+    snapshot of the state: a copy into buffers kept between saves (on a GPU, pinned host memory the
+    copy is queued into; fresh memory each time would cost more in page faults than the copy).
+    At most one save is in flight: the next one first waits for it. A failed write surfaces as
+    CheckpointError at the next save() or wait(); the files it would have replaced are intact.
+    With background=False save() writes in the calling thread, as save_tiers does."""
+
+    def __init__(self, background=True):
+        self.background, self.buffers, self.thread, self.error, self.done = background, {}, None, None, None
+
+    def save(self, out_dir, state, **tiers) -> float:
+        """Start saving state; returns the seconds the caller was blocked."""
+        t0 = time.time()
+        self.wait()
+        if not self.background:
+            self._write(out_dir, state, None, tiers)
+            self.wait()
+            return time.time() - t0
+        state, ready = self._snapshot(state)
+        self.thread = threading.Thread(target=self._write, args=(out_dir, state, ready, tiers), daemon=True)
+        self.thread.start()
+        return time.time() - t0
+
+    def wait(self):
+        """Wait for the save in flight; returns (names, disk bytes, seconds) of the last finished one."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        return self.done
+
+    def _write(self, out_dir, state, ready, tiers):
+        t0 = time.time()
+        try:
+            if ready is not None:
+                ready.synchronize()  # the queued device -> host copies have landed
+            names, disk = save_tiers(out_dir, state, **tiers)
+            self.done = (names, disk, time.time() - t0)
+            where = " in the background" if self.background else ""
+            print(f"saved {', '.join(names)}{where} in {self.done[2]:.2f}s; checkpoints use {disk / 2**20:.1f} MB",
+                  flush=True)
+        except Exception as e:  # reported by the next save() or wait(), in the training thread
+            self.error = e if isinstance(e, CheckpointError) else CheckpointError(f"cannot save: {_oneline(e)}")
+
+    def _snapshot(self, tree):
+        """A copy of tree whose tensors live in this writer's buffers (one per path, reused); tensors
+        that alias each other (tied weights) map to one buffer, so the file is the same as from tree."""
+        seen, cuda = {}, False
+        def walk(x, path):
+            nonlocal cuda
+            if isinstance(x, torch.Tensor):
+                key = (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), x.shape, x.stride(), x.dtype)
+                if key not in seen:
+                    buf = self.buffers.get(path)
+                    if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
+                        buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
+                        self.buffers[path] = buf
+                    buf.copy_(x.detach(), non_blocking=x.is_cuda)
+                    cuda |= x.is_cuda
+                    seen[key] = buf
+                return seen[key]
+            if isinstance(x, dict):
+                return {k: walk(v, f"{path}/{k}") for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                items = [walk(v, f"{path}/{i}") for i, v in enumerate(x)]
+                return tuple(items) if isinstance(x, tuple) else items
+            return copy.deepcopy(x)
+        out = walk(tree, "")
+        ready = None
+        if cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        return out, ready
 
 def files_kept(iters, *, ckpt_interval, rolling_interval, keep_last, save_best, epoch_iters, keep_epochs):
     """How many checkpoint files the tiers can hold at once over the next `iters` iterations
@@ -310,7 +421,8 @@ def check_disk(out_dir, *, file_bytes, files):
     return None
 
 def find_resume(out_dir):
-    """latest -> latest_backup -> step_/epoch_ newest first (never best: it may be older)."""
+    """latest -> latest_backup -> step_/epoch_ newest first -> best (last: it may be older, but a run
+    killed before its first latest has only best)."""
     files = _tier_files(out_dir)
     def newest(name):
         try:
@@ -321,6 +433,7 @@ def find_resume(out_dir):
         return (it if isinstance(it, int) else int(m[2]) if m[2] else -1, os.path.getmtime(files[name]))
     order = [n for n in ("latest", "latest_backup") if n in files]
     order += sorted([n for n in files if n.startswith(("step_", "epoch_"))], key=newest, reverse=True)
+    order += ["best"] if "best" in files else []
     skipped, failed = [], {}
     for name in order:
         path, fname = files[name], name + ".safetensors"
@@ -338,7 +451,7 @@ def find_resume(out_dir):
             failed[ino] = fname
             skipped.append(f"{fname}: {e}, falling back")
     if not skipped:
-        raise CheckpointError(f"no checkpoint in {out_dir} (looked for latest, latest_backup, step_*, epoch_*)")
+        raise CheckpointError(f"no checkpoint in {out_dir} (looked for latest, latest_backup, step_*, epoch_*, best)")
     raise CheckpointError(f"no valid checkpoint in {out_dir}: " + "; ".join(skipped))
 
 def find(init_from, out_dir):
@@ -359,6 +472,14 @@ def find_or_exit(init_from, out_dir, prog, hint=''):
     for reason in skipped:
         print(f"warning: {reason}", file=sys.stderr)
     return path, state
+
+def in_dir(init_from, out_dir) -> bool:
+    """Whether init_from names a checkpoint of out_dir's own run: a tier name, or a path in out_dir."""
+    init_from = os.fspath(init_from)
+    if NAME.fullmatch(init_from.removesuffix(".safetensors")):
+        return True
+    path = os.path.realpath(init_from)
+    return (path if os.path.isdir(path) else os.path.dirname(path)) == os.path.realpath(out_dir)
 
 def resolve(init_from, out_dir) -> str:
     init_from = os.fspath(init_from)

@@ -3,11 +3,13 @@ Train a GPT on a dataset made by prepare.py, on one CPU, one GPU or many GPUs.
 
     python prepare.py && python train.py                 # small model on the stdlib corpus (CPU, ~10 min)
     python train.py config/python_code.py --max_iters=5000
-    python train.py --init_from=resume                   # continue exactly where the last run stopped
     python train.py --init_from=best                     # or latest_backup, step_0001000, epoch_0002, a path
+    python train.py --overwrite=True                     # start over: the old run moves to out/previous-*/
     python train.py --list                               # the checkpoints in out_dir and whether they verify
     torchrun --standalone --nproc_per_node=4 train.py config/slm.py
 
+The same command line starts a run and continues it: run it again after a crash, a Ctrl-C or a
+requeue and it resumes exactly where the newest valid checkpoint in out_dir left off.
 Ctrl-C or SIGTERM finishes the current iteration, saves `latest` and exits 0.
 """
 import json
@@ -36,18 +38,20 @@ from model import GPT, GPTConfig, load_optimizer_state, pad_vocab
 out_dir = 'out'
 data_dir = 'data'
 dataset = 'stdlib'
-init_from = 'scratch'  # 'scratch', 'resume' (newest valid checkpoint), or a checkpoint name / path
+init_from = 'auto'  # 'auto' (resume the run in out_dir if any, else scratch), 'scratch', 'resume', a checkpoint name / path
 reset_state = False  # with init_from: keep only the weights, start a new run (e.g. fine-tune on new data)
-log_interval = 10
-eval_interval = 200
-eval_iters = 20
+overwrite = False  # start a new run in an out_dir that holds one, moving the old run to out_dir/previous-<time>/
+log_interval = 10  # iterations per log line
+eval_interval = 200  # iterations between evals (train and val loss)
+eval_iters = 20  # batches per split in an eval
 # checkpoint tiers (iterations); 0 disables a tier
 ckpt_interval = 200  # `latest` (the previous one becomes `latest_backup`)
 rolling_interval = 600  # `step_NNNNNNN`, the newest keep_last are kept
-keep_last = 10
+keep_last = 10  # step_ files kept; 0 keeps them all
 save_epochs = True  # `epoch_NNNN` at the end of an epoch, at most one per rolling_interval iterations
 keep_epochs = 0  # the newest keep_epochs epoch_ files are kept; 0 keeps them all
 save_best = True  # `best` after an eval that improves the val loss
+async_save = True  # write checkpoints in a background thread; training blocks only for a copy of the state
 # model
 n_layer = 4
 n_head = 4
@@ -74,9 +78,9 @@ device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto', 'float32', 'bfloat16', 'float16'
 compile = None  # None: on for CUDA, off on the CPU (where bench/bench_train.py measured it slower)
 peak_flops = None  # FLOP/s of one device for MFU; None: the GPU's datasheet peak, or measured on CPU
-gradient_checkpointing = False
-seed = 1337
-wandb_log = False
+gradient_checkpointing = False  # recompute each block in the backward pass: less memory, ~30% more compute
+seed = 1337  # weights init and data order
+wandb_log = False  # log to Weights & Biases (pip install wandb)
 wandb_project = 'sturdygpt'
 wandb_run_name = None
 # evaluation during training: at iteration 0 (the baseline) and every eval_interval, as evaluate.py measures
@@ -96,17 +100,44 @@ config, explicit = configure(defaults, sys.argv[1:], prog='train.py', source=__f
 globals().update(config)
 
 # -----------------------------------------------------------------------------
-# checkpoint to start from (its config is the base; the keys set on this command line win)
+# what to start from. The same command line starts a run and, after a crash, a Ctrl-C or a requeue,
+# continues it: a run in out_dir (its checkpoints) is resumed, never silently started over
+if init_from == 'auto':
+    init_from = 'resume' if checkpoint.has_run(out_dir) and not overwrite else 'scratch'
+continuing = init_from == 'resume' or (init_from != 'scratch' and not reset_state and checkpoint.in_dir(init_from, out_dir))
+origin = None if init_from == 'scratch' else f"{init_from} reset_state={reset_state}"  # how a new run began
+if continuing and overwrite:
+    raise SystemExit(f"train.py: error: --overwrite=True starts a new run and --init_from={init_from} continues "
+                     f"the one in {out_dir}: choose one")
 ckpt, ckpt_path = None, None
-if init_from != 'scratch':
+if continuing:
     ckpt_path, ckpt = checkpoint.find_or_exit(init_from, out_dir, 'train.py')
+elif checkpoint.has_run(out_dir) and not overwrite:
+    held_path, held = checkpoint.find_or_exit('resume', out_dir, 'train.py')
+    if init_from == 'scratch' or held.get('origin') != origin:
+        raise SystemExit(f"train.py: error: {out_dir} holds a run ({os.path.basename(held_path)} at iter "
+                         f"{held['iter_num']}); continue it by leaving out --init_from, start over with "
+                         f"--overwrite=True (moves it to {out_dir}/previous-*/), or use another --out_dir")
+    print(f"{out_dir} holds the run this command started from {init_from}: continuing it")
+    ckpt_path, ckpt, continuing = held_path, held, True  # a requeued fine-tune
+if not continuing and init_from != 'scratch':
+    ckpt_path, ckpt = checkpoint.find_or_exit(init_from, out_dir, 'train.py')
+if not continuing and int(os.environ.get('RANK', 0)) == 0:  # a new run: nothing of an older one is mixed in
+    moved = checkpoint.move_aside(out_dir)
+    if moved:
+        print(f"moved what was in {out_dir} to {moved}")
+if ckpt is not None:
     for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias'):
         if k in explicit and config[k] != ckpt['model_args'][k]:
             raise SystemExit(f"train.py: error: {ckpt_path} has {k}={ckpt['model_args'][k]} but "
                              f"--{k}={config[k]} was given (a checkpoint's shape cannot change)")
-    if not reset_state:
-        config = {**config, **{k: v for k, v in ckpt['config'].items() if k in defaults and k not in explicit}}
-        globals().update(config)
+    if continuing:
+        origin, config['reset_state'] = ckpt.get('origin'), False
+    if not config['reset_state']:  # how this command starts (init_from, ...) is not the run's to set
+        config.update({k: v for k, v in ckpt['config'].items()
+                       if k in defaults and k not in explicit | {'init_from', 'reset_state', 'overwrite'}})
+config['init_from'] = init_from  # as decided, for the checkpoints' record
+globals().update(config)
 
 # -----------------------------------------------------------------------------
 # device, DDP and dtype: decided once, then objects that do nothing when unused
@@ -184,6 +215,31 @@ def get_batch(data, windows):
     return xy[:, :-1], xy[:, 1:]
 
 
+def trim_log(path, last_iter):
+    """Drop the records after last_iter (work a kill -9 lost, about to be redone) from the live log,
+    so it holds each iteration once; they are appended to log.jsonl.dropped, then the log is
+    replaced atomically."""
+    if not os.path.exists(path):
+        return
+    keep, drop = [], []
+    with open(path) as f:
+        for line in f:
+            try:
+                (keep if json.loads(line).get('step', 0) <= last_iter else drop).append(line)
+            except ValueError:  # a line cut short by the kill
+                drop.append(line)
+    if not drop:
+        return
+    with open(path + '.dropped', 'a') as f:
+        f.writelines(drop)
+        os.fsync(f.fileno())
+    with open(path + '.tmp', 'w') as f:
+        f.writelines(keep)
+        os.fsync(f.fileno())
+    os.replace(path + '.tmp', path)
+    print(f"log.jsonl: {len(drop)} records after iter {last_iter} moved to log.jsonl.dropped")
+
+
 # -----------------------------------------------------------------------------
 # model and optimizer: from scratch, or the checkpoint's weights (and, unless reset_state, its state)
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
@@ -217,9 +273,15 @@ if ckpt is not None and not reset_state:
     iter_num, pos, last_epoch_ckpt = ckpt['iter_num'], tuple(ckpt['data_pos']), ckpt.get('last_epoch_ckpt')
     best_val_loss, wandb_id = ckpt['best_val_loss'], ckpt.get('wandb_id')
     last_eval = {'train': ckpt['train_loss'], 'val': ckpt['val_loss']}
-    if rank == 0:
-        checkpoint.set_rng_state(ckpt['rng'])  # other ranks keep seed + rank: their draws differ anyway
-    print(f"resumed from {ckpt_path} at iter {iter_num}, epoch {pos[0]}, window {pos[1]}/{n_windows}")
+    # every rank's RNG (dropout) continues where it was; on another number of processes the ranks
+    # beyond the saved ones keep seed + rank, so dropout masks (only they) differ from the old run
+    rngs = ckpt.get('rng_ranks') or [ckpt['rng']]
+    if rank < len(rngs):
+        checkpoint.set_rng_state(rngs[rank])
+    if master_process:
+        print(f"resumed from {ckpt_path} at iter {iter_num}, epoch {pos[0]}, window {pos[1]}/{n_windows}")
+        if continuing:
+            trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
 ckpt = None  # free the loaded tensors
 if compile is None:
     compile = device_type == 'cuda'
@@ -267,25 +329,27 @@ def estimate_loss():
 
 
 def save(latest=False, rolling=False, epoch=None, best=False):
-    """Write the requested tiers; returns the seconds it took (left out of the iteration timing)."""
+    """Every rank: gather the RNG states; rank 0: hand the state to the writer (which prints when the
+    file is written). Returns the seconds training was blocked (left out of the iteration timing)."""
+    rngs = [checkpoint.rng_state()]
+    if ddp:  # each rank's dropout stream, so a resumed run continues every one of them
+        rngs = [None] * world_size if master_process else None
+        dist.gather_object(checkpoint.rng_state(), rngs, dst=0)
+    if not master_process:
+        return 0.0
     state = {
         'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
         'iter_num': iter_num, 'epoch': pos[0], 'data_pos': list(pos), 'best_val_loss': best_val_loss,
-        'last_epoch_ckpt': last_epoch_ckpt,
-        'val_loss': last_eval.get('val'), 'train_loss': last_eval.get('train'),
-        'rng': checkpoint.rng_state(), 'config': config, 'model_args': model_args,
+        'last_epoch_ckpt': last_epoch_ckpt, 'val_loss': last_eval.get('val'), 'train_loss': last_eval.get('train'),
+        'rng': rngs[0], 'rng_ranks': rngs, 'config': config, 'model_args': model_args, 'origin': origin,
         'data': {'dataset': dataset, 'fingerprint': ds.fingerprint(meta)},
         'tokenizer': tokenizer, 'wandb_id': wandb_id, 'time': time.time(),
     }
-    t0 = time.time()
     try:
-        names, disk = checkpoint.save_tiers(out_dir, state, iter_num=iter_num, latest=latest, rolling=rolling,
-                                            epoch=epoch, best=best, keep_last=keep_last, keep_epochs=keep_epochs,
-                                            protect=protect)
+        return writer.save(out_dir, state, iter_num=iter_num, latest=latest, rolling=rolling, epoch=epoch, best=best,
+                           keep_last=keep_last, keep_epochs=keep_epochs, protect=protect)
     except checkpoint.CheckpointError as e:
         raise SystemExit(f"train.py: error: {e} (earlier checkpoints are intact)")
-    print(f"saved {', '.join(names)} in {time.time() - t0:.2f}s; checkpoints use {disk / 2**20:.1f} MB")
-    return time.time() - t0
 
 
 WANDB_KEYS = {'loss': 'train/loss', 'lr': 'train/lr', 'mfu': 'train/mfu', 'step': 'train/iter',
@@ -297,7 +361,7 @@ WANDB_KEYS.update({k: f'eval/{k}' for k in metrics.TRAINING_KEYS})  # eval_mcq, 
 def log(entry):
     with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
         f.write(json.dumps(entry) + '\n')
-    if wandb_log:
+    if wandb_log and entry['step'] >= wandb_from:
         wandb.log({WANDB_KEYS[k]: v for k, v in entry.items() if k in WANDB_KEYS and v is not None},
                   step=entry['step'])  # mfu in percent, as nanoGPT's panels show it
     if tb_writer:
@@ -318,10 +382,14 @@ def on_signal(signum, frame):
 signal.signal(signal.SIGTERM, on_signal)
 signal.signal(signal.SIGINT, on_signal)
 protect = (ckpt_path,) if ckpt_path else ()
+writer = checkpoint.Writer(background=async_save)
 if wandb_log and master_process:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config, id=wandb_id, resume='allow')
     wandb_id = wandb.run.id  # kept in checkpoints: a resumed run logs into the same wandb run
+    # after a kill -9 the iterations since the checkpoint run again; wandb already has them (the
+    # same numbers on a deterministic run) and refuses steps below its own, so they are not re-sent
+    wandb_from = wandb.run.step
 tb_writer = None
 if tensorboard_log and master_process:
     try:
@@ -383,7 +451,10 @@ def run_eval():
     return losses
 
 
-last_log_iter, t_start = iter_num, time.time()
+last_log_iter, t_start, start_iter = iter_num, time.time(), iter_num
+if master_process and iter_num >= max_iters:
+    print(f"the run in {out_dir} is complete (iter {iter_num}, max_iters={max_iters}); "
+          f"to train it further, raise --max_iters")
 if iter_num == 0:
     last_eval = run_eval()  # the untrained model's loss, as a baseline
 loss_sum = torch.zeros((), device=device)
@@ -456,19 +527,24 @@ while iter_num < max_iters:
     epoch = None
     if epoch_done and save_epochs and (last_epoch_ckpt is None or iter_num - last_epoch_ckpt >= rolling_interval):
         epoch, last_epoch_ckpt = pos[0], iter_num
-    if master_process and (latest or rolling or best or epoch is not None):
+    if latest or rolling or best or epoch is not None:
         t0 += save(latest=latest, rolling=rolling, epoch=epoch, best=best)  # written once, linked per tier
     if stop:
         if master_process:
             name = signal.Signals(stop_signal).name if stop_signal else 'a signal on another rank'
-            argv = [a for a in sys.argv[1:] if not a.startswith('--init_from=')] + ['--init_from=resume']
+            argv = [a for a in sys.argv[1:] if not a.startswith(('--overwrite', '--init_from=scratch'))]
             launcher = f'torchrun --nproc_per_node={world_size}' if ddp else 'python'
-            print(f"stopped by {name} at iter {iter_num}, saved in {os.path.join(out_dir, 'latest.safetensors')}; "
-                  f"resume with: {launcher} train.py {' '.join(argv)}")
+            print(f"stopped by {name} at iter {iter_num}, saving {os.path.join(out_dir, 'latest.safetensors')}; "
+                  f"resume with the same command: {launcher} train.py {' '.join(argv)}", flush=True)
         break
+if master_process:
+    try:
+        writer.wait()  # the last save (the final one, or a signal's) is on disk before the process ends
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f"train.py: error: {e} (earlier checkpoints are intact)")
 
 # -----------------------------------------------------------------------------
-if master_process and iter_num >= max_iters and last_eval.get('val') is not None:
+if master_process and max_iters <= iter_num > start_iter and last_eval.get('val') is not None:
     summary = {'iters': iter_num, 'epochs': pos[0] + pos[1] / n_windows,
                'final_val_loss': last_eval.get('val'), 'final_val_ppl': math.exp(last_eval['val']),
                'best_val_loss': best_val_loss, 'best_val_ppl': math.exp(best_val_loss),

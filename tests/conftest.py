@@ -44,3 +44,29 @@ def tiny_data(tmp_path_factory):
     run('prepare.py', f'--input={root / "corpus"}', '--dataset=tiny', f'--data_dir={root / "data"}',
         '--tokenizer=byte', '--val_fraction=0.2')
     return str(root / 'data')
+
+
+N = 30  # iterations of the resume runs
+# eval every iteration with many batches: slow enough to signal mid-run, and evals change no state
+RESUME = TINY + [f'--max_iters={N}', '--eval_interval=1', '--eval_iters=30', '--ckpt_interval=3',
+                 '--rolling_interval=4', '--keep_last=3', '--dataset=tiny', '--batch_size=8']
+
+
+def args(data, out, *extra):
+    return [*RESUME, f'--data_dir={data}', f'--out_dir={out}', *extra]
+
+
+def losses(out):
+    """iter -> training loss; a re-run iteration (after kill -9) must log the same loss again."""
+    seen = {}
+    for e in read_log(out):
+        if 'loss' in e:
+            assert seen.setdefault(e['step'], e['loss']) == e['loss'], f"iter {e['step']} changed its loss"
+    return seen
+
+
+@pytest.fixture(scope='session')
+def reference(tiny_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('ref'))
+    run('train.py', *args(tiny_data, out))
+    return out

@@ -56,7 +56,7 @@ def test_sigterm_saves_once_then_resume_on_one_process(tiny_data, single, tmp_pa
     t0 = time.time()
     stdout, stderr = p.communicate(timeout=120)
     assert time.time() - t0 < 60, "the group did not exit promptly"
-    assert stdout.count('stopped by') == 1 and '--init_from=resume' in stdout
+    assert stdout.count('stopped by') == 1 and 'resume with the same command' in stdout
     stopped = max(losses(out))
     assert stopped < 16
     # the data position is global, so one process continues where two stopped
@@ -64,3 +64,19 @@ def test_sigterm_saves_once_then_resume_on_one_process(tiny_data, single, tmp_pa
     one, resumed = losses(single), losses(out)
     assert resumed.keys() == one.keys()
     assert all(abs(one[k] - resumed[k]) < 1e-4 for k in one)
+
+
+def test_resume_with_dropout_on_two_processes_is_exact(tiny_data, tmp_path):
+    """Every rank's RNG is saved, so dropout continues on each rank as if never stopped."""
+    straight, stopped = str(tmp_path / 'straight'), str(tmp_path / 'stopped')
+    p = torchrun(tiny_data, straight, '--dropout=0.2')
+    assert p.wait(timeout=300) == 0
+    p = torchrun(tiny_data, stopped, '--dropout=0.2')
+    wait_for_iter(stopped, 5, p)
+    os.killpg(p.pid, signal.SIGTERM)
+    p.communicate(timeout=120)
+    assert max(losses(stopped)) < 16
+    p = torchrun(tiny_data, stopped, '--dropout=0.2')  # the same command resumes
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0 and 'resumed from' in stdout, stderr
+    assert losses(stopped) == losses(straight)

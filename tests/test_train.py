@@ -10,36 +10,10 @@ import pytest
 import torch
 
 import checkpoint
-from conftest import ROOT, TINY, read_log, run
-
-N = 30  # iterations of the resume runs
-# eval every iteration with many batches: slow enough to signal mid-run, and evals change no state
-RESUME = TINY + [f'--max_iters={N}', '--eval_interval=1', '--eval_iters=30', '--ckpt_interval=3',
-                 '--rolling_interval=4', '--keep_last=3', '--dataset=tiny', '--batch_size=8']
-
-
-def args(data, out, *extra):
-    return [*RESUME, f'--data_dir={data}', f'--out_dir={out}', *extra]
-
-
-def losses(out):
-    """iter -> training loss; a re-run iteration (after kill -9) must log the same loss again."""
-    seen = {}
-    for e in read_log(out):
-        if 'loss' in e:
-            assert seen.setdefault(e['step'], e['loss']) == e['loss'], f"iter {e['step']} changed its loss"
-    return seen
-
+from conftest import N, ROOT, args, losses, read_log, run
 
 def weights(out):
     return checkpoint.load(os.path.join(out, 'latest.safetensors'))['model']
-
-
-@pytest.fixture(scope='module')
-def reference(tiny_data, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp('ref'))
-    run('train.py', *args(tiny_data, out))
-    return out
 
 
 def start(data, out, *extra):
@@ -88,10 +62,11 @@ def test_signal_then_resume_is_exact(tiny_data, reference, tmp_path, sig):
     p.send_signal(sig)
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == 0, stderr
-    assert f'stopped by {sig.name}' in stdout and '--init_from=resume' in stdout
+    assert f'stopped by {sig.name}' in stdout and 'resume with the same command' in stdout
     stopped = max(losses(out))
     assert stopped < N, "the run finished before the signal arrived"
-    run('train.py', *args(tiny_data, out, '--init_from=resume'))
+    r = run('train.py', *args(tiny_data, out))  # the same command line resumes
+    assert f'resumed from {out}' in r.stdout
     assert losses(out) == losses(reference)
     ref, got = weights(reference), weights(out)
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
@@ -100,19 +75,16 @@ def test_signal_then_resume_is_exact(tiny_data, reference, tmp_path, sig):
 def test_kill9_at_random_moments_then_resume_is_exact(tiny_data, reference, tmp_path):
     out = str(tmp_path)
     rng = random.Random(0)
-    # save every iteration so that some kills land in the middle of a save
+    # save every iteration so that some kills land in the middle of a save; the same command each time
     extra = ['--ckpt_interval=1']
-    first = True
     for _ in range(5):
-        p = start(tiny_data, out, *extra, *([] if first else ['--init_from=resume']))
+        p = start(tiny_data, out, *extra)
         time.sleep(rng.uniform(2.5, 4.0))  # python + torch start-up takes ~2 s
         p.kill()
         p.communicate()
         if p.returncode == 0:
             break
-        first = not os.path.exists(os.path.join(out, 'latest.safetensors')) and not os.path.exists(
-            os.path.join(out, 'latest_backup.safetensors'))
-    run('train.py', *args(tiny_data, out, *extra, *([] if first else ['--init_from=resume'])))
+    run('train.py', *args(tiny_data, out, *extra))
     assert losses(out) == losses(reference)
     ref, got = weights(reference), weights(out)
     assert all(torch.equal(ref[k], got[k]) for k in ref)

@@ -1,0 +1,159 @@
+"""
+Kill training with SIGKILL at random moments, many times, restarting each time with the same
+command line, and check that nothing is ever lost:
+
+    python bench/torture.py                    # 100 kills, then 30 kills each followed by a damaged latest
+    python bench/torture.py --kills=20 --corrupt=5 --sync
+
+A tiny model on a generated corpus; saves are slowed down on purpose (a sleep before each fsync,
+patched in by the launcher, not in train.py), so that many kills land in the middle of a save.
+Checks: every restart after the first completed save resumed from a valid checkpoint; the final
+weights and optimizer state equal an uninterrupted run's bit for bit; iterations lost per kill
+(reached before the kill minus resumed from) stay within ckpt_interval plus what ran while a
+background save was being written; the live log holds each iteration once.
+"""
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import checkpoint  # noqa: E402
+
+# train.py with every fsync slowed down (each save fsyncs its file and the directory)
+SLOW = """
+import runpy, sys, time
+import checkpoint
+fsync, delay = checkpoint._fsync, float(sys.argv[1])
+checkpoint._fsync = lambda path: (time.sleep(delay), fsync(path))[1]
+sys.argv = [sys.argv[2]] + sys.argv[3:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+ap = argparse.ArgumentParser()
+ap.add_argument('--kills', type=int, default=100)
+ap.add_argument('--corrupt', type=int, default=30, help='kills each followed by truncating or flipping a bit of latest')
+ap.add_argument('--sync', action='store_true', help='async_save=False (then at most ckpt_interval is lost)')
+ap.add_argument('--slow', type=float, default=0.15, help='seconds of sleep before each fsync of a save')
+ap.add_argument('--seed', type=int, default=0)
+args = ap.parse_args()
+rng = random.Random(args.seed)
+work = tempfile.mkdtemp(prefix='torture_')
+ITERS, CKPT = 400, 10
+corpus = os.path.join(work, 'corpus')
+os.makedirs(corpus)
+for i in range(60):
+    with open(os.path.join(corpus, f'm{i}.py'), 'w') as f:
+        f.write(''.join(f"def f{i}_{j}(x):\n    return x * {i} + {j}\n\n" for j in range(8)))
+subprocess.run([sys.executable, os.path.join(ROOT, 'prepare.py'), f'--input={corpus}', '--dataset=t',
+                f'--data_dir={work}/data', '--tokenizer=byte', '--min_split_tokens=65'], check=True,
+               stdout=subprocess.DEVNULL)
+COMMON = ['--dataset=t', f'--data_dir={work}/data', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32',
+          '--batch_size=8', f'--max_iters={ITERS}', '--eval_interval=100', '--eval_iters=2', '--log_interval=1',
+          f'--ckpt_interval={CKPT}', '--rolling_interval=50', '--keep_last=3', '--dropout=0.1',
+          f'--async_save={not args.sync}', '--compile=False']
+ENV = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT}
+
+
+def start(out, slow):
+    return subprocess.Popen([sys.executable, '-c', SLOW, str(slow), os.path.join(ROOT, 'train.py'), *COMMON,
+                             f'--out_dir={out}'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+
+
+def reached(out):
+    try:
+        with open(os.path.join(out, 'log.jsonl')) as f:
+            return max([json.loads(line)['step'] for line in f if line.endswith('\n')] or [0])
+    except FileNotFoundError:
+        return 0
+
+
+def final_state(out):
+    s = checkpoint.load(os.path.join(out, 'latest.safetensors'))
+    return s['iter_num'], {**{f'm/{k}': v for k, v in s['model'].items()},
+                           **{f'o/{i}/{k}': v for i, st in s['optimizer']['state'].items() for k, v in st.items()}}
+
+
+def damage(path):
+    size = os.path.getsize(path)
+    if rng.random() < 0.5:
+        with open(path, 'r+b') as f:
+            f.truncate(rng.randrange(size))
+        return 'truncated'
+    with open(path, 'r+b') as f:
+        at = rng.randrange(size)
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ (1 << rng.randrange(8))]))
+    return 'bit flipped'
+
+
+def torture(name, kills, corrupt):
+    """Each process is the restart after the previous kill: its output (read after it is killed in
+    turn) says where it resumed, hence how much the previous kill cost."""
+    out = os.path.join(work, name)
+    t0 = time.time()
+    lost, mid_save, fresh, resumed, pending = [], 0, 0, 0, None
+    for k in range(kills + 1):
+        had_run = checkpoint.has_run(out)
+        p = start(out, args.slow if k < kills else 0.0)
+        if k < kills:
+            if rng.random() < 0.1:  # during start-up: loading, verifying, trimming the log
+                time.sleep(rng.uniform(0.0, 2.0))
+            else:  # at a random iteration ahead, and a random moment of it (saves are slow: often mid-save)
+                target = reached(out) + rng.randint(1, 4 * CKPT)
+                while reached(out) < target and p.poll() is None:
+                    time.sleep(0.01)
+                time.sleep(rng.uniform(0.0, 0.3))
+            mid_save += any(n.startswith('.ckpt-tmp-') for n in os.listdir(out)) if os.path.isdir(out) else 0
+            p.send_signal(signal.SIGKILL)
+        output = p.communicate()[0]
+        if k == kills and p.returncode != 0:
+            raise SystemExit(f"torture: the final run failed:\n{output[-2000:]}")
+        m = re.search(r'resumed from \S+ at iter (\d+)', output)
+        if m:
+            resumed += 1
+            if pending is not None:
+                lost.append(pending - int(m[1]))
+            pending = None
+        elif 'eval 0:' in output:
+            fresh += 1
+            assert not had_run or corrupt, f"process {k} started fresh although {out} held checkpoints"
+        if k < kills:
+            pending = max(pending or 0, reached(out))
+            if corrupt and os.path.exists(os.path.join(out, 'latest.safetensors')):
+                damage(os.path.join(out, 'latest.safetensors'))
+    steps = [json.loads(line)['step'] for line in open(os.path.join(out, 'log.jsonl')) if '"loss"' in line]
+    return out, lost, mid_save, fresh, resumed, steps, time.time() - t0
+
+
+reference = os.path.join(work, 'reference')
+subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *COMMON, f'--out_dir={reference}'], check=True,
+               stdout=subprocess.DEVNULL, env=ENV)
+it_ref, ref = final_state(reference)
+mode = 'sync' if args.sync else 'background'
+for name, kills, corrupt in (('kills', args.kills, False), ('corrupt', args.corrupt, True)):
+    if not kills:
+        continue
+    out, lost, mid_save, fresh, resumed, steps, wall = torture(name, kills, corrupt)
+    it, got = final_state(out)
+    exact = it == it_ref and got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    once = steps == list(range(1, ITERS + 1))
+    print(f"{name}: {kills} SIGKILLs ({mode} saves, {args.slow}s per fsync), {mid_save} during a save; "
+          f"{resumed} restarts resumed from a checkpoint, {fresh} started fresh before any save existed"
+          f"{' (or with every file damaged)' if corrupt else ''}; iterations lost per kill: "
+          f"max {max(lost) if lost else 0}, mean {sum(lost) / max(1, len(lost)):.1f} (ckpt_interval {CKPT}); "
+          f"final weights and AdamW state bit-identical to an uninterrupted run: {exact}; "
+          f"log holds each iteration once: {once}; {wall:.0f} s", flush=True)
+shutil.rmtree(work, ignore_errors=True)
