@@ -29,11 +29,11 @@ from configurator import check_ranges, configure, script_keys
 from model import from_state
 
 # -----------------------------------------------------------------------------
-out_dir = 'out'
+out_dir = 'out'  # where the checkpoints (and log.jsonl, for --plot) are
 ckpt = 'resume'  # 'resume' (newest valid), 'best', 'latest', 'step_0001000', a path; several: 'best,latest'
 # perplexity and bits per byte
 split = 'val'  # the split of the checkpoint's dataset to score ('val' or 'train'); '' skips perplexity
-data_dir = 'data'
+data_dir = 'data'  # where prepared datasets are
 dataset = None  # score this dataset's split instead of the checkpoint's own (re-encoded if tokenizers differ)
 text = None  # score a UTF-8 text file, or the files in a folder, instead of a split (each file a document)
 text_glob = '*'  # file name pattern inside a text folder
@@ -41,24 +41,24 @@ stride = None  # None: non-overlapping windows of block_size; S: windows S apart
 max_tokens = None  # score only the split's first max_tokens tokens (as stored)
 batch_size = 16  # windows, or multiple-choice rows, per forward
 # generation: repetition, distinct-n, Python validity
-generate = True
+generate = True  # sample the prompts and measure the samples
 prompts = None  # a file, one prompt per line (a line in double quotes is a JSON string); None: 3 code prompts
 num_samples = 5  # samples per prompt, drawn with seed + the prompt's index
-max_new_tokens = 200
-temperature = 0.8
-top_k = None
-top_p = 0.95
+max_new_tokens = 200  # a sample ends here or at its first end-of-text token
+temperature = 0.8  # as sample.py: 0 is greedy
+top_k = None  # keep only the k most likely tokens
+top_p = 0.95  # nucleus sampling
 code = True  # also the share of samples that parse as Python and that use Python keywords
 # multiple choice
 mcq = None  # a JSONL exam: {"question", "choices": [...], "answer"} or {"question", "A", ..., "E", "answer"}
 fewshot = 0  # put this many solved examples (the first of fewshot_file) before each question
-fewshot_file = None
+fewshot_file = None  # a JSONL exam (either format) holding the solved examples
 # output
 json = None  # also write every number, the samples and the settings to this JSON file
 plot = None  # draw the curves of out_dir/log.jsonl into this PNG and stop (evaluates nothing)
-seed = 1337
-device = 'auto'
-dtype = 'auto'
+seed = 1337  # the samples' seed: the same seed gives the same samples and numbers
+device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto' (bfloat16 / float16 on GPUs, float32 on CPUs), 'float32', 'bfloat16', 'float16'
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}

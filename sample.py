@@ -108,8 +108,9 @@ try:
             key, _, value = line[1:].strip().partition(' ')
             try:
                 if key:
-                    new, _ = configure({k: defaults[k] for k in SETTINGS}, [f'--{key}={value.strip()}'], 'sample.py')
-                    check_ranges(new, {k: RANGES[k] for k in RANGES if k == key}, 'sample.py')
+                    new, _ = configure({k: defaults[k] for k in SETTINGS}, [f'--{key}={value.strip()}'],
+                                       prog='sample.py')
+                    check_ranges(new, RANGES, 'sample.py')  # the other keys are at their (valid) defaults
                     if isinstance(new[key], str):  # top_k's default is None, which takes any value
                         raise SystemExit(f"sample.py: error: {key} must be a number, got {value.strip()!r}")
                     globals()[key] = new[key]
