@@ -337,19 +337,16 @@ def read_log(path) -> list:
 def plot_log(log_path, png_path) -> None:
     """Train and val loss, learning rate and tokens/s against iterations from train.py's log.jsonl
     (and eval_mcq / eval_generate's numbers when it has them) into a PNG. A resumed run appends to
-    the log: an iteration logged twice (re-run after a kill) shows its later entry, and a dotted line
-    marks each point where a process resumed (its first, warm-up, interval)."""
+    the same log; an iteration logged twice (re-run after a kill) shows its later entry."""
     try:
         import matplotlib
         matplotlib.use('Agg')  # files only, no display needed
         import matplotlib.pyplot as plt
     except ImportError:
         raise EvalError("--plot needs matplotlib: pip install matplotlib") from None
-    train, evals, resumes = {}, {}, []
+    train, evals = {}, {}
     for e in read_log(log_path):
         if 'loss' in e:
-            if e.get('tokens_per_sec') is None and train:
-                resumes.append(e['step'])
             train[e['step']] = e
         elif 'val_loss' in e:
             evals[e['step']] = e
@@ -375,13 +372,10 @@ def plot_log(log_path, png_path) -> None:
     if extra:
         axes[3].set_ylabel('share (0 to 1)')
     for ax in axes:
-        for step in resumes:
-            ax.axvline(step, color='gray', linestyle=':', linewidth=1)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize=9)  # beside the curves, not on them
-    resumed = f" (resumed at {', '.join(map(str, resumes))}: dotted lines)" if resumes else ""
-    axes[0].set_title(f"training curves of {log_path}{resumed}")
+    axes[0].set_title(f"training curves of {log_path}")
     axes[-1].set_xlabel('iteration')
     fig.tight_layout()
     fig.savefig(png_path, dpi=100, bbox_inches='tight')

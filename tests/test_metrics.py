@@ -207,8 +207,8 @@ def test_prompts_file(tmp_path):
 def test_plot_is_a_png(tmp_path):
     pytest.importorskip('matplotlib')
     log = [{'step': 0, 'train_loss': 5.6, 'val_loss': 5.6, 'mcq_acc': 0.25}]
-    log += [{'step': s, 'loss': 5 - s / 100, 'lr': 1e-3, 'tokens_per_sec': None if s in (10, 40) else 900.0}
-            for s in range(10, 80, 10)]  # a process resumed at 40
+    log += [{'step': s, 'loss': 5 - s / 100, 'lr': 1e-3, 'tokens_per_sec': None if s == 10 else 900.0}
+            for s in (*range(10, 60, 10), 40, 50, 60, 70)]  # killed after 50, resumed from 30: 40, 50 again
     log += [{'step': 70, 'train_loss': 4.4, 'val_loss': 4.5, 'mcq_acc': 0.5}]
     (tmp_path / 'log.jsonl').write_text(''.join(json.dumps(e) + '\n' for e in log))
     metrics.plot_log(tmp_path / 'log.jsonl', tmp_path / 'curves.png')
