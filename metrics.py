@@ -220,7 +220,9 @@ def _mcq_item(obj, where):
         if not isinstance(choices, list):
             raise EvalError(f'{where}: "choices" must be a list')
     else:  # KorMedMCQA: "A", "B", ... answer 1-based or a letter
-        n = next(i for i, c in enumerate(letters + '-') if c not in obj)
+        n = 0
+        while n < len(letters) and letters[n] in obj:
+            n += 1
         choices, base = [obj[c] for c in letters[:n]], 1
     if len(choices) < 2:
         raise EvalError(f'{where}: {len(choices)} choice(s), at least 2 are needed '
@@ -294,7 +296,7 @@ def score_mcq(model, tokenizer, items, shots=(), batch_size=32, device='cpu') ->
         for r, i in enumerate(group):
             seq, n = rows[i]
             x[r, :len(seq) - 1] = torch.tensor(seq[:-1])
-            y[r, len(seq) - 1 - n:len(seq) - 1] = torch.tensor(seq[-n:])
+            y[r, len(seq) - 1 - n:len(seq) - 1] = torch.tensor(seq[len(seq) - n:])
         ll[group] = -_nll(model, x.to(device), y.to(device)).double().sum(1).cpu().numpy()
     acc, acc_norm, per_item, start = [], [], [], 0
     for item in items:
