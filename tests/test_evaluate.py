@@ -1,5 +1,6 @@
 """evaluate.py, train.py's in-training evaluation and sample.py's new modes, end to end."""
 import glob
+import importlib.util
 import json
 import os
 import random
@@ -42,7 +43,7 @@ def facts(tmp_path_factory):
     p = run('train.py', *MODEL, '--dataset=facts', f'--data_dir={data}', f'--out_dir={out}', '--batch_size=16',
             '--max_iters=100', '--eval_interval=50', '--rolling_interval=50', '--eval_iters=2', '--warmup_iters=10',
             '--learning_rate=3e-3', '--log_interval=10', f'--eval_mcq={root / "exam.jsonl"}', '--eval_generate',
-            '--tensorboard_log')
+            *(['--tensorboard_log'] if importlib.util.find_spec('tensorboard') else []))  # optional dependency
     return dict(root=root, data=data, out=out, train_stdout=p.stdout)
 
 
