@@ -35,6 +35,7 @@ FORMAT = "sturdygpt-checkpoint-2"  # -1: the same, with its metadata under four 
 READS = (FORMAT, "sturdygpt-checkpoint-1")
 INFO_KEYS = ("iter_num", "epoch", "val_loss", "best_val_loss", "time")  # what read_info() returns
 NAME = re.compile(r"(latest|latest_backup|best)|step_(\d+)|epoch_(\d+)")
+IMPORT = re.compile(r"gpt2(-medium|-large|-xl)?|(hf|nanogpt):.*", re.DOTALL)  # other formats' weights: interop.py
 TMP = re.compile(r"\.ckpt-tmp-(\d+)")  # a saving process's scratch dir
 TENSOR, TUPLE, DICT = "__tensor__", "__tuple__", "__dict__"  # tags in the JSON tree
 
@@ -203,13 +204,13 @@ def _read_header(path):
         raise
     except OSError as e:
         raise CheckpointError(_oneline(e)) from None
-    except ValueError:  # bad JSON or UTF-8
+    except (ValueError, RecursionError):  # bad JSON or UTF-8, or JSON nested beyond Python's stack
         raise CheckpointError("not a safetensors file (unreadable header)") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if isinstance(meta, dict) and "sturdygpt" in meta:
         try:
             meta = json.loads(meta["sturdygpt"])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             raise CheckpointError("corrupt checkpoint (unreadable sturdygpt metadata)") from None
     if not isinstance(meta, dict) or "format" not in meta:
         raise CheckpointError("not a sturdygpt checkpoint (safetensors file without sturdygpt metadata)")
@@ -247,9 +248,57 @@ def load(path) -> dict:
 def read_info(path) -> dict:
     """iter_num, epoch, val_loss, best_val_loss, time as saved: header only, not verified."""
     try:
-        return json.loads(_read_header(path).get("info", "{}"))
-    except (CheckpointError, ValueError) as e:
+        info = json.loads(_read_header(path).get("info", "{}"))
+    except (CheckpointError, ValueError, RecursionError, AttributeError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from None
+    return info if isinstance(info, dict) else {}
+
+# the model shapes a checkpoint may claim (a crafted one could ask for a billion layers)
+ARG_RANGES = dict(n_layer=1024, n_head=1024, n_embd=1 << 16, block_size=1 << 20, vocab_size=1 << 24)
+
+def _usable(state, defaults=None):
+    """CheckpointError unless state holds what the scripts read: model_args that build a GPT,
+    weights of exactly that GPT's shapes, a tokenizer, and for a training checkpoint (one with an
+    optimizer) the run's position and a config whose values have the types of `defaults`."""
+    def bad(why):
+        return CheckpointError(f"unusable checkpoint ({why})")
+    if not isinstance(state, dict):
+        raise bad(f"its state is a {type(state).__name__}, not a dict")
+    for key in ("model_args", "model", "tokenizer"):
+        if not isinstance(state.get(key), dict):
+            raise bad(f"no {key}")
+    args = state["model_args"]
+    for key, top in ARG_RANGES.items():
+        if not (isinstance(args.get(key), int) and 1 <= args[key] <= top):
+            raise bad(f"model_args {key}={args.get(key)!r}")
+    from model import GPTConfig, state_shapes  # here: checkpoint.py itself never needs the model
+    try:
+        expected = state_shapes(GPTConfig(**args))
+    except Exception as e:
+        raise bad(f"its model_args build no model: {type(e).__name__}: {_oneline(e)}")
+    weights = state["model"]
+    for key in expected.keys() | weights.keys():
+        if not isinstance(weights.get(key), torch.Tensor) or tuple(weights[key].shape) != expected.get(key):
+            raise bad(f"weight {key}: {tuple(getattr(weights.get(key), 'shape', ()))} where its model_args "
+                      f"make {tuple(expected[key]) if key in expected else 'none'}")
+    tok = state["tokenizer"]
+    if tok.get("kind") not in ("bpe", "gpt2", "byte") or not isinstance(tok.get("vocab_size"), int) \
+            or not isinstance(tok.get("eot_id"), int) or not isinstance(tok.get("fingerprint"), str):
+        raise bad("its tokenizer record is incomplete")
+    if "optimizer" not in state:
+        return
+    pos, opt, config = state.get("data_pos"), state["optimizer"], state.get("config")
+    if not (isinstance(state.get("iter_num"), int) and state["iter_num"] >= 0 and isinstance(pos, list)
+            and len(pos) == 2 and all(isinstance(p, int) and p >= 0 for p in pos)):
+        raise bad("its iteration or data position is not a count")
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
+        raise bad("its optimizer state is malformed")
+    if not isinstance(config, dict) or not isinstance(state.get("rng"), dict) or not isinstance(state.get("data"), dict):
+        raise bad("no config, RNG state or data record")
+    from configurator import fits
+    for key, value in config.items():
+        if defaults and key in defaults and not fits(value, defaults[key]):
+            raise bad(f"its config has {key}={value!r}, not a {type(defaults[key]).__name__}")
 
 # -----------------------------------------------------------------------------
 # tiers in out_dir
@@ -402,6 +451,20 @@ def files_kept(iters, *, ckpt_interval, rolling_interval, keep_last, save_best, 
         files += min(int(iters // every), keep_epochs if keep_epochs > 0 else iters)
     return files
 
+def check_writable(out_dir):
+    """None if out_dir is (or could be made) a folder that takes a new file; else one line why."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        return f"out_dir {out_dir!r} is a file, not a folder"
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        return f"cannot write to out_dir {out_dir!r}: {_oneline(e)}"
+    return None
+
 def check_disk(out_dir, *, file_bytes, files):
     """None if `files` checkpoints of file_bytes fit on out_dir's filesystem beside what is there;
     else one line: 'cannot ...' when not even one save fits (it needs a scratch copy too)."""
@@ -420,7 +483,7 @@ def check_disk(out_dir, *, file_bytes, files):
                 f"{gb(free)} free; lower keep_last / keep_epochs or raise rolling_interval, or free space")
     return None
 
-def find_resume(out_dir):
+def find_resume(out_dir, defaults=None):
     """latest -> latest_backup -> step_/epoch_ newest first -> best (last: it may be older, but a run
     killed before its first latest has only best)."""
     files = _tier_files(out_dir)
@@ -446,7 +509,9 @@ def find_resume(out_dir):
             skipped.append(f"{fname}: same file as {failed[ino]}, skipped")
             continue
         try:
-            return path, _read(path), skipped
+            state = _read(path)
+            _usable(state, defaults)
+            return path, state, skipped
         except CheckpointError as e:
             failed[ino] = fname
             skipped.append(f"{fname}: {e}, falling back")
@@ -454,21 +519,31 @@ def find_resume(out_dir):
         raise CheckpointError(f"no checkpoint in {out_dir} (looked for latest, latest_backup, step_*, epoch_*, best)")
     raise CheckpointError(f"no valid checkpoint in {out_dir}: " + "; ".join(skipped))
 
-def find(init_from, out_dir):
-    """(path, state, skipped) for init_from 'resume' (the newest valid, as find_resume) or a name
-    or path (as resolve); what train.py, sample.py and evaluate.py start from."""
+def find(init_from, out_dir, defaults=None):
+    """(path, state, skipped) for init_from 'resume' (the newest usable, as find_resume) or a name
+    or path (as resolve); what train.py, sample.py and evaluate.py start from. Other formats ('gpt2'
+    .. 'gpt2-xl', 'hf:DIR', 'nanogpt:PATH') come from interop.py as states without training state.
+    `defaults`: the training config's, whose types a training checkpoint's config must have."""
     if init_from == "resume":
-        return find_resume(out_dir)
+        return find_resume(out_dir, defaults)
+    if IMPORT.fullmatch(os.fspath(init_from)):
+        import interop  # here: interop imports this module
+        return *interop.load(init_from), []
     path = resolve(init_from, out_dir)
-    return path, load(path), []
+    state = load(path)
+    try:
+        _usable(state, defaults)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot use {path}: {e}") from None
+    return path, state, []
 
-def find_or_exit(init_from, out_dir, prog, hint=''):
+def find_or_exit(init_from, out_dir, prog, hint='', defaults=None):
     """find() for scripts: (path, state); the tiers it skipped are warnings on stderr, and failure
     is one line and exit status 1."""
     try:
-        path, state, skipped = find(init_from, out_dir)
+        path, state, skipped = find(init_from, out_dir, defaults)
     except CheckpointError as e:
-        raise SystemExit(f"{prog}: error: {e}{hint}") from None
+        raise SystemExit(f"{prog}: error: {e}{'' if IMPORT.fullmatch(os.fspath(init_from)) else hint}") from None
     for reason in skipped:
         print(f"warning: {reason}", file=sys.stderr)
     return path, state
@@ -476,6 +551,8 @@ def find_or_exit(init_from, out_dir, prog, hint=''):
 def in_dir(init_from, out_dir) -> bool:
     """Whether init_from names a checkpoint of out_dir's own run: a tier name, or a path in out_dir."""
     init_from = os.fspath(init_from)
+    if IMPORT.fullmatch(init_from):
+        return False
     if NAME.fullmatch(init_from.removesuffix(".safetensors")):
         return True
     path = os.path.realpath(init_from)
@@ -496,8 +573,8 @@ def resolve(init_from, out_dir) -> str:
     raise CheckpointError(f"checkpoint {init_from!r} not found in {out_dir} (have: {have}); use latest, "
                           "latest_backup, best, step_NNNNNNN, epoch_NNNN, a file or a directory")
 
-def list_checkpoints(out_dir, verify=True) -> list:
-    """One row per checkpoint file; ok: the full checksum verifies (done once per inode)."""
+def list_checkpoints(out_dir, verify=True, defaults=None) -> list:
+    """One row per checkpoint file; ok: the checksum verifies and the state is usable (once per inode)."""
     rows, errors, now = [], {}, time.time()  # errors: inode -> reason, or None if it verified
     for name, path in _tier_files(out_dir).items():
         st = os.stat(path)
@@ -509,9 +586,9 @@ def list_checkpoints(out_dir, verify=True) -> list:
             row.update(iter=info.get("iter_num"), epoch=info.get("epoch"),
                        val_loss=info.get("val_loss", info.get("best_val_loss")))
             if verify and ino not in errors:
-                _read(path)
+                _usable(_read(path), defaults)
                 errors[ino] = None
-        except (CheckpointError, ValueError) as e:
+        except (CheckpointError, ValueError, RecursionError, AttributeError) as e:
             errors[ino] = str(e)
         rows.append(dict(row, ok=errors[ino] is None if ino in errors else None, error=errors.get(ino)))
     order = ["latest", "latest_backup", "best", "epoch", "step"]

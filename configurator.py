@@ -27,26 +27,26 @@ def _closest(key, valid):
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+def fits(value, default) -> bool:
+    """Whether value may stand for a key whose default is `default`: the same type, an int for a
+    float, anything for a None default (a resumed checkpoint's config is held to this too)."""
+    if default is None:
+        return True
+    if isinstance(default, bool) or not isinstance(default, (int, float)):
+        return isinstance(value, type(default))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and (isinstance(default, float) or isinstance(value, int))
+
+
 def _check(key, value, defaults, where, prog):
     """Return value converted to the type of the default, or exit with one line."""
     if key not in defaults:
         raise SystemExit(f"{prog}: error: unknown config key '{key}' in {where}{_closest(key, list(defaults))}")
     default = defaults[key]
-    if default is None:
-        return value
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-    elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(value, type(default)):
-        return value
-    raise SystemExit(f"{prog}: error: {key} must be {type(default).__name__} like its default "
-                     f"{default!r}, got {value!r} in {where}")
+    if not fits(value, default):
+        raise SystemExit(f"{prog}: error: {key} must be {type(default).__name__} like its default "
+                         f"{default!r}, got {value!r} in {where}")
+    return float(value) if isinstance(default, float) else value
 
 
 def _parse(key, raw, defaults):
@@ -153,9 +153,10 @@ def configure(defaults: dict, argv: list, prog: str = 'train.py', source: str = 
     return config, explicit
 
 
-def check_ranges(config: dict, ranges: dict, prog: str) -> None:
+def check_ranges(config: dict, ranges: dict, prog: str, where: str = '') -> None:
     """Exit with one line per value outside its interval, written '[1, inf)', '(0, 1]', ...;
-    None passes (an unset optional key), and a float must be finite whatever its interval."""
+    None passes (an unset optional key), and a float must be finite whatever its interval.
+    `where` ends each line, e.g. ' (in the config of out/latest.safetensors)'."""
     problems = []
     for key, interval in ranges.items():
         value = config[key]
@@ -165,6 +166,6 @@ def check_ranges(config: dict, ranges: dict, prog: str) -> None:
         ok = math.isfinite(value) and (lo <= value if interval[0] == '[' else lo < value) and \
             (value <= hi if interval[-1] == ']' else value < hi)
         if not ok:
-            problems.append(f"{prog}: error: {key} must be in {interval}, got {value!r}")
+            problems.append(f"{prog}: error: {key} must be in {interval}, got {value!r}{where}")
     if problems:
         raise SystemExit('\n'.join(problems))

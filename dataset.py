@@ -7,9 +7,10 @@ A dataset is a folder data/<name>/ holding
     meta.json            format version, tokenizer, token/document counts, inputs and settings
     tokenizer.json       the byte-level BPE (only for tokenizer kind "bpe")
 
-Tokenizer kinds: "bpe" (a byte-level BPE trained by prepare.py, stored as HF tokenizers'
-tokenizer.json), "gpt2" (tiktoken's GPT-2 encoding) and "byte" (raw UTF-8 bytes). All three
-run as tiktoken Encodings: one encode/decode path, and much faster than HF's encoder.
+Tokenizer kinds: "bpe" (a byte-level BPE trained by prepare.py, or a base one that extend_bpe grew
+by more merges, stored as HF tokenizers' tokenizer.json), "gpt2" (tiktoken's GPT-2 encoding) and
+"byte" (raw UTF-8 bytes). All three run as tiktoken Encodings: one encode/decode path, and much
+faster than HF's encoder.
 """
 import hashlib
 import json
@@ -38,6 +39,9 @@ def read_meta(data_dir) -> dict:
     """meta.json of a complete dataset, checked against the format version and the .bin sizes."""
     path = os.path.join(data_dir, "meta.json")
     name = os.path.basename(os.path.normpath(data_dir))
+    for folder in (os.path.dirname(os.path.normpath(data_dir)), data_dir):
+        if folder and os.path.exists(folder) and not os.path.isdir(folder):
+            raise _error(f"{folder} is a file, not a folder (check --data_dir and --dataset)")
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -49,6 +53,12 @@ def read_meta(data_dir) -> dict:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise _error(f"{path} has format_version {version}, this code reads {FORMAT_VERSION} "
                      f"(rebuild it: python prepare.py --force ...)")
+    tok = meta.get("tokenizer")
+    if not (isinstance(tok, dict) and tok.get("kind") in ("bpe", "gpt2", "byte") and isinstance(tok.get("vocab_size"), int)
+            and 1 <= tok["vocab_size"] <= np.iinfo(DTYPE).max + 1 and isinstance(tok.get("eot_id"), int)
+            and 0 <= tok["eot_id"] < tok["vocab_size"]):
+        raise _error(f"{path} has no usable tokenizer record (kind, vocab_size, eot_id) "
+                     f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
     for split in SPLITS:
         size = os.path.getsize(p) if os.path.exists(p := os.path.join(data_dir, f"{split}.bin")) else -1
         try:
@@ -78,8 +88,16 @@ def tokenizer_state(data_dir) -> dict:
     """Everything needed to rebuild the dataset's tokenizer, JSON-able (stored in checkpoints)."""
     state = dict(read_meta(data_dir)["tokenizer"], json=None)
     if state["kind"] == "bpe":
-        with open(os.path.join(data_dir, "tokenizer.json"), "rb") as f:
-            state["json"] = f.read().decode("utf-8")
+        path = os.path.join(data_dir, "tokenizer.json")
+        try:
+            with open(path, "rb") as f:
+                state["json"] = f.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise _error(f"{path} is missing or unreadable ({getattr(e, 'strerror', None) or e}) "
+                         f"(the dataset is damaged; rebuild it: python prepare.py --force ...)") from None
+        if hashlib.sha256(state["json"].encode("utf-8")).hexdigest() != state["fingerprint"]:
+            raise _error(f"{path} does not match its fingerprint in meta.json "
+                         f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
     return state
 
 # -----------------------------------------------------------------------------
@@ -185,8 +203,11 @@ def load_tokenizer(state: dict) -> Tokenizer:
     enc = tiktoken.Encoding(f"bpe-{state['fingerprint'][:12]}", pat_str=GPT2_PAT, mergeable_ranks=ranks,
                             special_tokens={EOT: eot_id})
     # tiktoken merges the adjacent pair whose joined bytes have the lowest id, HF the pair listed
-    # first in merges: the same only when the i-th merge made token 256 + i (bytes are ids 0..255)
-    in_order = len(vocab) == 256 + len(merges) and all(vocab.get(a + b) == 256 + i for i, (a, b) in enumerate(merges))
+    # first in merges: the same only when each merge made a new token and later merges made higher
+    # ids (an extended vocabulary's merges continue after the base's EOT id: see extend_bpe)
+    made = [vocab.get(a + b, -1) for a, b in merges]
+    in_order = len(vocab) == 256 + len(merges) and min(made, default=256) >= 256 and all(
+        x < y for x, y in zip(made, made[1:]))
     hf = None
     if not in_order:
         from tokenizers import Tokenizer as HFTokenizer
@@ -225,6 +246,87 @@ def train_bpe(texts, vocab_size: int, show_progress=False) -> str:
     tok.train_from_iterator(texts, trainer=trainer)  # consumes the iterator lazily: bounded memory
     tok.add_special_tokens([EOT])
     return tok.to_str()
+
+
+def extend_bpe(json_text: str, texts, n_merges: int, source: str = "tokenizer.json") -> str:
+    """The byte-level BPE tokenizer.json json_text with up to n_merges more merges learned on an
+    iterator of texts (fewer if the words run out of pairs); returns the new tokenizer.json text.
+    Every base token keeps its id, EOT included, and the new tokens take the next ids in merge
+    order, so a base model's embedding rows keep their meaning. This is BPE training continued from
+    the base's merges: words are counted with the GPT-2 regex (memory grows with distinct words,
+    not with text), each is split into base tokens by the base tokenizer, then the most frequent
+    adjacent pair (ties: lowest ids) is merged in every word, n_merges times."""
+    import heapq
+    from collections import Counter, defaultdict
+    import regex
+    spec, vocab, _, _, _ = _parse_bpe(json_text, source)
+    state = make_state("bpe", json_text, source)
+    counts = Counter()
+    pat = regex.compile(GPT2_PAT)
+    for text in texts:
+        counts.update(pat.findall(text))
+    words = [a.tolist() for a in load_tokenizer(state).encode_batch(list(counts))]
+    freqs = list(counts.values())
+    pairs, where = Counter(), defaultdict(set)  # pair -> occurrences; pair -> indices of words holding it
+    for i, (w, f) in enumerate(zip(words, freqs)):
+        for p in zip(w, w[1:]):
+            pairs[p] += f
+            where[p].add(i)
+    heap = [(-n, p) for p, n in pairs.items()]  # a max-heap of counts, updated lazily: stale entries
+    heapq.heapify(heap)                         # are skipped when their count no longer matches
+    string = {i: s for s, i in vocab.items()}
+    new_id, new_merges = state["vocab_size"], []
+    while len(new_merges) < n_merges and heap:
+        n, p = heapq.heappop(heap)
+        joined = string[p[0]] + string[p[1]]
+        if -n != pairs[p] or joined in vocab:  # stale, or already a token (made from another split)
+            continue
+        vocab[joined], string[new_id] = new_id, joined
+        new_merges.append([string[p[0]], string[p[1]]])
+        changed = set()
+        for i in where.pop(p):
+            w, merged, j = words[i], [], 0
+            while j < len(w):  # replace every occurrence of p, left to right, as BPE encoding does
+                if j + 1 < len(w) and (w[j], w[j + 1]) == p:
+                    merged.append(new_id)
+                    j += 2
+                else:
+                    merged.append(w[j])
+                    j += 1
+            for q in zip(w, w[1:]):
+                pairs[q] -= freqs[i]
+                changed.add(q)
+            for q in zip(merged, merged[1:]):
+                pairs[q] += freqs[i]
+                changed.add(q)
+                if new_id in q:  # the word's other pairs were there before: where has it already
+                    where[q].add(i)
+            words[i] = merged
+        for q in changed:
+            if pairs[q] > 0:
+                heapq.heappush(heap, (-pairs[q], q))
+        new_id += 1
+    model = spec["model"]
+    as_text = bool(model["merges"]) and isinstance(model["merges"][0], str)  # older HF: "a b", newer: [a, b]
+    model["merges"] += [" ".join(m) if as_text else m for m in new_merges]
+    model["vocab"].update({a + b: vocab[a + b] for a, b in new_merges})
+    return json.dumps(spec, ensure_ascii=False)
+
+
+def extends(new: dict, old: dict) -> bool:
+    """Whether tokenizer state `new` is `old` itself or old extended (prepare.py --extend_vocab):
+    every token of old keeps its id (EOT too) and new only appends merges, so ids mean the same.
+    Checked on the tokenizers themselves, not on meta.json's record of the base."""
+    if new["fingerprint"] == old["fingerprint"]:
+        return True
+    if new["kind"] != "bpe" or old["kind"] != "bpe":
+        return False
+    (new_spec, new_vocab, _, new_eot, new_merges), (old_spec, old_vocab, _, old_eot, old_merges) = (
+        _parse_bpe(s["json"], f"the {name} tokenizer") for s, name in ((new, "new"), (old, "old")))
+    for spec in (new_spec, old_spec):  # everything else (pre-tokenizer, decoder, ...) must be equal
+        spec["model"] = {k: v for k, v in spec["model"].items() if k not in ("vocab", "merges")}
+    return (new_spec == old_spec and new_eot == old_eot and old_vocab.items() <= new_vocab.items()
+            and [list(m) for m in new_merges[:len(old_merges)]] == [list(m) for m in old_merges])
 
 # -----------------------------------------------------------------------------
 # writing

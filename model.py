@@ -2,7 +2,10 @@
 A GPT language model in one file, written from scratch in the shape of GPT-2 / nanoGPT.
 
 Parameter names follow GPT-2 (transformer.wte, transformer.h.N.attn.c_attn, ...), so a reader
-who knows GPT-2 or nanoGPT finds every weight where they expect it.
+who knows GPT-2 or nanoGPT finds every weight where they expect it, and interop.py converts to and
+from Hugging Face's GPT-2 and nanoGPT's checkpoints without renaming (HF's Conv1D is transposed).
+Fine-tuning adds optional LoRA adapters (LoRALinear, mark_trainable) and vocabulary growth
+(resize_vocab).
 References:
 1) GPT-2: https://github.com/openai/gpt-2/blob/master/src/model.py
 2) nanoGPT: https://github.com/karpathy/nanoGPT/blob/master/model.py
@@ -10,12 +13,15 @@ References:
 
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
+
+
+LORA_TARGETS = ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj')  # linears that can take an adapter
 
 
 @dataclass
@@ -28,10 +34,25 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # bias in Linears and LayerNorms; False is a bit better and faster
     padded_vocab_size: int = None  # rows of wte / lm_head; None: vocab_size (see pad_vocab)
+    lora_rank: int = 0  # rank of the LoRA adapters on lora_targets; 0: no adapters
+    lora_alpha: float = 16.0  # adapters are scaled by lora_alpha / lora_rank (LoRA paper, section 4.1)
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: str = 'attn.c_attn,attn.c_proj'  # comma-separated, any of LORA_TARGETS
 
     def __post_init__(self):
+        for f in fields(self):  # model_args of checkpoints from before LoRA: absent, or None via .get
+            if f.name.startswith('lora_') and getattr(self, f.name) is None:
+                setattr(self, f.name, f.default)
         self.padded_vocab_size = self.padded_vocab_size or self.vocab_size
         assert self.padded_vocab_size >= self.vocab_size
+        # one spelling (a string, in LORA_TARGETS order) whether given as a string, tuple or JSON list,
+        # so model_args compare equal across checkpoints
+        targets = self.lora_targets.split(',') if isinstance(self.lora_targets, str) else self.lora_targets
+        targets = {t.strip() for t in targets} - {''}
+        if not targets <= set(LORA_TARGETS) or self.lora_rank < 0 or (self.lora_rank and not targets):
+            raise ValueError(f"lora_rank={self.lora_rank}, lora_targets={self.lora_targets!r}: the rank must "
+                             f"be >= 0 and the targets a non-empty comma-separated list of {', '.join(LORA_TARGETS)}")
+        self.lora_targets = ','.join(t for t in LORA_TARGETS if t in targets)
 
 
 def pad_vocab(vocab_size, multiple=64):
@@ -42,13 +63,50 @@ def pad_vocab(vocab_size, multiple=64):
     return -(-vocab_size // multiple) * multiple
 
 
+class LoRALinear(nn.Linear):
+    """nn.Linear plus a trainable low-rank update (LoRA, Hu et al. 2021, https://arxiv.org/abs/2106.09685):
+    y = x W^T + b + dropout(x) A^T B^T * alpha / rank. W and b keep nn.Linear's keys (weight, bias),
+    so a base model's weights load unchanged; the adapter adds only lora_A (rank, in) and lora_B
+    (out, rank). As in the paper and peft, A starts Kaiming-uniform and B at zero: an untouched
+    adapter adds exactly nothing, and the first steps train B from a useful random projection A."""
+
+    def __init__(self, in_features, out_features, bias=True, rank=8, alpha=16.0, dropout=0.0):
+        super().__init__(in_features, out_features, bias=bias)
+        self.scale = alpha / rank  # alpha / rank keeps the update's size when the rank changes
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as peft does
+        self.lora_dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.lora_A is None:  # merged
+            return y
+        return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scale
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold B A * scale into weight and drop the adapter: from now on a plain linear, whose
+        state_dict holds only weight and bias (a merged model saves as a base model)."""
+        self.weight += (self.lora_B @ self.lora_A * self.scale).to(self.weight.dtype)
+        self.lora_A = self.lora_B = None
+
+
+def _linear(config, name, in_features, out_features):
+    """The linear at `name` ('attn.c_attn', ...): a LoRALinear when config puts an adapter there."""
+    if config.lora_rank and name in config.lora_targets.split(','):
+        return LoRALinear(in_features, out_features, config.bias, config.lora_rank, config.lora_alpha,
+                          config.lora_dropout)
+    return nn.Linear(in_features, out_features, bias=config.bias)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = _linear(config, 'attn.c_attn', config.n_embd, 3 * config.n_embd)  # q, k, v
+        self.c_proj = _linear(config, 'attn.c_proj', config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
@@ -88,9 +146,9 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = _linear(config, 'mlp.c_fc', config.n_embd, 4 * config.n_embd)
         self.gelu = nn.GELU(approximate='tanh')  # GPT-2's GELU, so GPT-2 weights behave as trained
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = _linear(config, 'mlp.c_proj', 4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -146,6 +204,7 @@ class GPT(nn.Module):
         assert config.vocab_size is not None and config.block_size is not None
         self.config = config
         self.gradient_checkpointing = False  # trade compute for memory: recompute blocks in backward
+        self.frozen_wte_rows = 0  # wte rows that mark_trainable(trainable='new_tokens') keeps fixed
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -221,17 +280,32 @@ class GPT(nn.Module):
             loss = None
         return logits, loss
 
+    def merge_lora(self):
+        """Fold every adapter into its base weight (LoRALinear.merge): the logits stay the same and
+        the state_dict becomes a plain GPT's, which config (lora_rank 0 now) describes."""
+        for m in self.modules():
+            if isinstance(m, LoRALinear) and m.lora_A is not None:
+                m.merge()
+        self.config.lora_rank = 0
+
     def flops_per_token(self) -> int:
         """Training FLOPs per token, fwd + bwd, as in PaLM appendix B / nanoGPT's estimate_mfu:
         6 per parameter (N = num_params(), non-embedding: wte counts because it is also lm_head)
         plus the attention scores and weighted sums. It leaves out the layernorms, softmax, GELU,
-        and the embedding lookups, and the attention term assumes a full block_size context."""
-        cfg = self.config
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        and the embedding lookups, and the attention term assumes a full block_size context.
+        A frozen weight (LoRA fine-tuning) needs no weight gradient: 4 per parameter, not 6."""
+        cfg, wpe = self.config, self.transformer.wpe.weight
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad and p is not wpe)
+        if not self.transformer.wte.weight.requires_grad:
+            frozen -= (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd  # padding: not in num_params
+        return 6 * self.num_params() - 2 * frozen + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
         """AdamW that decays only the 2-D matmul weights; biases, LayerNorm weights and the
-        embeddings (wte, tied to lm_head, and wpe) are not decayed. Frozen parameters are left out."""
+        embeddings (wte, tied to lm_head, and wpe) are not decayed. Frozen parameters are left out
+        (mark_trainable), so with LoRA the AdamW state is only the adapters'. lora_A / lora_B are
+        decayed: that shrinks B A, pulling the model towards the base model, not towards zero (peft
+        and lit-gpt decay them too). Undecayed embeddings keep trainable=new_tokens' base rows fixed."""
         embeddings = {id(self.transformer.wte.weight), id(self.transformer.wpe.weight)}
         params = [p for p in self.parameters() if p.requires_grad]  # registration order: deterministic
         decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
@@ -302,11 +376,101 @@ class GPT(nn.Module):
             yield next_tok
 
 
+def state_shapes(config: GPTConfig) -> dict:
+    """{name: shape} of GPT(config).state_dict(), computed without building the model (building
+    one on the meta device first imports torch's compiler, ~2 s): checkpoint.py checks a loaded
+    state against it. Tested equal to the real state_dict."""
+    C, V = config.n_embd, config.padded_vocab_size
+    shapes = {'transformer.wte.weight': (V, C), 'transformer.wpe.weight': (config.block_size, C)}
+    layer = {'ln_1': (C,), 'attn.c_attn': (3 * C, C), 'attn.c_proj': (C, C), 'ln_2': (C,), 'mlp.c_fc': (4 * C, C),
+             'mlp.c_proj': (C, 4 * C)}
+    targets = config.lora_targets.split(',') if config.lora_rank else []
+    for name, shape in [(f'h.{i}.{n}', s) for i in range(config.n_layer) for n, s in layer.items()] + [('ln_f', (C,))]:
+        shapes[f'transformer.{name}.weight'] = shape
+        if config.bias:
+            shapes[f'transformer.{name}.bias'] = shape[:1]
+        if name.split('.', 2)[-1] in targets:
+            shapes[f'transformer.{name}.lora_A'] = (config.lora_rank, shape[1])
+            shapes[f'transformer.{name}.lora_B'] = (shape[0], config.lora_rank)
+    return {**shapes, 'lm_head.weight': (V, C)}
+
+
 def from_state(state) -> GPT:
     """The model a checkpoint state holds (its model_args and weights), on the CPU."""
     model = GPT(GPTConfig(**state['model_args']))
     model.load_state_dict(state['model'], strict=True)
     return model
+
+
+def load_base(model, state_dict):
+    """Load a base model's weights into a model with LoRA adapters, which keep their init. Every
+    key but the adapters' must be there, and no other key: load_state_dict(strict=False) alone
+    would also skip a misspelled or missing base weight without a word."""
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not k.endswith(('.lora_A', '.lora_B'))]
+    if missing or unexpected:
+        raise ValueError(f"base weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+TRAINABLE = ('wte', 'wpe', 'ln', 'new_tokens', 'all')
+
+
+def mark_trainable(model, trainable='', base_vocab_size=None):
+    """Choose what trains: every LoRA adapter plus what `trainable` names, comma-separated:
+    wte (the token embeddings, and so the tied lm_head), wpe, ln (every LayerNorm), new_tokens
+    (only the wte rows of an extended vocabulary: ids >= base_vocab_size) or all. Everything else
+    gets requires_grad False, so configure_optimizer leaves it out. Call it before the optimizer,
+    torch.compile and DDP, once per model."""
+    names = [t.strip() for t in (trainable or '').split(',') if t.strip()]
+    bad = [t for t in names if t not in TRAINABLE]
+    if bad or ('new_tokens' in names and {'wte', 'all'} & set(names)):
+        raise ValueError(f"trainable={trainable!r}: expected a comma-separated list of {', '.join(TRAINABLE)} "
+                         f"(new_tokens is a part of wte: name one of them)")
+    wanted = {'lora', *names, *(['wte'] if 'new_tokens' in names else [])}
+    for name, p in model.named_parameters():  # the tied wte / lm_head comes once, as wte
+        group = ('lora' if name.endswith(('.lora_A', '.lora_B')) else 'ln' if '.ln_' in name
+                 else {'transformer.wte.weight': 'wte', 'transformer.wpe.weight': 'wpe'}.get(name))
+        p.requires_grad = 'all' in names or group in wanted
+    wte = model.transformer.wte.weight
+    if 'new_tokens' in names:
+        if base_vocab_size is None or not 0 < base_vocab_size < model.config.vocab_size:
+            raise ValueError(f"trainable=new_tokens needs the base vocabulary size, below this model's "
+                             f"{model.config.vocab_size}, got {base_vocab_size}")
+        model.frozen_wte_rows = base_vocab_size
+        # A zero gradient on the base rows from the first step keeps them bit-identical under AdamW:
+        # both moments stay zero, so the update is 0 / (sqrt(0) + eps) = 0, and the embeddings get no
+        # weight decay (configure_optimizer). The hook sees the sum of the wte and lm_head gradients.
+        wte.register_hook(lambda g: torch.cat([torch.zeros_like(g[:base_vocab_size]), g[base_vocab_size:]]))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("nothing to train: the model has no LoRA adapters (lora_rank=0) and trainable is "
+                         "empty (set trainable=all for a full fine-tune, or lora_rank > 0)")
+
+
+def count_params(model) -> tuple[int, int]:
+    """(trainable, total) parameters, as train.py prints them: a tied tensor counts once, wte's
+    padding rows not at all, and with trainable=new_tokens only the new rows of wte are trainable."""
+    cfg, wte = model.config, model.transformer.wte.weight
+    others = [p for p in model.parameters() if p is not wte]
+    trainable = sum(p.numel() for p in others if p.requires_grad)
+    trainable += (cfg.vocab_size - model.frozen_wte_rows) * cfg.n_embd if wte.requires_grad else 0
+    return trainable, sum(p.numel() for p in others) + cfg.vocab_size * cfg.n_embd
+
+
+def resize_vocab(state_dict, vocab_size, new_vocab_size) -> dict:
+    """A model state_dict of a vocab_size vocabulary with wte and the tied lm_head grown to
+    new_vocab_size (plus pad_vocab's padding), to load a base checkpoint into a model whose tokenizer
+    extends the base's (prepare.py --extend_vocab). Old rows stay exactly, padding rows are zero, and
+    new rows start as the mean of the old rows (Hewitt 2021, "Initializing New Word Embeddings for
+    Pretrained Language Models"; torchtune's default too): a new token's logit h . mean is then the
+    average of the old logits, so it starts neither likely nor impossible and the loss does not
+    spike, as it can when random rows of another norm dominate the softmax."""
+    if new_vocab_size < vocab_size:
+        raise ValueError(f"resize_vocab only grows a vocabulary: {vocab_size} -> {new_vocab_size}")
+    old = state_dict['transformer.wte.weight']
+    wte = old.new_zeros(pad_vocab(new_vocab_size), old.size(1))
+    wte[:vocab_size] = old[:vocab_size]
+    wte[vocab_size:new_vocab_size] = old[:vocab_size].float().mean(0).to(old.dtype)
+    return {**state_dict, 'transformer.wte.weight': wte, 'lm_head.weight': wte}  # still one tied tensor
 
 
 def load_optimizer_state(optimizer, state):

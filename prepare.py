@@ -10,6 +10,8 @@ site-packages and test directories) as data/stdlib, with a byte-level BPE of 819
     python prepare.py --input=notes/ --glob='*.md' --dataset=notes --vocab_size=16384
     python prepare.py --input=chat.jsonl --text_key=content --tokenizer=data/stdlib/tokenizer.json
     python prepare.py --tokenizer=gpt2 --dataset=stdlib_gpt2 --force
+    python prepare.py --input=kormed/ --tokenizer=data/stdlib/tokenizer.json --extend_vocab=1024
+    python prepare.py --input=big.jsonl --max_docs=1000 --dataset=big_quick   # a quick run's slice
 
 Each file, or each JSONL record, is one document, followed by an end-of-text token. Files are
 read in pieces of at most 128 KiB cut at line ends, and each piece (so each small document) goes
@@ -17,6 +19,13 @@ to val or train by a hash of its path and index: deterministic, and one huge .tx
 split. Re-running with unchanged inputs and settings reuses the output in well under a second;
 --force rebuilds. Everything is written to data/.NAME.tmp-PID first and renamed into place only
 when complete, so a crash or Ctrl-C never leaves a half-written dataset.
+
+--extend_vocab=N with --tokenizer=BASE/tokenizer.json learns N more BPE merges on this corpus on top
+of the base's: every base token keeps its id and the new tokens get ids V..V+N-1 (V: the base's
+vocabulary size, its end-of-text included), so a model trained on the base fine-tunes on the new
+text with its embeddings grown (model.resize_vocab). meta.json records the base under
+tokenizer.extends. --max_docs=N keeps only the first N documents: files in sorted path order,
+JSONL records in file order.
 """
 import argparse
 import fnmatch
@@ -62,6 +71,10 @@ parser.add_argument("--tokenizer", default="bpe", help="bpe (train one), gpt2, b
 parser.add_argument("--vocab_size", type=int, default=8192, help="BPE vocabulary incl. end-of-text (257..65535)")
 parser.add_argument("--bpe_train_bytes", type=lambda s: int(float(s)), default=100_000_000,
                     help="train the BPE on a deterministic sample of about this many bytes of the train split")
+parser.add_argument("--extend_vocab", type=int, help="with --tokenizer=PATH/tokenizer.json: learn this many more "
+                    "BPE merges on this corpus; base ids stay, new tokens get the next ids")
+parser.add_argument("--max_docs", type=int, help="keep only the first N documents (files sorted by path, JSONL "
+                    "records in order), for quick runs")
 parser.add_argument("--val_fraction", type=float, default=0.05, help="share of pieces that go to val")
 parser.add_argument("--min_split_tokens", type=int, default=1025, help="fewest tokens per split (block_size + 1)")
 parser.add_argument("--strict", type=flag, nargs="?", const=True, default=False,
@@ -82,6 +95,8 @@ def list_sources(roots, glob, exclude):
             st = os.stat(root)
             sources.append((root, os.path.basename(root), True, st.st_size, st.st_mtime_ns))
             continue
+        if os.path.exists(root) and not os.path.isdir(root):  # a FIFO, socket or device: reading would block
+            sys.exit(f"prepare: error: --input={root} is not a regular file or a folder")
         if not os.path.isdir(root):
             sys.exit(f"prepare: error: --input={root}: no such file or directory (check the path)")
         found = []
@@ -171,6 +186,19 @@ def main(argv=None):
         sys.exit(f"prepare: error: --dataset={name!r} is not a plain folder name (e.g. --dataset=mydata)")
     if not 0.0 < args.val_fraction < 1.0:
         sys.exit(f"prepare: error: --val_fraction={args.val_fraction} must be between 0 and 1 (e.g. 0.05)")
+    if args.bpe_train_bytes < 1:
+        sys.exit(f"prepare: error: --bpe_train_bytes={args.bpe_train_bytes} must be at least 1 (default 100000000)")
+    if args.min_split_tokens < 2:
+        sys.exit(f"prepare: error: --min_split_tokens={args.min_split_tokens} must be at least 2 (block_size + 1)")
+    if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        sys.exit(f"prepare: error: --data_dir={args.data_dir} is a file, not a folder")
+    for root in roots:  # reading a prepared dataset as text would rebuild it from its own files
+        folder = os.path.abspath(root)
+        while folder != os.path.dirname(folder) and not os.path.isfile(os.path.join(folder, "meta.json")):
+            folder = os.path.dirname(folder)
+        if os.path.isfile(os.path.join(folder, "meta.json")) and os.path.isfile(os.path.join(folder, "train.bin")):
+            sys.exit(f"prepare: error: --input={root} is inside the prepared dataset {folder}; "
+                     f"give the corpus it was made from instead")
     kind, tokenizer_path = args.tokenizer, None
     if kind not in ("bpe", "gpt2", "byte"):
         tokenizer_path = os.path.join(kind, "tokenizer.json") if os.path.isdir(kind) else kind
@@ -181,6 +209,11 @@ def main(argv=None):
     elif kind == "bpe" and not 257 <= args.vocab_size <= np.iinfo(dataset.DTYPE).max:
         sys.exit(f"prepare: error: --vocab_size={args.vocab_size} does not fit the uint16 token files "
                  f"(use 257..65535)")
+    if args.extend_vocab is not None and (not tokenizer_path or args.extend_vocab <= 0):
+        sys.exit(f"prepare: error: --extend_vocab={args.extend_vocab} needs a positive number of new tokens and "
+                 f"--tokenizer=PATH/tokenizer.json, the base to extend (e.g. --tokenizer=data/stdlib/tokenizer.json)")
+    if args.max_docs is not None and args.max_docs <= 0:
+        sys.exit(f"prepare: error: --max_docs={args.max_docs} must be a positive number of documents (e.g. 1000)")
 
     sources = list_sources(roots, glob, exclude)
     if not sources:
@@ -196,9 +229,18 @@ def main(argv=None):
             settings["tokenizer"] = f"{os.path.abspath(tokenizer_path)} sha256:{hashlib.sha256(f.read()).hexdigest()}"
     elif kind == "bpe":
         settings.update(vocab_size=args.vocab_size, bpe_train_bytes=args.bpe_train_bytes)
+    if args.extend_vocab:  # set only when used: datasets prepared before these flags keep their cache key
+        settings.update(extend_vocab=args.extend_vocab, bpe_train_bytes=args.bpe_train_bytes)
+    if args.max_docs:
+        settings.update(max_docs=args.max_docs)
 
     out_dir = os.path.join(args.data_dir, name)
-    print(f"prepare: dataset {name}: {len(sources)} files, {total_bytes / 1e6:.1f} MB -> {out_dir} "
+    for root in roots:
+        if os.path.commonpath([os.path.abspath(root), os.path.abspath(out_dir)]) == os.path.abspath(root):
+            sys.exit(f"prepare: error: --input={root} contains the output folder {out_dir}; "
+                     f"keep the corpus and --data_dir apart")
+    cap = f", the first {args.max_docs} documents" if args.max_docs else ""
+    print(f"prepare: dataset {name}: {len(sources)} files, {total_bytes / 1e6:.1f} MB{cap} -> {out_dir} "
           f"(tokenizer {args.tokenizer})")
     try:
         old = dataset.read_meta(out_dir)
@@ -213,7 +255,10 @@ def main(argv=None):
     dataset.clean_stale(out_dir)
     tmp_dir = dataset.temp_dir(out_dir)
     try:
-        os.makedirs(tmp_dir)
+        try:
+            os.makedirs(tmp_dir)
+        except OSError as e:
+            sys.exit(f"prepare: error: cannot write in --data_dir={args.data_dir}: {e.strerror}")
         meta = build(args, sources, kind, tokenizer_path, tmp_dir, out_dir)
         meta.update(dataset=name, inputs_fingerprint=inputs_fingerprint, settings=settings,
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -247,20 +292,30 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
     if tokenizer_path:
         with open(tokenizer_path, "rb") as f:
             state = dataset.make_state("bpe", f.read().decode("utf-8", errors="replace"), tokenizer_path)
+        if args.extend_vocab and state["vocab_size"] + args.extend_vocab > np.iinfo(dataset.DTYPE).max:
+            sys.exit(f"prepare: error: --extend_vocab={args.extend_vocab} on {tokenizer_path}'s {state['vocab_size']} "
+                     f"tokens makes more than 65535, which the uint16 token files cannot hold (use at most "
+                     f"--extend_vocab={np.iinfo(dataset.DTYPE).max - state['vocab_size']})")
     elif kind != "bpe":
         state = dataset.make_state(kind)
 
     # -------------------------------------------------------------------------
     # pass 1: read every document once before writing anything, so that bad files fail or are
     # skipped up front, and so a split that the hash leaves empty can get one piece anyway
-    skipped, counts, lowest, highest = {}, [0, 0], None, None
-    for path, key, explicit, _, _ in sources:
-        n, low, high = [0, 0], None, None
+    skipped, counts, lowest, highest, good, docs, total_bytes = {}, [0, 0], None, None, [], 0, 0
+    for source in sources:
+        path, key, explicit, _, _ = source
+        if docs == args.max_docs:
+            break  # --max_docs: the later files are not read at all
+        n, low, high, file_docs, file_bytes = [0, 0], None, None, 0, 0
         try:
-            for piece_key, _, _, _ in read_pieces(path, key, args.text_key):
+            for piece_key, _, end, nbytes in read_pieces(path, key, args.text_key):
                 u = (piece_hash(piece_key)[0], piece_key)
                 n[u[0] < args.val_fraction] += 1
                 low, high = min(low or u, u), max(high or u, u)
+                file_docs, file_bytes = file_docs + end, file_bytes + nbytes
+                if docs + file_docs == args.max_docs:
+                    break
         except BadFile as e:
             if explicit or args.strict:
                 fix = "fix or remove it" if explicit else "fix or remove it, or drop --strict to skip it"
@@ -270,33 +325,46 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
         counts = [counts[0] + n[0], counts[1] + n[1]]
         if low:
             lowest, highest = min(lowest or low, low), max(highest or high, high)
-    good = [s for s in sources if s[0] not in skipped]
+        good.append(source)
+        docs, total_bytes = docs + file_docs, total_bytes + file_bytes
     if not lowest:
         why = f"all {len(skipped)} files were skipped, e.g. {next(iter(skipped.values()))}" if skipped else "it is empty"
         sys.exit(f"prepare: error: no text to prepare: {why} (check --input, --glob and --text_key)")
     force_val = lowest[1] if counts[1] == 0 else None     # the hash sent nothing to val
     force_train = highest[1] if counts[0] == 0 else None  # ... or everything
-    total_bytes = sum(s[3] for s in good)
 
     def pieces():
         """(is_val, text, ends_document, source bytes, bpe sample draw) of every good piece."""
+        docs = 0
         for path, key, _, _, _ in good:
             for piece_key, text, end, nbytes in read_pieces(path, key, args.text_key):
                 u, v = piece_hash(piece_key)
                 is_val = (u < args.val_fraction or piece_key == force_val) and piece_key != force_train
                 yield is_val, text, end, nbytes, v
+                docs += end
+                if docs == args.max_docs:
+                    return
 
     # -------------------------------------------------------------------------
-    # tokenizer: train the BPE on (a deterministic sample of) the train split
+    # tokenizer: train the BPE, or extend the base's, on (a deterministic sample of) the train split
     tty = sys.stderr.isatty()
     t_bpe = time.time()
-    trained = state is None
-    if trained:
-        train_bytes = total_bytes * (1 - args.val_fraction)
-        share = min(1.0, args.bpe_train_bytes / train_bytes)
-        print(f"prepare: training a {args.vocab_size}-token BPE on {min(args.bpe_train_bytes, train_bytes) / 1e6:.1f} "
-              f"MB of the train split")
-        sample = (text for is_val, text, _, _, v in pieces() if not is_val and v < share)
+    trained = state is None or bool(args.extend_vocab)
+    train_bytes = total_bytes * (1 - args.val_fraction)
+    share = min(1.0, args.bpe_train_bytes / train_bytes)
+    sample = (text for is_val, text, _, _, v in pieces() if not is_val and v < share)
+    sample_mb = min(args.bpe_train_bytes, train_bytes) / 1e6
+    if args.extend_vocab:
+        base = state
+        print(f"prepare: extending {tokenizer_path} ({base['vocab_size']} tokens) by {args.extend_vocab} BPE merges "
+              f"learned on {sample_mb:.1f} MB of the train split")
+        state = dataset.make_state("bpe", dataset.extend_bpe(base["json"], sample, args.extend_vocab, tokenizer_path))
+        state["extends"] = {"fingerprint": base["fingerprint"], "vocab_size": base["vocab_size"]}
+        if state["vocab_size"] < base["vocab_size"] + args.extend_vocab:
+            print(f"prepare: learned only {state['vocab_size'] - base['vocab_size']} merges: the sample has no "
+                  f"more pairs to merge")
+    elif trained:
+        print(f"prepare: training a {args.vocab_size}-token BPE on {sample_mb:.1f} MB of the train split")
         result = {}
 
         def train():
@@ -366,7 +434,8 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
                  f"or change --val_fraction / --min_split_tokens); {out_dir} was left as it was")
     tokens = sum(v["tokens"] for v in splits.values())
     return dict(format_version=dataset.FORMAT_VERSION,
-                tokenizer={k: state[k] for k in ("kind", "fingerprint", "vocab_size", "eot_id")},
+                tokenizer={k: state[k] for k in ("kind", "fingerprint", "vocab_size", "eot_id", "extends")
+                           if k in state},
                 dtype=np.dtype(dataset.DTYPE).name, splits=splits,
                 inputs=dict(files=len(sources), bytes=sum(s[3] for s in sources), skipped=skipped),
                 bpe_train_seconds=round(bpe_seconds, 3), encode_seconds=round(encode_seconds, 3),

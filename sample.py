@@ -4,6 +4,7 @@ Sample from a trained model, streaming the text as it is generated.
     python sample.py --start="def add"
     python sample.py --start=FILE:prompt.txt --num_samples=5 --max_new_tokens=500
     python sample.py --ckpt=best --temperature=0.7 --top_k=50 --top_p=0.9 --seed=7
+    python sample.py --ckpt=gpt2 --start="The meaning of life"   # or hf:DIR, nanogpt:ckpt.pt
     python sample.py --interactive              # a prompt per line; ':temperature 0.7' changes a setting
     python sample.py config/slm.py --start=def  # the run a training config wrote (its out_dir)
 
@@ -24,7 +25,7 @@ from model import from_state
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'
-ckpt = 'resume'  # 'resume' (the newest valid checkpoint), or 'best', 'latest', 'step_0001000', a path
+ckpt = 'resume'  # 'resume' (the newest valid checkpoint), or 'best', 'latest', 'step_0001000', a path, gpt2, hf:DIR, nanogpt:PATH
 start = ''  # the prompt, or FILE:path to read it from a file; empty starts a new document
 num_samples = 3
 max_new_tokens = 300
@@ -42,8 +43,8 @@ defaults = {k: v for k, v in globals().items()
 # a training config file may be given: its training-only keys are ignored, a typo is still an error
 config, _ = configure(defaults, sys.argv[1:], prog='sample.py', source=__file__,
                       ignore=script_keys(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')))
-RANGES = {'num_samples': '[1, inf)', 'max_new_tokens': '[0, inf)', 'temperature': '[0, inf)',
-          'top_k': '[1, inf)', 'top_p': '(0, 1]'}
+RANGES = dict(num_samples='[1, inf)', max_new_tokens='[0, inf)', temperature='[0, inf)',
+              top_k='[1, inf)', top_p='(0, 1]', seed='[0, 9223372036854775807]')
 check_ranges(config, RANGES, 'sample.py')
 globals().update(config)
 
@@ -52,11 +53,23 @@ device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
+if start.startswith('FILE:'):
+    try:
+        with open(start[5:], encoding='utf-8') as f:
+            start = f.read()
+    except OSError as e:
+        raise SystemExit(f"sample.py: error: cannot read prompt file {start[5:]}: {e.strerror}")
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"sample.py: error: prompt file {start[5:]} is not UTF-8 text (byte {e.start}: {e.reason})")
+try:
+    start.encode('utf-8')
+except UnicodeEncodeError:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
+    raise SystemExit("sample.py: error: the prompt is not valid UTF-8 text") from None
 path, state = checkpoint.find_or_exit(ckpt, out_dir, 'sample.py',
                                      hint=' (train a model first: python prepare.py && python train.py)')
 model = from_state(state).eval().to(device)
 tokenizer = ds.load_tokenizer(state['tokenizer'])
-print(f"# {path}: iter {state['iter_num']}, val loss {state.get('val_loss')}", file=sys.stderr)
+print(f"# {path}: iter {state.get('iter_num')}, val loss {state.get('val_loss')}", file=sys.stderr)
 state = None
 
 
@@ -80,12 +93,6 @@ def stream(start, generator):
 
 
 if not interactive:
-    if start.startswith('FILE:'):
-        try:
-            with open(start[5:], encoding='utf-8') as f:
-                start = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise SystemExit(f"sample.py: error: cannot read prompt file {start[5:]}: {e}")
     stream(start, torch.Generator(device=device).manual_seed(seed))
     sys.exit(0)
 

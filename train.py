@@ -5,6 +5,7 @@ Train a GPT on a dataset made by prepare.py, on one CPU, one GPU or many GPUs.
     python train.py config/python_code.py --max_iters=5000
     python train.py --init_from=best                     # or latest_backup, step_0001000, epoch_0002, a path
     python train.py --overwrite=True                     # start over: the old run moves to out/previous-*/
+    python train.py --init_from=gpt2 --dataset=stdlib_gpt2   # fine-tune GPT-2 (or hf:DIR, nanogpt:ckpt.pt)
     python train.py --list                               # the checkpoints in out_dir and whether they verify
     torchrun --standalone --nproc_per_node=4 train.py config/slm.py
 
@@ -29,7 +30,7 @@ import checkpoint
 import dataset as ds
 import hardware
 import metrics
-from configurator import configure
+from configurator import check_ranges, configure
 from model import GPT, GPTConfig, load_optimizer_state, pad_vocab
 
 # -----------------------------------------------------------------------------
@@ -39,6 +40,7 @@ out_dir = 'out'
 data_dir = 'data'
 dataset = 'stdlib'
 init_from = 'auto'  # 'auto' (resume the run in out_dir if any, else scratch), 'scratch', 'resume', a checkpoint name / path
+# init_from also takes another format's weights: gpt2 .. gpt2-xl, hf:DIR (Hugging Face GPT-2), nanogpt:PATH (ckpt.pt)
 reset_state = False  # with init_from: keep only the weights, start a new run (e.g. fine-tune on new data)
 overwrite = False  # start a new run in an out_dir that holds one, moving the old run to out_dir/previous-<time>/
 log_interval = 10  # iterations per log line
@@ -94,9 +96,28 @@ defaults = {k: v for k, v in globals().items()
 if '--list' in sys.argv[1:]:
     argv = [a for a in sys.argv[1:] if a != '--list']
     cfg, _ = configure(defaults, argv, prog='train.py', source=__file__)
-    print(checkpoint.format_listing(checkpoint.list_checkpoints(cfg['out_dir'])))
+    print(checkpoint.format_listing(checkpoint.list_checkpoints(cfg['out_dir'], defaults=defaults)))
     sys.exit(0)
 config, explicit = configure(defaults, sys.argv[1:], prog='train.py', source=__file__)
+RANGES = dict(n_layer='[1, inf)', n_head='[1, inf)', n_embd='[1, inf)', block_size='[1, inf)', dropout='[0, 1)',
+              batch_size='[1, inf)', gradient_accumulation_steps='[1, inf)', max_iters='[1, inf)',
+              max_epochs='(0, inf)', learning_rate='(0, inf)', weight_decay='[0, inf)', beta1='[0, 1)',
+              beta2='[0, 1)', grad_clip='[0, inf)', warmup_iters='[0, inf)', lr_decay_iters='[1, inf)',
+              min_lr='[0, inf)', log_interval='[1, inf)', eval_interval='[1, inf)', eval_iters='[1, inf)',
+              ckpt_interval='[0, inf)', rolling_interval='[0, inf)', keep_last='[0, inf)', keep_epochs='[0, inf)',
+              seed='[0, 2147483647]', peak_flops='(0, inf)')
+
+
+def check_config(c, where=''):
+    """One line per value out of range (the whole config: files, command line, a checkpoint's)."""
+    check_ranges(c, RANGES, 'train.py', where)
+    if c['n_embd'] % c['n_head']:
+        raise SystemExit(f"train.py: error: n_embd={c['n_embd']} must be a multiple of n_head={c['n_head']}{where}")
+    if not c['out_dir']:
+        raise SystemExit("train.py: error: out_dir is empty (name a folder, e.g. --out_dir=out)")
+
+
+check_config(config)  # before anything is read or written
 globals().update(config)
 
 # -----------------------------------------------------------------------------
@@ -111,9 +132,9 @@ if continuing and overwrite:
                      f"the one in {out_dir}: choose one")
 ckpt, ckpt_path = None, None
 if continuing:
-    ckpt_path, ckpt = checkpoint.find_or_exit(init_from, out_dir, 'train.py')
+    ckpt_path, ckpt = checkpoint.find_or_exit(init_from, out_dir, 'train.py', defaults=defaults)
 elif checkpoint.has_run(out_dir) and not overwrite:
-    held_path, held = checkpoint.find_or_exit('resume', out_dir, 'train.py')
+    held_path, held = checkpoint.find_or_exit('resume', out_dir, 'train.py', defaults=defaults)
     if init_from == 'scratch' or held.get('origin') != origin:
         raise SystemExit(f"train.py: error: {out_dir} holds a run ({os.path.basename(held_path)} at iter "
                          f"{held['iter_num']}); continue it by leaving out --init_from, start over with "
@@ -121,22 +142,28 @@ elif checkpoint.has_run(out_dir) and not overwrite:
     print(f"{out_dir} holds the run this command started from {init_from}: continuing it")
     ckpt_path, ckpt, continuing = held_path, held, True  # a requeued fine-tune
 if not continuing and init_from != 'scratch':
-    ckpt_path, ckpt = checkpoint.find_or_exit(init_from, out_dir, 'train.py')
-if not continuing and int(os.environ.get('RANK', 0)) == 0:  # a new run: nothing of an older one is mixed in
-    moved = checkpoint.move_aside(out_dir)
-    if moved:
-        print(f"moved what was in {out_dir} to {moved}")
+    ckpt_path, ckpt = checkpoint.find_or_exit(init_from, out_dir, 'train.py', defaults=defaults)
 if ckpt is not None:
-    for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias'):
+    shape = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias')
+    for k in shape:
         if k in explicit and config[k] != ckpt['model_args'][k]:
             raise SystemExit(f"train.py: error: {ckpt_path} has {k}={ckpt['model_args'][k]} but "
                              f"--{k}={config[k]} was given (a checkpoint's shape cannot change)")
+    if continuing and 'optimizer' not in ckpt:
+        raise SystemExit(f"train.py: error: {ckpt_path} holds weights only (export.py wrote it), no run to "
+                         f"continue; start a new run from it with --reset_state=True")
     if continuing:
         origin, config['reset_state'] = ckpt.get('origin'), False
+    elif 'optimizer' not in ckpt:  # weights only (export.py, gpt2, hf:, nanogpt:): a new run from them
+        config['reset_state'] = True
     if not config['reset_state']:  # how this command starts (init_from, ...) is not the run's to set
         config.update({k: v for k, v in ckpt['config'].items()
                        if k in defaults and k not in explicit | {'init_from', 'reset_state', 'overwrite'}})
+    else:  # a new run keeps only the weights, and so their shape
+        config.update({k: ckpt['model_args'][k] for k in shape if k not in explicit})
 config['init_from'] = init_from  # as decided, for the checkpoints' record
+if ckpt is not None:
+    check_config(config, f' (in the config of {ckpt_path})')
 globals().update(config)
 
 # -----------------------------------------------------------------------------
@@ -163,8 +190,6 @@ torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+: ~8x faster matm
 torch.backends.cudnn.allow_tf32 = True
 torch.manual_seed(seed + rank)
 np.random.seed(seed + rank)
-if master_process:
-    os.makedirs(out_dir, exist_ok=True)
 
 # -----------------------------------------------------------------------------
 # data: fixed windows of block_size + 1 tokens, visited once per epoch in an order that is a
@@ -172,6 +197,7 @@ if master_process:
 data_path = os.path.join(data_dir, dataset)
 meta = ds.read_meta(data_path)
 tokenizer = ds.tokenizer_state(data_path)
+vocab_size = tokenizer['vocab_size']
 train_data, val_data = ds.open_split(data_path, 'train'), ds.open_split(data_path, 'val')
 for split, arr in (('train', train_data), ('val', val_data)):
     if len(arr) < block_size + 1:
@@ -206,8 +232,11 @@ def next_windows(pos, count):
 
 
 def get_batch(data, windows):
-    xy = torch.from_numpy(np.stack([data[w * block_size: w * block_size + block_size + 1]
-                                    for w in windows]).astype(np.int64))  # (B, T + 1)
+    xy = np.stack([data[w * block_size: w * block_size + block_size + 1] for w in windows])  # (B, T + 1)
+    if xy.max() >= vocab_size:  # an id past the embedding: a traceback on the CPU, a device assert on a GPU
+        raise SystemExit(f"train.py: error: {data_path} holds token id {xy.max()} but its vocabulary has "
+                         f"{vocab_size} tokens (the dataset is damaged; rebuild it: python prepare.py --force ...)")
+    xy = torch.from_numpy(xy.astype(np.int64))
     if device_type == 'cuda':
         # one contiguous pinned copy, sliced on the GPU: pinning the strided x / y views would
         # stage each through an unpinned temporary, and the copy could not overlap compute
@@ -243,14 +272,16 @@ def trim_log(path, last_iter):
 # -----------------------------------------------------------------------------
 # model and optimizer: from scratch, or the checkpoint's weights (and, unless reset_state, its state)
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                  vocab_size=meta['tokenizer']['vocab_size'], dropout=dropout,
-                  padded_vocab_size=pad_vocab(meta['tokenizer']['vocab_size']))
+                  vocab_size=vocab_size, dropout=dropout, padded_vocab_size=pad_vocab(vocab_size))
 if ckpt is not None:
     if ckpt['tokenizer']['fingerprint'] != tokenizer['fingerprint']:
+        # gpt2 and byte go by name, a BPE by its tokenizer.json (an hf: directory holds its own)
+        kind = ckpt['tokenizer']['kind']
+        bpe = os.path.join(ckpt_path, 'tokenizer.json') if init_from.startswith('hf:') else 'PATH/tokenizer.json'
         raise SystemExit(f"train.py: error: {ckpt_path} was trained with a different tokenizer than "
-                         f"{data_path} ({ckpt['tokenizer']['kind']} {ckpt['tokenizer']['fingerprint'][:12]} vs "
+                         f"{data_path} ({kind} {ckpt['tokenizer']['fingerprint'][:12]} vs "
                          f"{tokenizer['kind']} {tokenizer['fingerprint'][:12]}); prepare the data with "
-                         f"the checkpoint's tokenizer (prepare.py --tokenizer=PATH/tokenizer.json)")
+                         f"the checkpoint's tokenizer (prepare.py --tokenizer={bpe if kind == 'bpe' else kind})")
     if not reset_state and ckpt['data']['fingerprint'] != ds.fingerprint(meta):
         raise SystemExit(f"train.py: error: {ckpt_path} was trained on other data than {data_path} "
                          f"(dataset '{ckpt['data']['dataset']}' changed or differs); to start a new run "
@@ -267,7 +298,11 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 iter_num, pos, best_val_loss, wandb_id, last_eval = 0, (0, 0), float('inf'), None, {}
 last_epoch_ckpt = None  # iteration of the newest epoch_ checkpoint
 if ckpt is not None and not reset_state:
-    load_optimizer_state(optimizer, ckpt['optimizer'])
+    try:
+        load_optimizer_state(optimizer, ckpt['optimizer'])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise SystemExit(f"train.py: error: {ckpt_path}: its optimizer state does not fit the model "
+                         f"({type(e).__name__}: {' '.join(str(e).split())})") from None
     if ckpt['scaler']:  # empty when the run was not float16; a fresh scaler then starts from its defaults
         scaler.load_state_dict(ckpt['scaler'])
     iter_num, pos, last_epoch_ckpt = ckpt['iter_num'], tuple(ckpt['data_pos']), ckpt.get('last_epoch_ckpt')
@@ -384,8 +419,14 @@ signal.signal(signal.SIGINT, on_signal)
 protect = (ckpt_path,) if ckpt_path else ()
 writer = checkpoint.Writer(background=async_save)
 if wandb_log and master_process:
-    import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config, id=wandb_id, resume='allow')
+    try:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config, id=wandb_id, resume='allow')
+    except ImportError:
+        raise SystemExit("train.py: error: wandb_log=True needs wandb: pip install wandb") from None
+    except Exception as e:  # not logged in, or no network
+        raise SystemExit(f"train.py: error: wandb could not start ({' '.join(str(e).split())[:200]}); log in with "
+                         f"`wandb login` or WANDB_API_KEY, or log locally with WANDB_MODE=offline") from None
     wandb_id = wandb.run.id  # kept in checkpoints: a resumed run logs into the same wandb run
     # after a kill -9 the iterations since the checkpoint run again; wandb already has them (the
     # same numbers on a deterministic run) and refuses steps below its own, so they are not re-sent
@@ -417,8 +458,15 @@ if master_process:
     print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens/iter, "
           f"{n_windows:,} windows/epoch, device {device}, dtype {dtype}, {world_size} process(es), "
           f"MFU against {f'{peak_flops / 1e12:.3g} TFLOP/s' if peak_flops else 'an unknown peak'}")
-    # a checkpoint holds the weights and AdamW's two moments: warn now about a run that would
-    # fill the disk hours from now, refuse one that cannot save even once
+    # out_dir, before the first write into it: writable; for a new run, what an older run left
+    # there moves aside; and a checkpoint holds the weights and AdamW's two moments: warn now
+    # about a run that would fill the disk hours from now, refuse one that cannot save even once
+    problem = checkpoint.check_writable(out_dir)
+    if problem:
+        raise SystemExit(f"train.py: error: {problem}")
+    moved = None if continuing else checkpoint.move_aside(out_dir)
+    if moved:
+        print(f"moved what was in {out_dir} to {moved}")
     problem = checkpoint.check_disk(
         out_dir, file_bytes=sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1)
                                 for p in raw_model.parameters()),
@@ -451,13 +499,39 @@ def run_eval():
     return losses
 
 
-last_log_iter, t_start, start_iter = iter_num, time.time(), iter_num
+t_start, start_iter = time.time(), iter_num
 if master_process and iter_num >= max_iters:
     print(f"the run in {out_dir} is complete (iter {iter_num}, max_iters={max_iters}); "
           f"to train it further, raise --max_iters")
 if iter_num == 0:
     last_eval = run_eval()  # the untrained model's loss, as a baseline
-loss_sum = torch.zeros((), device=device)
+window, log_losses, last_finite = [], [], None  # window: per-iteration losses not yet checked, on the device
+
+
+def check_losses():
+    """The per-iteration losses since the last call, averaged over ranks, in one device sync. At
+    the first one that is not finite: one line and exit, before that state is saved anywhere."""
+    global window, last_finite
+    if not window:
+        return []
+    losses = torch.stack(window)
+    window = []
+    if ddp:
+        dist.all_reduce(losses)
+    values = (losses / world_size).tolist()
+    for it, v in enumerate(values, start=iter_num - len(values) + 1):
+        if not math.isfinite(v):
+            if master_process:
+                writer.wait()  # the last good save completes; nothing later is saved
+            last = f"{last_finite[1]:.4f} at iter {last_finite[0]}" if last_finite else "none yet"
+            raise SystemExit(f"train.py: error: the training loss is {v} at iter {it} (last finite loss: {last}); "
+                             f"nothing from it was saved. Likely causes: learning_rate={learning_rate:g} too high, "
+                             f"grad_clip={grad_clip:g}, float16 overflow (try --dtype=bfloat16), or damaged data; "
+                             f"the same command with a lower --learning_rate continues from the last checkpoint")
+        last_finite = (it, v)
+    return values
+
+
 # timing for tokens/s and MFU: from the end of this process's first iteration (compilation and
 # warm-up), leaving out evals and saves
 t0, timed = time.time(), -1
@@ -466,6 +540,7 @@ while iter_num < max_iters:
     for group in optimizer.param_groups:
         group['lr'] = lr
     windows, next_pos = next_windows(pos, windows_per_iter)
+    iter_loss = torch.zeros((), device=device)
     for micro in range(micro_steps):
         # rank r takes micro-batches r, r + world_size, ...: the global batch is the same on any world size
         k = micro * world_size + rank
@@ -476,7 +551,8 @@ while iter_num < max_iters:
             _, loss = model(x, y)
             loss = loss / micro_steps
         scaler.scale(loss).backward()
-        loss_sum += loss.detach()
+        iter_loss += loss.detach()
+    window.append(iter_loss)
     if grad_clip:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
@@ -490,11 +566,9 @@ while iter_num < max_iters:
         t0 = time.time()
 
     if iter_num % log_interval == 0 or iter_num == max_iters:
-        if ddp:
-            dist.all_reduce(loss_sum)
-        steps, last_log_iter = iter_num - last_log_iter, iter_num
-        lossf = loss_sum.item() / steps / world_size
-        loss_sum.zero_()
+        log_losses += check_losses()
+        lossf = sum(log_losses) / len(log_losses)
+        log_losses = []
         dt = (time.time() - t0) / timed if timed > 0 else None  # None: only the warm-up iteration so far
         t0, timed = time.time(), 0
         tok_s = dt and tokens_per_iter / dt
@@ -528,6 +602,10 @@ while iter_num < max_iters:
     if epoch_done and save_epochs and (last_epoch_ckpt is None or iter_num - last_epoch_ckpt >= rolling_interval):
         epoch, last_epoch_ckpt = pos[0], iter_num
     if latest or rolling or best or epoch is not None:
+        log_losses += check_losses()  # a state whose loss went non-finite is never saved,
+        if not torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all():  # nor non-finite weights
+            window.append(torch.tensor(float('nan'), device=device))
+            check_losses()
         t0 += save(latest=latest, rolling=rolling, epoch=epoch, best=best)  # written once, linked per tier
     if stop:
         if master_process:

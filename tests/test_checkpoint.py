@@ -13,6 +13,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint as ck  # noqa: E402
 from checkpoint import CheckpointError  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 def tiny_model():
     torch.manual_seed(0)
@@ -29,9 +30,14 @@ def train_steps(model, opt, n, seed=1):
         loss.backward()
         opt.step()
 
+ARGS = dict(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=16, bias=True, dropout=0.0)
+TOKENIZER = {"kind": "byte", "fingerprint": "byte", "vocab_size": 16, "eot_id": 15, "json": None}
+
 def make_state(iter_num=0, val_loss=None):
-    m = tiny_model()
-    return {"model": m.state_dict(), "iter_num": iter_num, "val_loss": val_loss, "epoch": 0,
+    """A checkpoint the scripts can use: a tiny GPT's weights, its model_args, a tokenizer record."""
+    torch.manual_seed(0)
+    return {"model": GPT(GPTConfig(**ARGS)).state_dict(), "model_args": ARGS, "tokenizer": TOKENIZER,
+            "iter_num": iter_num, "val_loss": val_loss, "epoch": 0,
             "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(), "data": {"pos": iter_num}}
 
 def test_round_trip(tmp_path):

@@ -184,3 +184,11 @@ def test_cross_entropy_matches_torch():
     (g_ref,) = torch.autograd.grad(3 * ref, logits)
     assert torch.allclose(ours, ref, atol=1e-6) and torch.allclose(g_ours, g_ref, atol=1e-7)
     assert g_ours[::5].abs().max() == 0
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(bias=False), dict(vocab_size=257, padded_vocab_size=320),
+                                dict(lora_rank=4, lora_targets='attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj')])
+def test_state_shapes_match_the_model(kw):
+    from model import state_shapes
+    model = tiny(**kw)
+    assert state_shapes(model.config) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
