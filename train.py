@@ -431,14 +431,11 @@ if wandb_log and master_process:
     # after a kill -9 the iterations since the checkpoint run again; wandb already has them (the
     # same numbers on a deterministic run) and refuses steps below its own, so they are not re-sent
     wandb_from = wandb.run.step
-tb_writer = None
 if tensorboard_log and master_process:
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # its writer is made once out_dir is ready, below
     except ImportError:
         raise SystemExit("train.py: error: tensorboard_log=True needs tensorboard: pip install tensorboard")
-    # purge_step: a resumed run hides what a killed process logged after its checkpoint
-    tb_writer = SummaryWriter(os.path.join(out_dir, 'tb'), purge_step=iter_num or None, flush_secs=10)
 # eval_mcq / eval_generate: their files are read now, so a bad one stops the run before it starts
 eval_items, eval_prompt_list, eval_tokenizer = None, None, None
 if master_process and (eval_mcq or eval_generate):
@@ -478,6 +475,10 @@ if master_process:
         raise SystemExit(f"train.py: error: {problem}")
     if problem:
         print(f"warning: {problem}", file=sys.stderr)
+# TensorBoard: purge_step makes a resumed run hide what a killed process logged after its checkpoint
+tb_writer = None
+if tensorboard_log and master_process:
+    tb_writer = SummaryWriter(os.path.join(out_dir, 'tb'), purge_step=iter_num or None, flush_secs=10)
 
 
 def run_eval():
