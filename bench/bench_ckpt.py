@@ -136,7 +136,7 @@ if __name__ == '__main__':
     ap.add_argument('--resume_rss', action='store_true')
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}; {torch.get_num_threads()} threads")
-    for name in args.states.split(','):
-        bench_state(name, args.rounds)
-    if args.resume_rss:
+    if args.resume_rss:  # first: a child's peak RSS counts what it shares with this process before exec
         resume_rss()
+    for name in filter(None, args.states.split(',')):
+        bench_state(name, args.rounds)
