@@ -64,21 +64,29 @@ def _parse(key, raw, defaults):
         return raw
 
 
+def _defaults_block(text):
+    """The lines between a script's first '# ---' rule and 'defaults = ': its keys, their defaults
+    and the comments saying what they do."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith('# ---')), len(lines))
+    block = []
+    for line in lines[start + 1:]:
+        if line.startswith('defaults = '):
+            break
+        if not line.startswith('# ---'):
+            block.append(line)
+    return block
+
+
 def print_help(source):
-    """The script's docstring, then its defaults block: the lines between the first '# ---' rule
-    and 'defaults = ', where every key sits with its default and a comment saying what it does."""
+    """The script's docstring, then its defaults block, where every key sits with its default and
+    a comment saying what it does."""
     with open(source, encoding='utf-8') as f:
         text = f.read()
     out = [(ast.get_docstring(ast.parse(text)) or '').strip(), '',
            "Config keys and their defaults; set them in a config file (Python, executed: use only files you "
            "trust) or as --key=value:", '']
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith('# ---')), len(lines))
-    for line in lines[start + 1:]:
-        if line.startswith('defaults = '):
-            break
-        if not line.startswith('# ---'):
-            out.append(f"  {line}")
+    out += [f"  {line}" for line in _defaults_block(text)]
     try:
         sys.stdout.write('\n'.join(out) + '\n')
         sys.stdout.flush()
@@ -86,11 +94,21 @@ def print_help(source):
         sys.stdout = open(os.devnull, 'w')
 
 
-def configure(defaults: dict, argv: list, prog: str = 'train.py', source: str = None) -> tuple:
+def script_keys(source) -> set:
+    """The keys another script's defaults block assigns. sample.py and evaluate.py pass train.py's
+    as configure(ignore=...), so the config file that trained a run can be given to them."""
+    with open(source, encoding='utf-8') as f:
+        tree = ast.parse('\n'.join(_defaults_block(f.read())))
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+
+
+def configure(defaults: dict, argv: list, prog: str = 'train.py', source: str = None, ignore=()) -> tuple:
     """Apply config files and --key=value overrides to a copy of defaults.
 
     Returns (config, explicit): the resolved config and the set of keys the user set.
-    With -h or --help in argv: prints the help of `source` (the script's file) and exits 0."""
+    With -h or --help in argv: prints the help of `source` (the script's file) and exits 0.
+    ignore: keys that a config file may set for another script (see script_keys): skipped silently
+    there, still an error on the command line."""
     if source and ('-h' in argv or '--help' in argv):
         print_help(source)
         raise SystemExit(0)
@@ -118,6 +136,8 @@ def configure(defaults: dict, argv: list, prog: str = 'train.py', source: str = 
                 value = scope[key]
                 if key.startswith('_') or isinstance(value, (types.ModuleType, types.FunctionType, type)):
                     continue  # helpers a config file may define
+                if key in ignore and key not in defaults:
+                    continue  # another script's key, e.g. batch_size in a training config given to sample.py
                 config[key] = _check(key, value, defaults, arg, prog)
                 explicit.add(key)
         else:

@@ -5,10 +5,13 @@ Sample from a trained model, streaming the text as it is generated.
     python sample.py --start=FILE:prompt.txt --num_samples=5 --max_new_tokens=500
     python sample.py --ckpt=best --temperature=0.7 --top_k=50 --top_p=0.9 --seed=7
     python sample.py --ckpt=gpt2 --start="The meaning of life"   # or hf:DIR, nanogpt:ckpt.pt
+    python sample.py --interactive              # a prompt per line; ':temperature 0.7' changes a setting
+    python sample.py config/slm.py --start=def  # the run a training config wrote (its out_dir)
 
 The checkpoint carries its tokenizer, so sampling works even after data/ is gone.
 """
 import codecs
+import os
 import sys
 from contextlib import nullcontext
 
@@ -17,7 +20,7 @@ import torch
 import checkpoint
 import dataset as ds
 import hardware
-from configurator import check_ranges, configure
+from configurator import check_ranges, configure, script_keys
 from model import from_state
 
 # -----------------------------------------------------------------------------
@@ -31,14 +34,18 @@ top_k = None  # keep only the k most likely tokens
 top_p = 0.95  # nucleus sampling: the smallest set of tokens holding this much probability
 seed = 1337
 stop_at_eot = True  # end a sample at the end-of-text token, as the training documents do
+interactive = False  # read a prompt per line and answer it, keeping the model loaded; Ctrl-D or Ctrl-C leaves
 device = 'auto'
 dtype = 'auto'
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
-config, _ = configure(defaults, sys.argv[1:], prog='sample.py', source=__file__)
-check_ranges(config, dict(num_samples='[1, inf)', max_new_tokens='[0, inf)', temperature='[0, inf)',
-                          top_k='[1, inf)', top_p='(0, 1]', seed='[0, 9223372036854775807]'), 'sample.py')
+# a training config file may be given: its training-only keys are ignored, a typo is still an error
+config, _ = configure(defaults, sys.argv[1:], prog='sample.py', source=__file__,
+                      ignore=script_keys(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')))
+RANGES = dict(num_samples='[1, inf)', max_new_tokens='[0, inf)', temperature='[0, inf)',
+              top_k='[1, inf)', top_p='(0, 1]', seed='[0, 9223372036854775807]')
+check_ranges(config, RANGES, 'sample.py')
 globals().update(config)
 
 device, dtype = hardware.resolve(device, dtype)
@@ -66,19 +73,59 @@ tokenizer = ds.load_tokenizer(state['tokenizer'])
 print(f"# {path}: iter {state.get('iter_num')}, val loss {state.get('val_loss')}", file=sys.stderr)
 state = None
 
-prompt = tokenizer.encode(start) if start else [tokenizer.eot_id]
-x = torch.tensor([prompt[-model.config.block_size:]], dtype=torch.long, device=device)
-generator = torch.Generator(device=device).manual_seed(seed)
-for i in range(num_samples):
-    sys.stdout.write(start)
-    utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')  # a token may end mid-character
-    with ctx:
-        for token in model.generate_stream(x, max_new_tokens, temperature=temperature, top_k=top_k,
-                                           top_p=top_p, generator=generator):
-            t = token.item()
-            if t == tokenizer.eot_id and stop_at_eot:
-                break
-            sys.stdout.write(utf8.decode(tokenizer.decode_bytes([t])))
-            sys.stdout.flush()
-    sys.stdout.write(utf8.decode(b'', final=True) + '\n' + '-' * 40 + '\n')
-sys.stdout.flush()
+
+def stream(start, generator):
+    """Write num_samples continuations of `start` as they are generated."""
+    prompt = tokenizer.encode(start) if start else [tokenizer.eot_id]
+    x = torch.tensor([prompt[-model.config.block_size:]], dtype=torch.long, device=device)
+    for i in range(num_samples):
+        sys.stdout.write(start)
+        utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')  # a token may end mid-character
+        with ctx:
+            for token in model.generate_stream(x, max_new_tokens, temperature=temperature, top_k=top_k,
+                                               top_p=top_p, generator=generator):
+                t = token.item()
+                if t == tokenizer.eot_id and stop_at_eot:
+                    break
+                sys.stdout.write(utf8.decode(tokenizer.decode_bytes([t])))
+                sys.stdout.flush()
+        sys.stdout.write(utf8.decode(b'', final=True) + '\n' + '-' * 40 + '\n')
+    sys.stdout.flush()
+
+
+if not interactive:
+    stream(start, torch.Generator(device=device).manual_seed(seed))
+    sys.exit(0)
+
+# interactive: every prompt starts from `seed`, so the same prompt and settings give the same text
+SETTINGS = ('temperature', 'top_k', 'top_p', 'max_new_tokens', 'num_samples', 'seed', 'stop_at_eot')
+try:
+    import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
+except ImportError:
+    pass
+try:
+    print(f"# a prompt per line (end a line with \\ to go on to the next); ':temperature 0.7' sets one of "
+          f"{', '.join(SETTINGS)}; ':' shows them; Ctrl-D or Ctrl-C leaves", file=sys.stderr)
+    while True:
+        line = input('> ')
+        while line.endswith('\\'):
+            line = line[:-1] + '\n' + input('. ')
+        if not line.strip():
+            continue
+        if line.startswith(':'):
+            key, _, value = line[1:].strip().partition(' ')
+            try:
+                if key:
+                    new, _ = configure({k: defaults[k] for k in SETTINGS}, [f'--{key}={value.strip()}'],
+                                       prog='sample.py')
+                    check_ranges(new, RANGES, 'sample.py')  # the other keys are at their (valid) defaults
+                    if isinstance(new[key], str):  # top_k's default is None, which takes any value
+                        raise SystemExit(f"sample.py: error: {key} must be a number, got {value.strip()!r}")
+                    globals()[key] = new[key]
+            except SystemExit as e:
+                print(e, file=sys.stderr)
+            print('# ' + ', '.join(f"{k}={globals()[k]}" for k in SETTINGS), file=sys.stderr)
+            continue
+        stream(line, torch.Generator(device=device).manual_seed(seed))
+except (EOFError, KeyboardInterrupt):
+    sys.stdout.write('\n')

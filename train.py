@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import dataset as ds
 import hardware
+import metrics
 from configurator import check_ranges, configure
 from model import (GPT, GPTConfig, count_params, load_base, load_optimizer_state, mark_trainable, pad_vocab,
                    resize_vocab, trained_weights, wte_moments)
@@ -91,6 +92,11 @@ seed = 1337  # weights init and data order
 wandb_log = False  # log to Weights & Biases (pip install wandb)
 wandb_project = 'sturdygpt'
 wandb_run_name = None
+# evaluation during training: at iteration 0 (the baseline) and every eval_interval, as evaluate.py measures
+eval_mcq = None  # a JSONL exam (evaluate.py's formats): logs eval/mcq_acc, eval/mcq_acc_norm
+eval_generate = False  # sample the prompts: logs eval/repetition, eval/distinct_1..4, eval/code_parses, ...
+eval_prompts = None  # the prompts file for eval_generate (one per line); None: evaluate.py's code prompts
+tensorboard_log = False  # also write the wandb scalars to out_dir/tb/ (pip install tensorboard)
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
@@ -214,6 +220,20 @@ windows_per_iter = batch_size * gradient_accumulation_steps
 tokens_per_iter = windows_per_iter * block_size
 if max_epochs is not None:
     max_iters = min(max_iters, math.ceil(max_epochs * n_windows / windows_per_iter))
+if tensorboard_log and master_process:
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # its writer is made once out_dir is ready, below
+    except ImportError:
+        raise SystemExit("train.py: error: tensorboard_log=True needs tensorboard: pip install tensorboard")
+# eval_mcq / eval_generate: their files are read now, so a bad one stops the run before anything is written
+eval_items, eval_prompt_list, eval_tokenizer = None, None, None
+if master_process and (eval_mcq or eval_generate):
+    try:
+        eval_items = metrics.load_mcq(eval_mcq) if eval_mcq else None
+        eval_prompt_list = metrics.load_prompts(eval_prompts) if eval_generate else None
+    except metrics.EvalError as e:
+        raise SystemExit(f"train.py: error: {e}")
+    eval_tokenizer = ds.load_tokenizer(tokenizer)
 _orders = {}
 
 
@@ -439,6 +459,7 @@ def save(latest=False, rolling=False, epoch=None, best=False):
 WANDB_KEYS = {'loss': 'train/loss', 'lr': 'train/lr', 'mfu': 'train/mfu', 'step': 'train/iter',
               'ms_per_iter': 'train/dt_ms', 'tokens_per_sec': 'train/tokens_per_sec', 'peak_mem_gib': 'train/peak_mem_gib',
               'train_loss': 'eval/train_loss', 'val_loss': 'eval/val_loss', 'val_ppl': 'eval/val_ppl'}
+WANDB_KEYS.update({k: f'eval/{k}' for k in metrics.TRAINING_KEYS})  # eval_mcq, eval_generate
 
 
 def log(entry):
@@ -447,6 +468,10 @@ def log(entry):
     if wandb_log and entry['step'] >= wandb_from:
         wandb.log({WANDB_KEYS[k]: v for k, v in entry.items() if k in WANDB_KEYS and v is not None},
                   step=entry['step'])  # mfu in percent, as nanoGPT's panels show it
+    if tb_writer:
+        for k, v in entry.items():
+            if k in WANDB_KEYS and v is not None:
+                tb_writer.add_scalar(WANDB_KEYS[k], v, entry['step'])
 
 
 # SIGTERM / SIGINT only set a flag; the loop saves at the next iteration boundary and exits
@@ -475,7 +500,6 @@ if wandb_log and master_process:
     # after a kill -9 the iterations since the checkpoint run again; wandb already has them (the
     # same numbers on a deterministic run) and refuses steps below its own, so they are not re-sent
     wandb_from = wandb.run.step
-
 # -----------------------------------------------------------------------------
 # training loop
 # MFU: model FLOPs (6N + attention, see model.flops_per_token) per second over the hardware's peak
@@ -486,6 +510,10 @@ if master_process:
     print(f"{raw_model.num_params() / 1e6:.2f}M parameters{trains}, {tokens_per_iter:,} tokens/iter, "
           f"{n_windows:,} windows/epoch, device {device}, dtype {dtype}, {world_size} process(es), "
           f"MFU against {f'{peak_flops / 1e12:.3g} TFLOP/s' if peak_flops else 'an unknown peak'}")
+# TensorBoard: purge_step makes a resumed run hide what a killed process logged after its checkpoint
+tb_writer = None
+if tensorboard_log and master_process:
+    tb_writer = SummaryWriter(os.path.join(out_dir, 'tb'), purge_step=iter_num or None, flush_secs=10)
 
 
 def run_eval():
@@ -493,8 +521,17 @@ def run_eval():
     if master_process:
         print(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
               f"val ppl {math.exp(losses['val']):.2f}")
-        log({'step': iter_num, 'epoch': pos[0], 'train_loss': losses['train'],
-             'val_loss': losses['val'], 'val_ppl': math.exp(losses['val'])})
+        entry = {'step': iter_num, 'epoch': pos[0], 'train_loss': losses['train'],
+                 'val_loss': losses['val'], 'val_ppl': math.exp(losses['val'])}
+        if eval_tokenizer:  # eval_mcq / eval_generate: the numbers evaluate.py gives, on the plain module
+            raw_model.eval()
+            with ctx:
+                entry.update(metrics.training_metrics(raw_model, eval_tokenizer, eval_items, eval_prompt_list,
+                                                      seed=seed, device=device))
+            raw_model.train()
+            print(f"eval {iter_num}: " + ', '.join(f"{k} {v:.3f}" for k, v in entry.items()
+                                                   if k in metrics.TRAINING_KEYS))
+        log(entry)
     return losses
 
 
@@ -633,6 +670,8 @@ if master_process and max_iters <= iter_num > start_iter and last_eval.get('val'
           f"{summary['tokens_seen']:,} tokens in {summary['wall_seconds'] / 60:.1f} min")
 if wandb_log and master_process:
     wandb.finish()
+if tb_writer:
+    tb_writer.close()
 if ddp:
     dist.barrier()  # ranks leave together: gloo aborts a rank whose peer tears down mid-exit
     dist.destroy_process_group()

@@ -143,7 +143,7 @@ def test_nanogpt_checkpoint_import(tmp_path):
     torch.save(ckpt, tmp_path / 'ckpt.pt')
     _, state, _ = checkpoint.find(f'nanogpt:{tmp_path / "ckpt.pt"}', 'unused')
     assert state['tokenizer']['kind'] == 'gpt2' and state['iter_num'] == 600 and state['best_val_loss'] == 3.25
-    assert state['model_args'] == dict(args, vocab_size=50257, padded_vocab_size=50304)
+    assert state['model_args'] == dataclasses.asdict(GPTConfig(**dict(args, vocab_size=50257, padded_vocab_size=50304)))
     ours = from_state(state).eval()
     assert not ours.transformer.wte.weight[50257:].any()
     x = torch.randint(0, 50257, (2, 16))

@@ -1,0 +1,209 @@
+"""
+Evaluate checkpoints: perplexity and bits per byte, generation quality (repetition, distinct-n,
+Python validity), multiple-choice accuracy; one table, and JSON with every number and setting.
+
+    python evaluate.py                                   # newest valid checkpoint in out/, default metrics
+    python evaluate.py --ckpt=best,latest,step_0001000   # several checkpoints, one comparison table
+    python evaluate.py --mcq=exam.jsonl --json=eval.json
+    python evaluate.py --text=notes/ --stride=64         # perplexity of other text: a file or a folder
+    python evaluate.py --plot=out/curves.png             # training curves from out/log.jsonl (only that)
+    python evaluate.py config/slm.py                     # the run a training config wrote (its out_dir)
+
+Every metric and format is defined in README.md, "Evaluating a model".
+"""
+import fnmatch
+import json as jsonlib  # the config key `json` names the output file
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+import checkpoint
+import dataset as ds
+import hardware
+import metrics
+from configurator import check_ranges, configure, script_keys
+from model import from_state
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'  # where the checkpoints (and log.jsonl, for --plot) are
+ckpt = 'resume'  # 'resume' (newest valid), 'best', 'latest', 'step_0001000', a path; several: 'best,latest'
+# perplexity and bits per byte
+split = 'val'  # the split of the checkpoint's dataset to score ('val' or 'train'); '' skips perplexity
+data_dir = 'data'  # where prepared datasets are
+dataset = None  # score this dataset's split instead of the checkpoint's own (re-encoded if tokenizers differ)
+text = None  # score a UTF-8 text file, or the files in a folder, instead of a split (each file a document)
+text_glob = '*'  # file name pattern inside a text folder
+stride = None  # None: non-overlapping windows of block_size; S: windows S apart, each scoring its last S tokens
+max_tokens = None  # score only the split's first max_tokens tokens (as stored)
+batch_size = 16  # windows, or multiple-choice rows, per forward
+# generation: repetition, distinct-n, Python validity
+generate = True  # sample the prompts and measure the samples
+prompts = None  # a file, one prompt per line (a line in double quotes is a JSON string); None: 3 code prompts
+num_samples = 5  # samples per prompt, drawn with seed + the prompt's index
+max_new_tokens = 200  # a sample ends here or at its first end-of-text token
+temperature = 0.8  # as sample.py: 0 is greedy
+top_k = None  # keep only the k most likely tokens
+top_p = 0.95  # nucleus sampling
+code = True  # also the share of samples that parse as Python and that use Python keywords
+# multiple choice
+mcq = None  # a JSONL exam: {"question", "choices": [...], "answer"} or {"question", "A", ..., "E", "answer"}
+fewshot = 0  # put this many solved examples (the first of fewshot_file) before each question
+fewshot_file = None  # a JSONL exam (either format) holding the solved examples
+# output
+json = None  # also write every number, the samples and the settings to this JSON file
+plot = None  # draw the curves of out_dir/log.jsonl into this PNG and stop (evaluates nothing)
+seed = 1337  # the samples' seed: the same seed gives the same samples and numbers
+device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto' (bfloat16 / float16 on GPUs, float32 on CPUs), 'float32', 'bfloat16', 'float16'
+# -----------------------------------------------------------------------------
+defaults = {k: v for k, v in globals().items()
+            if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
+# a training config file may be given: its training-only keys are ignored, a typo is still an error
+config, _ = configure(defaults, sys.argv[1:], prog='evaluate.py', source=__file__,
+                      ignore=script_keys(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')))
+check_ranges(config, {'stride': '[1, inf)', 'max_tokens': '[1, inf)', 'batch_size': '[1, inf)',
+                      'num_samples': '[1, inf)', 'max_new_tokens': '[1, inf)', 'temperature': '[0, inf)',
+                      'top_k': '[1, inf)', 'top_p': '(0, 1]', 'fewshot': '[0, inf)'}, 'evaluate.py')
+globals().update(config)
+
+
+def fail(msg):
+    raise SystemExit(f"evaluate.py: error: {msg}")
+
+
+if plot:
+    try:
+        metrics.plot_log(os.path.join(out_dir, 'log.jsonl'), plot)
+    except metrics.EvalError as e:
+        fail(e)
+    except OSError as e:
+        fail(f"cannot write --plot={plot}: {e.strerror}")
+    print(f"wrote {plot}")
+    sys.exit(0)
+
+# every input file is read, and the outputs' folders checked, before any model is loaded
+if split not in ('', 'train', 'val'):
+    fail(f"split must be 'val', 'train' or '' (no perplexity), got {split!r}")
+for out_file in (json,):
+    if out_file and not os.path.isdir(os.path.dirname(os.path.abspath(out_file))):
+        fail(f"--json={out_file}: the folder {os.path.dirname(os.path.abspath(out_file))} does not exist")
+texts = None
+try:
+    if text is not None:
+        if not os.path.exists(text):
+            fail(f"--text={text}: no such file or folder")
+        files = [text] if os.path.isfile(text) else sorted(
+            os.path.join(d, f) for d, _, names in os.walk(text) for f in names
+            if not f.startswith('.') and fnmatch.fnmatch(f, text_glob))
+        if not files:
+            fail(f"--text={text}: no file matches --text_glob={text_glob}")
+        texts = [metrics.read_text(f) for f in files]
+    prompt_list = metrics.load_prompts(prompts) if generate else []
+    items = metrics.load_mcq(mcq) if mcq else []
+    if fewshot and not fewshot_file:
+        fail(f"fewshot={fewshot} needs fewshot_file=FILE (solved examples in the exam's format)")
+    shots = metrics.load_mcq(fewshot_file)[:fewshot] if fewshot else []
+    if len(shots) < fewshot:
+        fail(f"fewshot={fewshot} but {fewshot_file} holds only {len(shots)} items")
+except metrics.EvalError as e:
+    fail(e)
+
+device, dtype = hardware.resolve(device, dtype)
+device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+
+def tokens_to_score(state, tokenizer):
+    """(token stream, where from) for perplexity: the text files, or the split, re-encoded with this
+    checkpoint's tokenizer when the dataset was prepared with another one."""
+    if texts is not None:
+        return metrics.encode_docs(tokenizer, texts), f"{text} ({len(texts)} file(s))"
+    path = os.path.join(data_dir, dataset or state['data']['dataset'])
+    meta = ds.read_meta(path)
+    tokens = ds.open_split(path, split)[:max_tokens]
+    source = f"{path} {split} split" + (f" (first {max_tokens:,} tokens)" if max_tokens else "")
+    if meta['tokenizer']['fingerprint'] != tokenizer.fingerprint:
+        data_tok = ds.load_tokenizer(ds.tokenizer_state(path))
+        docs = np.split(tokens, np.flatnonzero(tokens == data_tok.eot_id) + 1)
+        tokens = metrics.encode_docs(tokenizer, [data_tok.decode(d[d != data_tok.eot_id]) for d in docs if len(d)])
+        source += f", re-encoded with the checkpoint's {tokenizer.kind} tokenizer"
+    return tokens, source
+
+
+def cells(r):
+    """One checkpoint's column of the table: {row label: formatted value}."""
+    out = {'iter': str(r['iter_num'])}
+    if 'perplexity' in r:
+        p = r['perplexity']
+        out.update({'tokens scored': f"{p['tokens']:,}", 'loss (nats/token)': f"{p['loss']:.4f}",
+                    'perplexity': f"{p['ppl']:.2f}", 'bits per byte': f"{p['bits_per_byte']:.4f}"})
+    for key, value in r.get('generation', {}).items():
+        if key != 'samples':
+            out[key.replace('_', ' ').replace('distinct ', 'distinct-')] = f"{value:.3f}"
+    if 'mcq' in r:
+        m = r['mcq']
+        out['mcq acc'] = f"{m['acc']:.3f} ({m['correct']}/{m['items']})"
+        out['mcq acc_norm'] = f"{m['acc_norm']:.3f}"
+    return out
+
+
+results = []
+for name in [n.strip() for n in ckpt.split(',') if n.strip()]:
+    t0 = time.time()
+    path, state = checkpoint.find_or_exit(name, out_dir, 'evaluate.py')
+    model = from_state(state).eval().to(device)  # a LoRA adapter checkpoint comes back with its base
+    tokenizer = ds.load_tokenizer(state['tokenizer'])
+    r = dict(name=name, path=path, iter_num=state.get('iter_num'), val_loss=state.get('val_loss'),
+             tokenizer=dict(kind=tokenizer.kind, fingerprint=tokenizer.fingerprint),
+             block_size=model.config.block_size, params=model.num_params())
+    print(f"# {name}: {path}, iter {r['iter_num']}, {r['params'] / 1e6:.2f}M parameters", file=sys.stderr)
+    try:
+        with ctx:
+            if split or texts is not None:
+                tokens, source = tokens_to_score(state, tokenizer)
+                p = metrics.perplexity(model, tokens, tokenizer, stride, batch_size, device)
+                scheme = (f"non-overlapping windows of {p['block_size']} tokens" if p['stride'] == p['block_size'] else
+                          f"windows of {p['block_size']} tokens every {p['stride']}, each scoring its last {p['stride']}")
+                r['perplexity'] = dict(p, scored=f"{source}, {p['bytes']:,} bytes; {scheme}")
+            if prompt_list:
+                samples = metrics.generate_samples(model, tokenizer, prompt_list, num_samples, max_new_tokens,
+                                                   temperature, top_k, top_p, seed, device)
+                r['generation'] = dict(metrics.generation_metrics(samples, code), samples=samples)
+            if items:
+                r['mcq'] = metrics.score_mcq(model, tokenizer, items, shots, batch_size, device)
+    except metrics.EvalError as e:
+        fail(f"{path}: {e}")
+    print(f"# {name}: evaluated in {time.time() - t0:.1f}s", file=sys.stderr)
+    results.append(r)
+    state = model = None  # free before the next checkpoint
+
+# -----------------------------------------------------------------------------
+# what was measured, then the table: one column per checkpoint
+scored = {r['name']: r['perplexity']['scored'] for r in results if 'perplexity' in r}
+for name, what in scored.items():
+    print(f"perplexity{f' ({name})' if len(set(scored.values())) > 1 else ''}: {what}")
+    if len(set(scored.values())) == 1:
+        break
+if prompt_list:
+    print(f"generation: {len(prompt_list)} prompts x {num_samples} samples, up to {max_new_tokens} new tokens, "
+          f"temperature {temperature}, top_k {top_k}, top_p {top_p}, seed {seed}")
+if items:
+    print(f"multiple choice: {mcq}, {len(items)} items, {fewshot}-shot, chance {results[0]['mcq']['chance']:.3f}")
+columns = [cells(r) for r in results]
+table = [[''] + [r['name'] for r in results]]
+for label in columns[0]:
+    table.append([label] + [c.get(label, '-') for c in columns])
+widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+for row in table:
+    print('  '.join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]))
+
+if json:
+    out = dict(settings=dict(config, device=device, dtype=dtype, prompt_texts=prompt_list), checkpoints=results)
+    with open(json, 'w', encoding='utf-8') as f:
+        jsonlib.dump(out, f, indent=1, ensure_ascii=False)
+    print(f"wrote {json}")
