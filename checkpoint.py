@@ -379,6 +379,31 @@ def move_aside(out_dir) -> str:
     _fsync(out_dir)
     return dest
 
+def trim_log(path, last_iter):
+    """Drop the records after last_iter (work a kill -9 lost, about to be redone) from the live log,
+    so it holds each iteration once; they are appended to log.jsonl.dropped, then the log is
+    replaced atomically."""
+    if not os.path.exists(path):
+        return
+    keep, drop = [], []
+    with open(path) as f:
+        for line in f:
+            try:
+                (keep if json.loads(line).get('step', 0) <= last_iter else drop).append(line)
+            except ValueError:  # a line cut short by the kill
+                drop.append(line)
+    if not drop:
+        return
+    with open(path + '.dropped', 'a') as f:
+        f.writelines(drop)
+        os.fsync(f.fileno())
+    with open(path + '.tmp', 'w') as f:
+        f.writelines(keep)
+        os.fsync(f.fileno())
+    os.replace(path + '.tmp', path)
+    print(f"log.jsonl: {len(drop)} records after iter {last_iter} moved to log.jsonl.dropped")
+
+
 def _disk_bytes(paths):
     sizes = {}
     for p in paths:
@@ -499,6 +524,23 @@ def files_kept(iters, *, ckpt_interval, rolling_interval, keep_last, save_best, 
         files += min(int(iters // every), keep_epochs if keep_epochs > 0 else iters)
     return files
 
+def prepare_out_dir(out_dir, *, new_run, file_bytes, files):
+    """Before a run's first write into out_dir: it must take files; for a new run, what an older
+    run left there moves aside (move_aside); and the tiers' files (files_kept) of file_bytes each
+    should fit on its disk: a warning if they may not, CheckpointError if not even one save fits,
+    as for an out_dir that cannot be written. Warn now, not hours into a run."""
+    problem = check_writable(out_dir)
+    if problem:
+        raise CheckpointError(problem)
+    moved = move_aside(out_dir) if new_run else None
+    if moved:
+        print(f"moved what was in {out_dir} to {moved}")
+    problem = check_disk(out_dir, file_bytes=file_bytes, files=files)
+    if problem and problem.startswith("cannot"):
+        raise CheckpointError(problem)
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr)
+
 def check_writable(out_dir):
     """None if out_dir is (or could be made) a folder that takes a new file; else one line why."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -584,6 +626,37 @@ def find(init_from, out_dir, defaults=None):
     except CheckpointError as e:
         raise CheckpointError(f"cannot use {path}: {e}") from None
     return path, state, []
+
+def start_point(init_from, out_dir, *, reset_state, overwrite, defaults=None):
+    """What a training command starts from: (init_from as decided, path, state, continuing, origin),
+    path and state None from scratch. The same command line starts a run and, after a crash, a
+    Ctrl-C or a requeue, continues it: 'auto' resumes the run in out_dir (its checkpoints) when
+    there is one. A new run (scratch, or another checkpoint's weights) into an out_dir that holds a
+    run is refused, unless overwrite (the caller moves the old run aside) or unless this very
+    command started that run (its checkpoints' origin), which is then continued: a requeued
+    fine-tune. origin is how a run began, kept in its checkpoints. Warnings go to stderr."""
+    if init_from == "auto":
+        init_from = "resume" if has_run(out_dir) and not overwrite else "scratch"
+    continuing = init_from == "resume" or (init_from != "scratch" and not reset_state and in_dir(init_from, out_dir))
+    origin = None if init_from == "scratch" else f"{init_from} reset_state={reset_state}"
+    if continuing and overwrite:
+        raise CheckpointError(f"--overwrite=True starts a new run and --init_from={init_from} continues the one "
+                              f"in {out_dir}: choose one")
+    if not continuing and has_run(out_dir) and not overwrite:
+        path, state, skipped = find("resume", out_dir, defaults)
+        if init_from == "scratch" or state.get("origin") != origin:
+            raise CheckpointError(f"{out_dir} holds a run ({os.path.basename(path)} at iter {state['iter_num']}); "
+                                  f"continue it by leaving out --init_from, start over with --overwrite=True "
+                                  f"(moves it to {out_dir}/previous-*/), or use another --out_dir")
+        print(f"{out_dir} holds the run this command started from {init_from}: continuing it")
+        continuing = True
+    elif init_from == "scratch":
+        return init_from, None, None, False, origin
+    else:
+        path, state, skipped = find(init_from, out_dir, defaults)
+    for reason in skipped:
+        print(f"warning: {reason}", file=sys.stderr)
+    return init_from, path, state, continuing, state.get("origin") if continuing else origin
 
 def find_or_exit(init_from, out_dir, prog, hint='', defaults=None):
     """find() for scripts: (path, state); the tiers it skipped are warnings on stderr, and failure

@@ -12,6 +12,7 @@ by more merges, stored as HF tokenizers' tokenizer.json), "gpt2" (tiktoken's GPT
 "byte" (raw UTF-8 bytes). All three run as tiktoken Encodings: one encode/decode path, and much
 faster than HF's encoder.
 """
+import functools
 import hashlib
 import json
 import os
@@ -99,6 +100,44 @@ def tokenizer_state(data_dir) -> dict:
             raise _error(f"{path} does not match its fingerprint in meta.json "
                          f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
     return state
+
+def mismatch(state, source, data_dir, tokenizer, meta, new_run) -> str:
+    """None if a checkpoint state fits this dataset: its tokenizer, or for a new run from its
+    weights also one that extends it (prepare.py --extend_vocab); and, to continue its run, the same
+    data. Else one line saying what differs and what to do."""
+    theirs = state["tokenizer"]
+    if theirs["fingerprint"] != tokenizer["fingerprint"] and not (new_run and extends(tokenizer, theirs)):
+        kind = theirs["kind"]  # gpt2 and byte go by name, a BPE by its tokenizer.json (an hf: folder holds its own)
+        bpe = os.path.join(source, "tokenizer.json") if os.path.isdir(source) else "PATH/tokenizer.json"
+        return (f"{source} was trained with a different tokenizer than {data_dir} ({kind} {theirs['fingerprint'][:12]} "
+                f"vs {tokenizer['kind']} {tokenizer['fingerprint'][:12]}); prepare the data with the checkpoint's "
+                f"tokenizer (prepare.py --tokenizer={bpe if kind == 'bpe' else kind}, optionally --extend_vocab=N)")
+    if not new_run and state["data"]["fingerprint"] != fingerprint(meta):
+        return (f"{source} was trained on other data than {data_dir} (dataset '{state['data']['dataset']}' changed "
+                f"or differs); to start a new run from its weights on this data add --reset_state=True")
+    return None
+
+# -----------------------------------------------------------------------------
+# the training order: fixed windows of block_size + 1 tokens, each visited once per epoch in an
+# order that is a function of (seed, epoch); the position (epoch, index) is global, so any number
+# of ranks agree on it, and a checkpoint that holds it resumes with the very next batch
+
+@functools.lru_cache(maxsize=1)  # the current epoch's permutation only
+def epoch_order(seed, epoch, n_windows) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n_windows)
+
+
+def next_windows(pos, count, n_windows, seed):
+    """The next `count` window indices from position pos = (epoch, index), and the position after them."""
+    epoch, index = pos
+    out = []
+    while count:
+        take = min(count, n_windows - index)
+        out.append(epoch_order(seed, epoch, n_windows)[index:index + take])
+        count, index = count - take, index + take
+        if index == n_windows:
+            epoch, index = epoch + 1, 0
+    return np.concatenate(out), (epoch, index)
 
 # -----------------------------------------------------------------------------
 # tokenizers

@@ -135,26 +135,11 @@ globals().update(config)
 # -----------------------------------------------------------------------------
 # what to start from. The same command line starts a run and, after a crash, a Ctrl-C or a requeue,
 # continues it: a run in out_dir (its checkpoints) is resumed, never silently started over
-if init_from == 'auto':
-    init_from = 'resume' if checkpoint.has_run(out_dir) and not overwrite else 'scratch'
-continuing = init_from == 'resume' or (init_from != 'scratch' and not reset_state and checkpoint.in_dir(init_from, out_dir))
-origin = None if init_from == 'scratch' else f"{init_from} reset_state={reset_state}"  # how a new run began
-if continuing and overwrite:
-    raise SystemExit(f"train.py: error: --overwrite=True starts a new run and --init_from={init_from} continues "
-                     f"the one in {out_dir}: choose one")
-ckpt, ckpt_path = None, None
-if continuing:
-    ckpt_path, ckpt = checkpoint.find_or_exit(init_from, out_dir, 'train.py', defaults=defaults)
-elif checkpoint.has_run(out_dir) and not overwrite:
-    held_path, held = checkpoint.find_or_exit('resume', out_dir, 'train.py', defaults=defaults)
-    if init_from == 'scratch' or held.get('origin') != origin:
-        raise SystemExit(f"train.py: error: {out_dir} holds a run ({os.path.basename(held_path)} at iter "
-                         f"{held['iter_num']}); continue it by leaving out --init_from, start over with "
-                         f"--overwrite=True (moves it to {out_dir}/previous-*/), or use another --out_dir")
-    print(f"{out_dir} holds the run this command started from {init_from}: continuing it")
-    ckpt_path, ckpt, continuing = held_path, held, True  # a requeued fine-tune
-if not continuing and init_from != 'scratch':
-    ckpt_path, ckpt = checkpoint.find_or_exit(init_from, out_dir, 'train.py', defaults=defaults)
+try:
+    init_from, ckpt_path, ckpt, continuing, origin = checkpoint.start_point(
+        init_from, out_dir, reset_state=reset_state, overwrite=overwrite, defaults=defaults)
+except checkpoint.CheckpointError as e:
+    raise SystemExit(f"train.py: error: {e}") from None
 if ckpt is not None:
     shape = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias')
     for k in shape + (('lora_rank', 'lora_targets') if continuing else ()):  # an adapter's shape too
@@ -165,7 +150,7 @@ if ckpt is not None:
         raise SystemExit(f"train.py: error: {ckpt_path} holds weights only (export.py wrote it), no run to "
                          f"continue; start a new run from it with --reset_state=True")
     if continuing:
-        origin, config['reset_state'] = ckpt.get('origin'), False
+        config['reset_state'] = False
     elif 'optimizer' not in ckpt:  # weights only (export.py, gpt2, hf:, nanogpt:): a new run from them
         config['reset_state'] = True
     if not config['reset_state']:  # how this command starts (init_from, ...) is not the run's to set
@@ -234,29 +219,6 @@ if master_process and (eval_mcq or eval_generate):
     except metrics.EvalError as e:
         raise SystemExit(f"train.py: error: {e}")
     eval_tokenizer = ds.load_tokenizer(tokenizer)
-_orders = {}
-
-
-def epoch_order(epoch):
-    if epoch not in _orders:
-        _orders.clear()  # keep only the current epoch's permutation in memory
-        _orders[epoch] = np.random.default_rng([seed, epoch]).permutation(n_windows)
-    return _orders[epoch]
-
-
-def next_windows(pos, count):
-    """The next `count` window indices from position (epoch, index), and the position after them."""
-    epoch, index = pos
-    out = []
-    while count:
-        take = min(count, n_windows - index)
-        out.append(epoch_order(epoch)[index:index + take])
-        count, index = count - take, index + take
-        if index == n_windows:
-            epoch, index = epoch + 1, 0
-    return np.concatenate(out), (epoch, index)
-
-
 def get_batch(data, windows):
     xy = np.stack([data[w * block_size: w * block_size + block_size + 1] for w in windows])  # (B, T + 1)
     if xy.max() >= vocab_size:  # an id past the embedding: a traceback on the CPU, a device assert on a GPU
@@ -270,31 +232,6 @@ def get_batch(data, windows):
     return xy[:, :-1], xy[:, 1:]
 
 
-def trim_log(path, last_iter):
-    """Drop the records after last_iter (work a kill -9 lost, about to be redone) from the live log,
-    so it holds each iteration once; they are appended to log.jsonl.dropped, then the log is
-    replaced atomically."""
-    if not os.path.exists(path):
-        return
-    keep, drop = [], []
-    with open(path) as f:
-        for line in f:
-            try:
-                (keep if json.loads(line).get('step', 0) <= last_iter else drop).append(line)
-            except ValueError:  # a line cut short by the kill
-                drop.append(line)
-    if not drop:
-        return
-    with open(path + '.dropped', 'a') as f:
-        f.writelines(drop)
-        os.fsync(f.fileno())
-    with open(path + '.tmp', 'w') as f:
-        f.writelines(keep)
-        os.fsync(f.fileno())
-    os.replace(path + '.tmp', path)
-    print(f"log.jsonl: {len(drop)} records after iter {last_iter} moved to log.jsonl.dropped")
-
-
 # -----------------------------------------------------------------------------
 # model and optimizer: from scratch, or the checkpoint's weights (and, unless reset_state, its
 # state). With lora_rank or trainable set, only the adapters and what trainable names train.
@@ -303,20 +240,9 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
                   lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets)
 weights = None
 if ckpt is not None:
-    if not (continuing or ds.extends(tokenizer, ckpt['tokenizer'])) or (
-            continuing and ckpt['tokenizer']['fingerprint'] != tokenizer['fingerprint']):
-        # gpt2 and byte go by name, a BPE by its tokenizer.json (an hf: directory holds its own)
-        kind = ckpt['tokenizer']['kind']
-        bpe = os.path.join(ckpt_path, 'tokenizer.json') if init_from.startswith('hf:') else 'PATH/tokenizer.json'
-        raise SystemExit(f"train.py: error: {ckpt_path} was trained with a different tokenizer than "
-                         f"{data_path} ({kind} {ckpt['tokenizer']['fingerprint'][:12]} vs "
-                         f"{tokenizer['kind']} {tokenizer['fingerprint'][:12]}); prepare the data with "
-                         f"the checkpoint's tokenizer (prepare.py --tokenizer={bpe if kind == 'bpe' else kind}, "
-                         f"optionally --extend_vocab=N)")
-    if not reset_state and ckpt['data']['fingerprint'] != ds.fingerprint(meta):
-        raise SystemExit(f"train.py: error: {ckpt_path} was trained on other data than {data_path} "
-                         f"(dataset '{ckpt['data']['dataset']}' changed or differs); to start a new run "
-                         f"from its weights on this data add --reset_state=True")
+    problem = ds.mismatch(ckpt, ckpt_path, data_path, tokenizer, meta, new_run=reset_state)
+    if problem:
+        raise SystemExit(f"train.py: error: {problem}")
     args, weights = ckpt['model_args'], ckpt['model']
     if not continuing and args.get('lora_rank'):
         raise SystemExit(f"train.py: error: {ckpt_path} is a LoRA checkpoint; to build on it, export it merged "
@@ -360,31 +286,21 @@ if ckpt is not None and not reset_state:
     if master_process:
         print(f"resumed from {ckpt_path} at iter {iter_num}, epoch {pos[0]}, window {pos[1]}/{n_windows}")
         if continuing:
-            trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
+            checkpoint.trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
 base = ckpt.get('base') if continuing else None  # where a run with frozen weights finds the rest
 if master_process:
-    # out_dir, before the first write into it: writable; for a new run, what an older run left
-    # there moves aside, and a frozen base is kept beside the run; a checkpoint holds what trains
-    # and AdamW's two moments of it: warn now about a run that would fill the disk hours from
-    # now, refuse one that cannot save even once
-    problem = checkpoint.check_writable(out_dir)
-    if problem:
-        raise SystemExit(f"train.py: error: {problem}")
-    moved = None if continuing else checkpoint.move_aside(out_dir)
-    if moved:
-        print(f"moved what was in {out_dir} to {moved}")
-    if frozen and not continuing:
-        base = checkpoint.keep_base(out_dir, ckpt_path, ckpt)
-    problem = checkpoint.check_disk(
-        out_dir, file_bytes=sum(p.numel() * p.element_size() * 3 for p in model.parameters() if p.requires_grad),
-        files=checkpoint.files_kept(max_iters - iter_num, ckpt_interval=ckpt_interval, save_best=save_best,
-                                    rolling_interval=rolling_interval, keep_last=keep_last,
-                                    epoch_iters=n_windows / windows_per_iter if save_epochs else None,
-                                    keep_epochs=keep_epochs))
-    if problem and problem.startswith('cannot'):
-        raise SystemExit(f"train.py: error: {problem}")
-    if problem:
-        print(f"warning: {problem}", file=sys.stderr)
+    try:  # before the first write into out_dir; a checkpoint holds what trains and AdamW's two moments of it
+        checkpoint.prepare_out_dir(
+            out_dir, new_run=not continuing,
+            file_bytes=sum(p.numel() * p.element_size() * 3 for p in model.parameters() if p.requires_grad),
+            files=checkpoint.files_kept(max_iters - iter_num, ckpt_interval=ckpt_interval, save_best=save_best,
+                                        rolling_interval=rolling_interval, keep_last=keep_last,
+                                        epoch_iters=n_windows / windows_per_iter if save_epochs else None,
+                                        keep_epochs=keep_epochs))
+        if frozen and not continuing:  # a run that saves only what trains keeps its base beside it
+            base = checkpoint.keep_base(out_dir, ckpt_path, ckpt)
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f"train.py: error: {e}") from None
 ckpt = None  # free the loaded tensors
 if compile is None:
     compile = device_type == 'cuda'
@@ -575,7 +491,7 @@ while iter_num < max_iters:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group['lr'] = lr
-    windows, next_pos = next_windows(pos, windows_per_iter)
+    windows, next_pos = ds.next_windows(pos, windows_per_iter, n_windows, seed)
     iter_loss = torch.zeros((), device=device)
     for micro in range(micro_steps):
         # rank r takes micro-batches r, r + world_size, ...: the global batch is the same on any world size
