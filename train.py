@@ -13,6 +13,7 @@ The same command line starts a run and continues it: run it again after a crash,
 requeue and it resumes exactly where the newest valid checkpoint in out_dir left off.
 Ctrl-C or SIGTERM finishes the current iteration, saves `latest` and exits 0.
 """
+import gc
 import json
 import math
 import os
@@ -590,4 +591,8 @@ if tb_writer:
     tb_writer.close()
 if ddp:
     dist.barrier()  # ranks leave together: gloo aborts a rank whose peer tears down mid-exit
+    # the DDP wrapper holds the process group: freed first, gloo's worker threads end with the
+    # group here, not at interpreter exit, where they can abort the process (SIGABRT)
+    del model
+    gc.collect()
     dist.destroy_process_group()
