@@ -63,7 +63,9 @@ try:
             res['size'] = os.path.getsize(file)
             res['adam'] = sum(t.numel() * t.element_size() for s in state['optimizer']['state'].values()
                               for k, t in s.items() if k != 'step')
-            res['trained'] = next(line for line in stdout.splitlines() if 'parameters' in line).split(',')[0]
+            line = next(line for line in stdout.splitlines() if 'parameters' in line)
+            res['trained'] = line[:line.index(' parameters') + 11] + (line[line.index(' ('):line.index(')') + 1]
+                                                                      if ' (' in line.split('tokens/iter')[0] else '')
     for mode, res in results.items():
         med = lambda v: f"{statistics.median(v):,.0f} ({min(v):,.0f}-{max(v):,.0f})"
         print(f"{mode}: {res['trained']}; AdamW state {res['adam'] / 2**20:.1f} MiB; checkpoint "
