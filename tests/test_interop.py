@@ -115,8 +115,6 @@ def test_bias_false_and_options_gpt2_cannot_express(tmp_path):
 
 
 def test_lora_checkpoint_exports_merged(tmp_path):
-    if 'lora_rank' not in {f.name for f in dataclasses.fields(GPTConfig)}:
-        pytest.skip('LoRA is not in model.py yet')
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=257, lora_rank=4, lora_alpha=32)).eval()
     for name, p in model.named_parameters():
