@@ -4,7 +4,10 @@ latest (+ latest_backup), rolling step_NNNNNNN, epoch_NNNN (kept forever), best.
 
     save(path, state) / load(path)       one file; load() checks a sha256 over all of it
     save_tiers(out_dir, state, ...)      serialize once, publish under each tier name
+    Writer(background).save(...)         save_tiers from a snapshot, in a background thread
+    start_point(init_from, out_dir, ...) what a training command starts from (resume, new run, refusal)
     find(init_from, out_dir) / find_or_exit(...) / resolve(...) / list_checkpoints(out_dir)
+    prepare_out_dir / move_aside / trim_log / keep_base   out_dir before and after a (re)start
     rng_state() / set_rng_state(tree)    every RNG training draws from
 
 Only safetensors reads and writes these files (no pickle, no torch.load), so opening a checkpoint
@@ -280,8 +283,7 @@ def keep_base(out_dir, path, state) -> dict:
     if os.path.exists(dest):
         os.remove(dest)
     try:
-        if not os.path.isfile(path) or _read_header(path).get("format") not in READS:
-            raise OSError("not one of our files")
+        _read_header(path)  # one of our files (CheckpointError for gpt2, hf:, nanogpt: names)
         os.link(path, dest)
     except (OSError, CheckpointError):  # another filesystem, or gpt2 / hf: / nanogpt: weights
         save(dest, {k: state[k] for k in ("model", "model_args", "tokenizer") if k in state})
@@ -389,18 +391,18 @@ def trim_log(path, last_iter):
     with open(path) as f:
         for line in f:
             try:
-                (keep if json.loads(line).get('step', 0) <= last_iter else drop).append(line)
+                (keep if json.loads(line).get("step", 0) <= last_iter else drop).append(line)
             except ValueError:  # a line cut short by the kill
                 drop.append(line)
     if not drop:
         return
-    with open(path + '.dropped', 'a') as f:
+    with open(path + ".dropped", "a") as f:
         f.writelines(drop)
         os.fsync(f.fileno())
-    with open(path + '.tmp', 'w') as f:
+    with open(path + ".tmp", "w") as f:
         f.writelines(keep)
         os.fsync(f.fileno())
-    os.replace(path + '.tmp', path)
+    os.replace(path + ".tmp", path)
     print(f"log.jsonl: {len(drop)} records after iter {last_iter} moved to log.jsonl.dropped")
 
 
@@ -436,9 +438,9 @@ def save_tiers(out_dir, state, *, iter_num, latest, rolling, epoch, best, keep_l
 
 class Writer:
     """Saves tiers (save_tiers' arguments) and prints one line per save. In a background thread,
-    training blocks only for a
-    snapshot of the state: a copy into buffers kept between saves (on a GPU, pinned host memory the
-    copy is queued into; fresh memory each time would cost more in page faults than the copy).
+    training blocks only for a snapshot of the state: a copy into buffers kept between saves (on a
+    GPU, pinned host memory the copy is queued into; fresh memory each time would cost more in page
+    faults than the copy).
     At most one save is in flight: the next one first waits for it. A failed write surfaces as
     CheckpointError at the next save() or wait(); the files it would have replaced are intact.
     With background=False save() writes in the calling thread, as save_tiers does."""

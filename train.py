@@ -461,9 +461,20 @@ if iter_num == 0:
 window, log_losses, last_finite = [], [], None  # window: per-iteration losses not yet checked, on the device
 
 
+def diverged(what):
+    """Stop with one line when training produced a non-finite number, before that state is saved."""
+    if master_process:
+        writer.wait()  # the last good save completes; nothing later is saved
+    last = f"{last_finite[1]:.4f} at iter {last_finite[0]}" if last_finite else "none yet"
+    raise SystemExit(f"train.py: error: {what} (last finite loss: {last}); nothing from it was saved. Likely "
+                     f"causes: learning_rate={learning_rate:g} too high, grad_clip={grad_clip:g}, float16 overflow "
+                     f"(try --dtype=bfloat16), or damaged data; the same command with a lower --learning_rate "
+                     f"continues from the last checkpoint")
+
+
 def check_losses():
-    """The per-iteration losses since the last call, averaged over ranks, in one device sync. At
-    the first one that is not finite: one line and exit, before that state is saved anywhere."""
+    """The per-iteration losses since the last call, averaged over ranks, in one device sync; the
+    first that is not finite stops the run (diverged)."""
     global window, last_finite
     if not window:
         return []
@@ -474,13 +485,7 @@ def check_losses():
     values = (losses / world_size).tolist()
     for it, v in enumerate(values, start=iter_num - len(values) + 1):
         if not math.isfinite(v):
-            if master_process:
-                writer.wait()  # the last good save completes; nothing later is saved
-            last = f"{last_finite[1]:.4f} at iter {last_finite[0]}" if last_finite else "none yet"
-            raise SystemExit(f"train.py: error: the training loss is {v} at iter {it} (last finite loss: {last}); "
-                             f"nothing from it was saved. Likely causes: learning_rate={learning_rate:g} too high, "
-                             f"grad_clip={grad_clip:g}, float16 overflow (try --dtype=bfloat16), or damaged data; "
-                             f"the same command with a lower --learning_rate continues from the last checkpoint")
+            diverged(f"the training loss is {v} at iter {it}")
         last_finite = (it, v)
     return values
 
@@ -555,10 +560,9 @@ while iter_num < max_iters:
     if epoch_done and save_epochs and (last_epoch_ckpt is None or iter_num - last_epoch_ckpt >= rolling_interval):
         epoch, last_epoch_ckpt = pos[0], iter_num
     if latest or rolling or best or epoch is not None:
-        log_losses += check_losses()  # a state whose loss went non-finite is never saved,
-        if not torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all():  # nor non-finite weights
-            window.append(torch.tensor(float('nan'), device=device))
-            check_losses()
+        log_losses += check_losses()  # a state whose loss or weights went non-finite is never saved
+        if not torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all():
+            diverged(f"the weights are not finite after iter {iter_num}")
         t0 += save(latest=latest, rolling=rolling, epoch=epoch, best=best)  # written once, linked per tier
     if stop:
         if master_process:

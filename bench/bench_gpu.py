@@ -49,7 +49,9 @@ args = ap.parse_args()
 DATASET = 'stdlib_bpe50k'
 SLM = ['config/slm.py', f'--dataset={DATASET}', f'--device={args.device}', '--gradient_accumulation_steps=8']
 SMALL = ['config/python_code.py', f'--dataset={DATASET}', f'--device={args.device}']  # 4x4x256, block 256
+DIMS = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)  # GPT-2 small, in-process sections
 if args.small:
+    DIMS = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)
     SLM = SMALL + ['--n_layer=2', '--n_embd=64', '--n_head=2', '--block_size=64', '--compile=False']
     SMALL = SLM
 QUIET = ['--eval_interval=1000000', '--ckpt_interval=0', '--rolling_interval=0', '--save_best=False',
@@ -111,15 +113,13 @@ def section_train():
 
 def section_pad():
     """One fwd + bwd + AdamW step, the vocabulary padded or not: eager bfloat16, median of 20."""
-    dims = dict(n_layer=2, n_head=2, n_embd=64, block_size=64) if args.small else \
-        dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)
     bs = 4 if args.small else 12
     times = {}
     for padded in (pad_vocab(50257), None):
         torch.manual_seed(0)
-        model = GPT(GPTConfig(vocab_size=50257, padded_vocab_size=padded, **dims)).to(args.device)
+        model = GPT(GPTConfig(vocab_size=50257, padded_vocab_size=padded, **DIMS)).to(args.device)
         opt = model.configure_optimizer(0.1, 6e-4, (0.9, 0.95), args.device.split(':')[0])
-        x = torch.randint(0, 50257, (bs, dims['block_size']), device=args.device)
+        x = torch.randint(0, 50257, (bs, DIMS['block_size']), device=args.device)
         samples = []
         for i in range(25):
             sync()
@@ -134,7 +134,7 @@ def section_pad():
                 samples.append(time.perf_counter() - t0)
         times[padded] = statistics.median(samples)
         del model, opt
-    report('pad', f"one step of {bs}x{dims['block_size']} tokens, eager bfloat16: vocabulary 50304 (padded) "
+    report('pad', f"one step of {bs}x{DIMS['block_size']} tokens, eager bfloat16: vocabulary 50304 (padded) "
                   f"{times[pad_vocab(50257)] * 1000:.1f} ms, 50257 {times[None] * 1000:.1f} ms: padded is "
                   f"{times[None] / times[pad_vocab(50257)]:.2f}x as fast")
 
@@ -185,10 +185,8 @@ def section_resume():
 
 
 def section_sample():
-    dims = dict(n_layer=2, n_head=2, n_embd=64, block_size=64) if args.small else \
-        dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50257, padded_vocab_size=pad_vocab(50257), **dims)).to(args.device).eval()
+    model = GPT(GPTConfig(vocab_size=50257, padded_vocab_size=pad_vocab(50257), **DIMS)).to(args.device).eval()
     prompt = torch.randint(0, 50257, (1, 16), device=args.device)
     new = 50 if args.small else 500
     rates = {}
