@@ -102,6 +102,19 @@ def script_keys(source) -> set:
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
 
 
+def script_defaults(source, argv=(), prog=None) -> dict:
+    """A script's config defaults, read off its defaults block without running the script, with the
+    config files and --key=value in argv applied as the script would apply them: how bench/ learns
+    train.py's settings."""
+    with open(source, encoding='utf-8') as f:
+        tree = ast.parse('\n'.join(_defaults_block(f.read())))
+    defaults = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            defaults[node.targets[0].id] = literal_eval(node.value)
+    return configure(defaults, list(argv), prog=prog or os.path.basename(source))[0]
+
+
 def configure(defaults: dict, argv: list, prog: str = 'train.py', source: str = None, ignore=()) -> tuple:
     """Apply config files and --key=value overrides to a copy of defaults.
 

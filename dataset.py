@@ -170,14 +170,14 @@ class Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
-def _byte_of_char():
+def byte_of_char():
     """Invert GPT-2's bytes_to_unicode(): tokenizer.json spells each byte as a printable char."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
 
 
-def _parse_bpe(json_text, source):
+def parse_bpe(json_text, source):
     """(spec, vocab, byte ranks, eot id, merges) of a byte-level BPE tokenizer.json, or a one-line error."""
     try:
         spec = json.loads(json_text)
@@ -192,7 +192,7 @@ def _parse_bpe(json_text, source):
     if not ok or len(eots) != 1:
         raise _error(f"{source} is not a byte-level BPE tokenizer.json with an {EOT} special token "
                      f"(pass one written by prepare.py, e.g. --tokenizer=data/stdlib/tokenizer.json)")
-    byte_of = _byte_of_char()
+    byte_of = byte_of_char()
     vocab = {tok: i for tok, i in model["vocab"].items() if tok != EOT}  # GPT-2's json lists it twice
     ids = set(vocab.values())
     if (not all(c in byte_of for tok in vocab for c in tok) or not set(byte_of) <= set(vocab)
@@ -209,10 +209,10 @@ def make_state(kind: str, json_text: str = None, source: str = "tokenizer.json")
     if kind == "byte":
         return dict(kind="byte", fingerprint="byte", vocab_size=257, eot_id=256, json=None)
     if kind == "gpt2":
-        enc = _gpt2()
+        enc = gpt2_encoding()
         return dict(kind="gpt2", fingerprint="gpt2", vocab_size=enc.n_vocab, eot_id=enc.eot_token, json=None)
     assert kind == "bpe", kind
-    _, vocab, _, eot_id, _ = _parse_bpe(json_text, source)
+    _, vocab, _, eot_id, _ = parse_bpe(json_text, source)
     vocab_size = max(max(vocab.values()), eot_id) + 1
     if vocab_size > np.iinfo(DTYPE).max:
         raise _error(f"{source} has {vocab_size} tokens; ids must fit uint16 (use a vocabulary of at most 65535)")
@@ -228,7 +228,7 @@ def load_tokenizer(state: dict) -> Tokenizer:
                                 special_tokens={EOT: 256})
         return Tokenizer(state, enc)
     if kind == "gpt2":
-        enc = _gpt2()
+        enc = gpt2_encoding()
         if (enc.n_vocab, enc.eot_token) != (state["vocab_size"], state["eot_id"]):
             raise _error(f"tiktoken's gpt2 has {enc.n_vocab} tokens, eot {enc.eot_token}; the data expects "
                          f"{state['vocab_size']}, eot {state['eot_id']} (re-run prepare.py --force)")
@@ -238,7 +238,7 @@ def load_tokenizer(state: dict) -> Tokenizer:
     json_text = state["json"]
     if hashlib.sha256(json_text.encode("utf-8")).hexdigest() != state["fingerprint"]:
         raise _error("tokenizer.json does not match its fingerprint in meta.json (re-run prepare.py --force)")
-    spec, vocab, ranks, eot_id, merges = _parse_bpe(json_text, "tokenizer.json")
+    spec, vocab, ranks, eot_id, merges = parse_bpe(json_text, "tokenizer.json")
     enc = tiktoken.Encoding(f"bpe-{state['fingerprint'][:12]}", pat_str=GPT2_PAT, mergeable_ranks=ranks,
                             special_tokens={EOT: eot_id})
     # tiktoken merges the adjacent pair whose joined bytes have the lowest id, HF the pair listed
@@ -255,7 +255,7 @@ def load_tokenizer(state: dict) -> Tokenizer:
     return Tokenizer(state, enc, hf)
 
 
-def _gpt2():
+def gpt2_encoding():
     import socket
     import tiktoken
     old = socket.getdefaulttimeout()
@@ -298,7 +298,7 @@ def extend_bpe(json_text: str, texts, n_merges: int, source: str = "tokenizer.js
     import heapq
     from collections import Counter, defaultdict
     import regex
-    spec, vocab, _, _, _ = _parse_bpe(json_text, source)
+    spec, vocab, _, _, _ = parse_bpe(json_text, source)
     state = make_state("bpe", json_text, source)
     counts = Counter()
     pat = regex.compile(GPT2_PAT)
@@ -361,7 +361,7 @@ def extends(new: dict, old: dict) -> bool:
     if new["kind"] != "bpe" or old["kind"] != "bpe":
         return False
     (new_spec, new_vocab, _, new_eot, new_merges), (old_spec, old_vocab, _, old_eot, old_merges) = (
-        _parse_bpe(s["json"], f"the {name} tokenizer") for s, name in ((new, "new"), (old, "old")))
+        parse_bpe(s["json"], f"the {name} tokenizer") for s, name in ((new, "new"), (old, "old")))
     for spec in (new_spec, old_spec):  # everything else (pre-tokenizer, decoder, ...) must be equal
         spec["model"] = {k: v for k, v in spec["model"].items() if k not in ("vocab", "merges")}
     return (new_spec == old_spec and new_eot == old_eot and old_vocab.items() <= new_vocab.items()

@@ -21,10 +21,10 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-import checkpoint
 import dataset as ds
 import hardware
 import metrics
+import runs
 from configurator import check_ranges, configure, script_keys
 from model import from_state
 
@@ -155,7 +155,7 @@ def cells(r):
 results = []
 for name in [n.strip() for n in ckpt.split(',') if n.strip()]:
     t0 = time.time()
-    path, state = checkpoint.find_or_exit(name, out_dir, 'evaluate.py')
+    path, state = runs.find_or_exit(name, out_dir, 'evaluate.py')
     model = from_state(state).eval().to(device)  # a LoRA adapter checkpoint comes back with its base
     tokenizer = ds.load_tokenizer(state['tokenizer'])
     r = dict(name=name, path=path, iter_num=state.get('iter_num'), val_loss=state.get('val_loss'),

@@ -18,6 +18,7 @@ import time
 
 import checkpoint
 import interop
+import runs
 from configurator import configure
 from model import from_state
 
@@ -44,7 +45,7 @@ if push_to_hub and (format != 'hf' or push_to_hub.count('/') != 1):
     raise SystemExit(f"export.py: error: --push_to_hub=USER/NAME uploads a --format=hf export, got "
                      f"{push_to_hub!r} with format {format!r}")
 
-path, state = checkpoint.find_or_exit(ckpt, out_dir, 'export.py')
+path, state = runs.find_or_exit(ckpt, out_dir, 'export.py')
 model = from_state(state)
 model.merge_lora()  # LoRA adapters fold into the weights: what ships is a plain standalone model
 t0 = time.time()
@@ -63,7 +64,7 @@ try:
             os.rename(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-except (checkpoint.CheckpointError, OSError) as e:
+except (checkpoint.CheckpointError, ValueError, OSError) as e:  # ValueError: interop's refusals
     raise SystemExit(f"export.py: error: cannot export {path} to {out}: {e}")
 
 

@@ -15,31 +15,36 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import dataset as ds
-from checkpoint import CheckpointError, _oneline
 from model import GPTConfig, pad_vocab, state_shapes
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # HF: (in, out)
 EXPRESSIBLE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "padded_vocab_size", "dropout", "bias")
 # ds.make_state("gpt2") without needing tiktoken's file (GPT-2's vocabulary is fixed)
 GPT2_TOKENIZER = dict(kind="gpt2", fingerprint="gpt2", vocab_size=50257, eot_id=50256, json=None)
+NAMES = re.compile(r"gpt2(-medium|-large|-xl)?|(hf|nanogpt):.*", re.DOTALL)  # what load() takes
 GPT2_MERGES_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"  # vocab.bpe, as tiktoken pins it
 
 
 def load(name):
-    """(path, state) of a model in another format (a name checkpoint.IMPORT matches); CheckpointError
-    with a one-line reason."""
+    """(path, state) of a model in another format (a name NAMES matches); ValueError with a
+    one-line reason."""
     if name.startswith("nanogpt:"):
         return name[8:], load_nanogpt(name[8:])
     if name.startswith("hf:"):
         return name[3:], load_hf(name[3:])
     path = _gpt2_snapshot(name)
     return path, load_hf(path, tokenizer=dict(GPT2_TOKENIZER))
+
+
+def oneline(e) -> str:
+    return " ".join((e.strerror if isinstance(e, OSError) and e.strerror else str(e)).split()) or type(e).__name__
 
 # -----------------------------------------------------------------------------
 # export: our model -> a Hugging Face GPT-2 directory
@@ -52,12 +57,12 @@ def hf_weights(model) -> dict:
         if f.name.startswith("lora_") and not getattr(cfg, "lora_rank", 0):
             continue  # settings of adapters that are merged (model.py's LoRA): they no longer act
         if f.name not in EXPRESSIBLE and getattr(cfg, f.name) != f.default:
-            raise CheckpointError(f"the model option {f.name}={getattr(cfg, f.name)!r} cannot be expressed in "
+            raise ValueError(f"the model option {f.name}={getattr(cfg, f.name)!r} cannot be expressed in "
                                   "GPT-2's format (refused rather than exported wrong)")
     sd = model.state_dict()
     extra = sorted(set(sd) - set(state_shapes(dataclasses.replace(cfg, lora_rank=0))))
     if extra:
-        raise CheckpointError(f"the model has weights GPT-2's format has no place for: {', '.join(extra[:3])}")
+        raise ValueError(f"the model has weights GPT-2's format has no place for: {', '.join(extra[:3])}")
     out = {}
     for k, v in sd.items():
         if k == "lm_head.weight":
@@ -88,9 +93,15 @@ def tokenizer_json(tokenizer: dict) -> str:
     written out as byte-level BPEs."""
     if tokenizer["kind"] == "bpe":
         return tokenizer["json"]
-    ranks = {bytes([b]): b for b in range(256)} if tokenizer["kind"] == "byte" else ds._gpt2()._mergeable_ranks
+    ranks = {bytes([b]): b for b in range(256)} if tokenizer["kind"] == "byte" else gpt2_ranks()
     assert tokenizer["eot_id"] == len(ranks), tokenizer
     return bpe_json(ranks)
+
+
+def gpt2_ranks() -> dict:
+    """{token bytes: id} of GPT-2's 50256 ordinary tokens (tiktoken's file)."""
+    enc = ds.gpt2_encoding()
+    return {enc.decode_single_token_bytes(i): i for i in range(enc.eot_token)}
 
 
 def bpe_json(ranks: dict) -> str:
@@ -98,7 +109,7 @@ def bpe_json(ranks: dict) -> str:
     the end-of-text token next. Each merge is recovered from the ranks: BPE on a token's bytes with
     only the earlier merges ends in the pair that makes it (for GPT-2 this rebuilds vocab.bpe exactly)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    char = {b: c for c, b in ds._byte_of_char().items()}  # GPT-2 spells each byte as a printable char
+    char = {b: c for c, b in ds.byte_of_char().items()}  # GPT-2 spells each byte as a printable char
     spell = lambda token: "".join(char[b] for b in token)
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
@@ -188,9 +199,9 @@ def _imported(sd, model_args, tokenizer, source, **info) -> dict:
     want, got = state_shapes(GPTConfig(**model_args)), {k: tuple(v.shape) for k, v in sd.items()}
     if got != want:
         diff = sorted(set(got.items()) ^ set(want.items()))[:2]
-        raise CheckpointError(f"{source}: the weights do not fit a GPT with {model_args} (e.g. {diff})")
+        raise ValueError(f"{source}: the weights do not fit a GPT with {model_args} (e.g. {diff})")
     if tokenizer["vocab_size"] > model_args["vocab_size"]:
-        raise CheckpointError(f"{source}: the tokenizer has {tokenizer['vocab_size']} tokens, the model only "
+        raise ValueError(f"{source}: the tokenizer has {tokenizer['vocab_size']} tokens, the model only "
                               f"{model_args['vocab_size']}")
     model_args = dataclasses.asdict(GPTConfig(**model_args))  # every field, spelled as train.py's checkpoints
     return {"model": sd, "model_args": model_args, "tokenizer": tokenizer, "config": {}, "iter_num": None, **info}
@@ -208,17 +219,17 @@ def _read_json(path, what):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {what} {path}: {_oneline(e)}") from None
+        raise ValueError(f"cannot read {what} {path}: {oneline(e)}") from None
 
 
 def load_hf(d, tokenizer=None) -> dict:
     """A local GPT-2-format directory (ours, or a download): config.json, model.safetensors (or shards)
     and, unless `tokenizer` is given, tokenizer.json."""
     if not os.path.isdir(d):
-        raise CheckpointError(f"{d} is not a directory (hf: takes a Hugging Face GPT-2 directory)")
+        raise ValueError(f"{d} is not a directory (hf: takes a Hugging Face GPT-2 directory)")
     cfg = _read_json(os.path.join(d, "config.json"), "the Hugging Face config")
     if not isinstance(cfg, dict):
-        raise CheckpointError(f"{d}/config.json is not a Hugging Face config (a JSON object)")
+        raise ValueError(f"{d}/config.json is not a Hugging Face config (a JSON object)")
     # what GPT2Config can say that our GPT cannot compute
     refuse = {"model_type": cfg.get("model_type") != "gpt2",
               "activation_function": cfg.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
@@ -229,7 +240,7 @@ def load_hf(d, tokenizer=None) -> dict:
               "add_cross_attention": cfg.get("add_cross_attention", False)}
     bad = [f"{k}={cfg.get(k)!r}" for k, no in refuse.items() if no]
     if bad:
-        raise CheckpointError(f"{d}: a GPT-2 model with {', '.join(bad)} cannot be loaded as our GPT")
+        raise ValueError(f"{d}: a GPT-2 model with {', '.join(bad)} cannot be loaded as our GPT")
     index = os.path.join(d, "model.safetensors.index.json")
     files = (sorted(set(_read_json(index, "the weight index")["weight_map"].values())) if os.path.exists(index)
              else ["model.safetensors"])
@@ -244,7 +255,7 @@ def load_hf(d, tokenizer=None) -> dict:
                     key = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k  # GPT2Model's
                     sd[key] = v.t() if key.endswith(CONV1D) else v
     except Exception as e:
-        raise CheckpointError(f"cannot read the weights in {d}: {_oneline(e)} (a Hugging Face GPT-2 directory "
+        raise ValueError(f"cannot read the weights in {d}: {oneline(e)} (a Hugging Face GPT-2 directory "
                               "holds model.safetensors; pytorch_model.bin pickles are not read)") from None
     try:
         V = cfg["vocab_size"]
@@ -253,16 +264,16 @@ def load_hf(d, tokenizer=None) -> dict:
                           padded_vocab_size=pad_vocab(V))
         head = sd.pop("lm_head.weight", None)
         if head is not None and not torch.equal(head, sd["transformer.wte.weight"]):
-            raise CheckpointError(f"{d}: lm_head is not tied to wte, which our GPT needs")
+            raise ValueError(f"{d}: lm_head is not tied to wte, which our GPT needs")
         if sd["transformer.wte.weight"].size(0) != V:
-            raise CheckpointError(f"{d}: wte has {sd['transformer.wte.weight'].size(0)} rows, config.json says {V}")
+            raise ValueError(f"{d}: wte has {sd['transformer.wte.weight'].size(0)} rows, config.json says {V}")
         _tie(sd, model_args)
     except KeyError as e:
-        raise CheckpointError(f"{d}: no {e.args[0]} in config.json or the weights (not a GPT-2 model)") from None
+        raise ValueError(f"{d}: no {e.args[0]} in config.json or the weights (not a GPT-2 model)") from None
     if tokenizer is None:
         path = os.path.join(d, "tokenizer.json")
         if not os.path.isfile(path):
-            raise CheckpointError(f"{d} has no tokenizer.json (a byte-level BPE, as GPT-2's and ours are)")
+            raise ValueError(f"{d} has no tokenizer.json (a byte-level BPE, as GPT-2's and ours are)")
         with open(path, encoding="utf-8") as f:
             tokenizer = tokenizer_of_json(f.read(), path)
     return _imported(sd, model_args, tokenizer, d)
@@ -271,12 +282,12 @@ def load_hf(d, tokenizer=None) -> dict:
 def tokenizer_of_json(text, source) -> dict:
     """Our tokenizer state for a tokenizer.json: the byte and GPT-2 encodings are recognized (so data
     prepared with --tokenizer=byte / gpt2 matches them), any other byte-level BPE is kind bpe."""
-    _, vocab, ranks, eot_id, merges = ds._parse_bpe(text, source)
+    _, vocab, ranks, eot_id, merges = ds.parse_bpe(text, source)
     if not merges and eot_id == 256 and ranks == {bytes([b]): b for b in range(256)}:
         return ds.make_state("byte")
     vocab_bpe = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
     if eot_id == 50256 and hashlib.sha256(vocab_bpe.encode("utf-8")).hexdigest() == GPT2_MERGES_SHA256:
-        gpt2 = {c: i for i, c in enumerate(ds._byte_of_char())}  # bytes in GPT-2's order, then one per merge
+        gpt2 = {c: i for i, c in enumerate(ds.byte_of_char())}  # bytes in GPT-2's order, then one per merge
         gpt2.update({a + b: 256 + i for i, (a, b) in enumerate(merges)})
         if vocab == gpt2:
             return dict(GPT2_TOKENIZER)
@@ -297,7 +308,7 @@ def _gpt2_snapshot(name):
             continue
         if all(os.path.isfile(os.path.join(d, f)) for f in files):
             return d
-    raise CheckpointError(f"GPT-2 '{name}' is not in the Hugging Face cache and could not be downloaded "
+    raise ValueError(f"GPT-2 '{name}' is not in the Hugging Face cache and could not be downloaded "
                           f"({type(error).__name__}); on a machine with network run `hf download "
                           f"openai-community/{name} {' '.join(files)}` and copy ~/.cache/huggingface here "
                           f"(or set HF_HOME to a copy), or use hf:DIR with a directory holding those files")
@@ -312,28 +323,28 @@ def load_nanogpt(path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        why = next((line.strip() for line in str(e).splitlines() if "unsupported" in line.lower()), _oneline(e)[:200])
-        raise CheckpointError(f"{path} holds more than tensors and plain values ({why}); refused: a nanoGPT "
+        why = next((line.strip() for line in str(e).splitlines() if "unsupported" in line.lower()), oneline(e)[:200])
+        raise ValueError(f"{path} holds more than tensors and plain values ({why}); refused: a nanoGPT "
                               "ckpt.pt is read with torch.load(weights_only=True), which never runs code") from None
     except Exception as e:
-        raise CheckpointError(f"cannot read {path} as a torch.save file ({type(e).__name__}: {_oneline(e)[:200]})") from None
+        raise ValueError(f"cannot read {path} as a torch.save file ({type(e).__name__}: {oneline(e)[:200]})") from None
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model_args"), dict) and isinstance(ckpt.get("model"), dict)
             and all(isinstance(v, torch.Tensor) for v in ckpt["model"].values())):
-        raise CheckpointError(f"{path} is not a nanoGPT checkpoint (a dict with 'model' tensors and 'model_args')")
+        raise ValueError(f"{path} is not a nanoGPT checkpoint (a dict with 'model' tensors and 'model_args')")
     args, config = ckpt["model_args"], ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     if args.get("vocab_size") not in (50257, 50304):
-        raise CheckpointError(f"{path} has vocab_size={args.get('vocab_size')} (dataset "
+        raise ValueError(f"{path} has vocab_size={args.get('vocab_size')} (dataset "
                               f"{config.get('dataset', 'unknown')!r}), not GPT-2's 50257 or nanoGPT's padded 50304: "
                               "its vocabulary comes from a meta.pkl (characters), which our tokenizers cannot represent")
     try:
         model_args = {k: args[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")}
     except KeyError as e:
-        raise CheckpointError(f"{path}: model_args lacks {e.args[0]} (not a nanoGPT checkpoint)") from None
+        raise ValueError(f"{path}: model_args lacks {e.args[0]} (not a nanoGPT checkpoint)") from None
     model_args.update(vocab_size=50257, dropout=0.0, padded_vocab_size=pad_vocab(50257))
     sd = {k.removeprefix("_orig_mod."): v.float() for k, v in ckpt["model"].items()
           if not k.endswith(".attn.bias")}  # the causal mask nanoGPT keeps without flash attention
     if "transformer.wte.weight" not in sd:
-        raise CheckpointError(f"{path}: no transformer.wte.weight among its weights (not a nanoGPT checkpoint)")
+        raise ValueError(f"{path}: no transformer.wte.weight among its weights (not a nanoGPT checkpoint)")
     _tie(sd, model_args)  # nanoGPT's padding rows were trained toward -inf logits; ours are zero and cut off
     best = ckpt.get("best_val_loss")
     return _imported(sd, model_args, dict(GPT2_TOKENIZER), path, config=config, iter_num=ckpt.get("iter_num"),

@@ -52,7 +52,7 @@ def _nll(model, x, y):
     vocabulary projection runs only at scored positions and without the padding columns (pad_vocab),
     in row chunks: 64 rows of logits stay in a CPU's cache (2x faster than log_softmax over 2048 rows,
     see model.CrossEntropy), 4096 on a GPU, and memory stays bounded with GPT-2's 50k vocabulary."""
-    h = model._hidden(x)
+    h = model.hidden_states(x)
     mask = y >= 0
     V, rows = model.config.vocab_size, 64 if x.device.type == 'cpu' else 4096
     nll = []

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 
@@ -245,7 +246,7 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def _hidden(self, idx, cache=None, pos=0):
+    def hidden_states(self, idx, cache=None, pos=0):
         """Final-LayerNorm hidden states (B, T, C) for tokens idx at positions pos..pos+T-1."""
         B, T = idx.size()
         if pos + T > self.config.block_size:
@@ -268,7 +269,7 @@ class GPT(nn.Module):
         """idx, targets: (B, T) token ids, targets may use -1 for 'ignore'.
         With targets: logits (B, T, V) and the mean cross-entropy. Without (inference):
         logits (B, 1, V) of the last position only, and loss None."""
-        x = self._hidden(idx)
+        x = self.hidden_states(idx)
         V = self.config.vocab_size
         if targets is not None:
             logits = self.lm_head(x)[..., :V]  # without the padding columns: exact softmax and loss
@@ -366,11 +367,11 @@ class GPT(nn.Module):
             if refill:
                 s = L - keep
             if not use_cache:
-                x = self._hidden(seq[:, s:L])  # the whole window, every step
+                x = self.hidden_states(seq[:, s:L])  # the whole window, every step
             elif i == 0 or refill:
-                x = self._hidden(seq[:, s:L], cache, 0)  # prefill the cache
+                x = self.hidden_states(seq[:, s:L], cache, 0)  # prefill the cache
             else:
-                x = self._hidden(seq[:, L - 1:L], cache, L - 1 - s)  # one new token vs the cache
+                x = self.hidden_states(seq[:, L - 1:L], cache, L - 1 - s)  # one new token vs the cache
             x = x[:, -1, :]  # only the last position's logits are needed
             logits = (x @ head if head is not None else self.lm_head(x))[:, :self.config.vocab_size]  # (B, V)
             next_tok = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
@@ -379,23 +380,78 @@ class GPT(nn.Module):
             yield next_tok
 
 
+class _SkipNormal(TorchFunctionMode):
+    """Leaves normal_ (nn.init's and the tensor's) undone. A meta tensor has no values to fill, yet
+    its normal_ imports torch's compiler on first use (1 s, measured), which nothing else needs."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.normal_, nn.init.normal_):
+            return args[0] if args else kwargs['tensor']
+        return func(*args, **kwargs)
+
+
 def state_shapes(config: GPTConfig) -> dict:
-    """{name: shape} of GPT(config).state_dict(), computed without building the model (building
-    one on the meta device first imports torch's compiler, ~2 s): checkpoint.py checks a loaded
-    state against it. Tested equal to the real state_dict."""
-    C, V = config.n_embd, config.padded_vocab_size
-    shapes = {'transformer.wte.weight': (V, C), 'transformer.wpe.weight': (config.block_size, C)}
-    layer = {'ln_1': (C,), 'attn.c_attn': (3 * C, C), 'attn.c_proj': (C, C), 'ln_2': (C,), 'mlp.c_fc': (4 * C, C),
-             'mlp.c_proj': (C, 4 * C)}
-    targets = config.lora_targets.split(',') if config.lora_rank else []
-    for name, shape in [(f'h.{i}.{n}', s) for i in range(config.n_layer) for n, s in layer.items()] + [('ln_f', (C,))]:
-        shapes[f'transformer.{name}.weight'] = shape
-        if config.bias:
-            shapes[f'transformer.{name}.bias'] = shape[:1]
-        if name.split('.', 2)[-1] in targets:
-            shapes[f'transformer.{name}.lora_A'] = (config.lora_rank, shape[1])
-            shapes[f'transformer.{name}.lora_B'] = (shape[0], config.lora_rank)
-    return {**shapes, 'lm_head.weight': (V, C)}
+    """{name: shape} of GPT(config).state_dict(), read off a model built on the meta device (no
+    memory, 0.13 s at GPT-2 XL size): what a checkpoint of that config must hold."""
+    with torch.device('meta'), _SkipNormal():
+        model = GPT(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+# the sizes a model description may ask for (a crafted one could ask for a billion layers)
+ARG_RANGES = dict(n_layer=1024, n_head=1024, n_embd=1 << 16, block_size=1 << 20, vocab_size=1 << 24)
+
+
+def check_args(args) -> GPTConfig:
+    """The GPTConfig that model_args describe; ValueError with a one-line reason when they describe
+    no GPT: a size that is not an int in ARG_RANGES, n_embd not a multiple of n_head, an unknown key."""
+    if not isinstance(args, dict):
+        raise ValueError(f"model_args is a {type(args).__name__}, not a dict")
+    for key, top in ARG_RANGES.items():
+        value = args.get(key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= top):
+            raise ValueError(f"model_args {key}={value!r}")
+    if args['n_embd'] % args['n_head']:
+        raise ValueError(f"model_args n_embd={args['n_embd']} is not a multiple of n_head={args['n_head']}")
+    try:
+        return GPTConfig(**args)
+    except Exception as e:
+        raise ValueError(f"its model_args build no model: {type(e).__name__}: {' '.join(str(e).split())}") from None
+
+
+def check_state(state):
+    """ValueError unless state holds a GPT: model_args that describe one (check_args) and weights of
+    exactly that model's names and shapes."""
+    if not isinstance(state.get('model'), dict):
+        raise ValueError("no model")
+    config = check_args(state.get('model_args'))
+    try:
+        expected = state_shapes(config)
+    except Exception as e:
+        raise ValueError(f"its model_args build no model: {type(e).__name__}: {' '.join(str(e).split())}") from None
+    weights = state['model']
+    for key in expected.keys() | weights.keys():
+        if not isinstance(weights.get(key), torch.Tensor) or tuple(weights[key].shape) != expected.get(key):
+            raise ValueError(f"weight {key}: {tuple(getattr(weights.get(key), 'shape', ()))} where its model_args "
+                             f"make {tuple(expected[key]) if key in expected else 'none'}")
+
+
+def with_base(state, base) -> dict:
+    """An adapter state (a run with frozen weights saves only what trains) completed with the weights
+    of its base state: the base's weights, its vocabulary grown to the adapter's if the run extended it
+    (resize_vocab), and the adapter's own weights on top; of a wte that trained only its new rows
+    (new_tokens), the new rows."""
+    weights, args = base['model'], base['model_args']
+    if args['vocab_size'] != state['model_args']['vocab_size']:  # the run extended the vocabulary
+        weights = resize_vocab(weights, args['vocab_size'], state['model_args']['vocab_size'])
+    weights = dict(weights)
+    for name, t in state['model'].items():
+        if name == 'transformer.wte.weight' and t.size(0) < weights[name].size(0):  # new_tokens: the new rows
+            t = torch.cat([weights[name][:-t.size(0)], t])
+        weights[name] = t
+    weights['lm_head.weight'] = weights['transformer.wte.weight']  # tied
+    return {**state, 'model': weights}
 
 
 def from_state(state) -> GPT:

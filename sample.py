@@ -17,9 +17,9 @@ from contextlib import nullcontext
 
 import torch
 
-import checkpoint
 import dataset as ds
 import hardware
+import runs
 from configurator import check_ranges, configure, script_keys
 from model import from_state
 
@@ -65,7 +65,7 @@ try:
     start.encode('utf-8')
 except UnicodeEncodeError:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
     raise SystemExit("sample.py: error: the prompt is not valid UTF-8 text") from None
-path, state = checkpoint.find_or_exit(ckpt, out_dir, 'sample.py',
+path, state = runs.find_or_exit(ckpt, out_dir, 'sample.py',
                                      hint=' (train a model first: python prepare.py && python train.py)')
 model = from_state(state).eval().to(device)
 model.merge_lora()  # a LoRA run's adapters fold into the weights: the same outputs, faster

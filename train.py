@@ -14,7 +14,6 @@ requeue and it resumes exactly where the newest valid checkpoint in out_dir left
 Ctrl-C or SIGTERM finishes the current iteration, saves `latest` and exits 0.
 """
 import gc
-import json
 import math
 import os
 import signal
@@ -31,6 +30,7 @@ import checkpoint
 import dataset as ds
 import hardware
 import metrics
+import runs
 from configurator import check_ranges, configure
 from model import (GPT, GPTConfig, count_params, load_base, load_optimizer_state, mark_trainable, pad_vocab,
                    resize_vocab, trained_weights, wte_moments)
@@ -101,12 +101,6 @@ tensorboard_log = False  # also write the wandb scalars to out_dir/tb/ (pip inst
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
-if '--list' in sys.argv[1:]:
-    argv = [a for a in sys.argv[1:] if a != '--list']
-    cfg, _ = configure(defaults, argv, prog='train.py', source=__file__)
-    print(checkpoint.format_listing(checkpoint.list_checkpoints(cfg['out_dir'], defaults=defaults)))
-    sys.exit(0)
-config, explicit = configure(defaults, sys.argv[1:], prog='train.py', source=__file__)
 RANGES = dict(n_layer='[1, inf)', n_head='[1, inf)', n_embd='[1, inf)', block_size='[1, inf)', dropout='[0, 1)',
               batch_size='[1, inf)', gradient_accumulation_steps='[1, inf)', max_iters='[1, inf)',
               max_epochs='(0, inf)', learning_rate='(0, inf)', weight_decay='[0, inf)', beta1='[0, 1)',
@@ -130,36 +124,22 @@ def check_config(c, where=''):
         raise SystemExit(f"train.py: error: {e}{where}") from None
 
 
-check_config(config)  # before anything is read or written
-globals().update(config)
 
 # -----------------------------------------------------------------------------
-# what to start from. The same command line starts a run and, after a crash, a Ctrl-C or a requeue,
-# continues it: a run in out_dir (its checkpoints) is resumed, never silently started over
+# config: the command line over the defaults. The same command line starts a run and, after a
+# crash, a Ctrl-C or a requeue, continues it: a run in out_dir is resumed (with its own config
+# under what this command sets), never silently started over
+if '--list' in sys.argv[1:]:
+    cfg, _ = configure(defaults, [a for a in sys.argv[1:] if a != '--list'], prog='train.py', source=__file__)
+    print(runs.listing(cfg['out_dir'], defaults))
+    sys.exit(0)
+config, explicit = configure(defaults, sys.argv[1:], prog='train.py', source=__file__)
+check_config(config)  # before anything is read or written
 try:
-    init_from, ckpt_path, ckpt, continuing, origin = checkpoint.start_point(
-        init_from, out_dir, reset_state=reset_state, overwrite=overwrite, defaults=defaults)
+    start = runs.start_point(config, explicit, defaults)
 except checkpoint.CheckpointError as e:
     raise SystemExit(f"train.py: error: {e}") from None
-if ckpt is not None:
-    shape = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias')
-    for k in shape + (('lora_rank', 'lora_targets') if continuing else ()):  # an adapter's shape too
-        if k in explicit and config[k] != ckpt['model_args'].get(k, defaults[k]):
-            raise SystemExit(f"train.py: error: {ckpt_path} has {k}={ckpt['model_args'].get(k, defaults[k])} but "
-                             f"--{k}={config[k]} was given (a checkpoint's shape cannot change)")
-    if continuing and 'optimizer' not in ckpt:
-        raise SystemExit(f"train.py: error: {ckpt_path} holds weights only (export.py wrote it), no run to "
-                         f"continue; start a new run from it with --reset_state=True")
-    if continuing:
-        config['reset_state'] = False
-    elif 'optimizer' not in ckpt:  # weights only (export.py, gpt2, hf:, nanogpt:): a new run from them
-        config['reset_state'] = True
-    if not config['reset_state']:  # how this command starts (init_from, ...) is not the run's to set
-        config.update({k: v for k, v in ckpt['config'].items()
-                       if k in defaults and k not in explicit | {'init_from', 'reset_state', 'overwrite'}})
-    else:  # a new run keeps only the weights, and so their shape
-        config.update({k: ckpt['model_args'][k] for k in shape if k not in explicit})
-config['init_from'] = init_from  # as decided, for the checkpoints' record
+config, ckpt, ckpt_path, continuing = start['config'], start['state'], start['path'], start['continuing']
 if ckpt is not None:
     check_config(config, f' (in the config of {ckpt_path})')
 globals().update(config)
@@ -220,6 +200,8 @@ if master_process and (eval_mcq or eval_generate):
     except metrics.EvalError as e:
         raise SystemExit(f"train.py: error: {e}")
     eval_tokenizer = ds.load_tokenizer(tokenizer)
+
+
 def get_batch(data, windows):
     xy = np.stack([data[w * block_size: w * block_size + block_size + 1] for w in windows])  # (B, T + 1)
     if xy.max() >= vocab_size:  # an id past the embedding: a traceback on the CPU, a device assert on a GPU
@@ -234,7 +216,7 @@ def get_batch(data, windows):
 
 
 # -----------------------------------------------------------------------------
-# model and optimizer: from scratch, or the checkpoint's weights (and, unless reset_state, its
+# model and optimizer: from scratch, or the checkpoint's weights (and, continuing its run, its
 # state). With lora_rank or trainable set, only the adapters and what trainable names train.
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=vocab_size, dropout=dropout, padded_vocab_size=pad_vocab(vocab_size),
@@ -283,26 +265,9 @@ if ckpt is not None and not reset_state:
     # beyond the saved ones keep seed + rank, so dropout masks (only they) differ from the old run
     rngs = ckpt.get('rng_ranks') or [ckpt['rng']]
     if rank < len(rngs):
-        checkpoint.set_rng_state(rngs[rank])
+        runs.set_rng_state(rngs[rank])
     if master_process:
         print(f"resumed from {ckpt_path} at iter {iter_num}, epoch {pos[0]}, window {pos[1]}/{n_windows}")
-        if continuing:
-            checkpoint.trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
-base = ckpt.get('base') if continuing else None  # where a run with frozen weights finds the rest
-if master_process:
-    try:  # before the first write into out_dir; a checkpoint holds what trains and AdamW's two moments of it
-        checkpoint.prepare_out_dir(
-            out_dir, new_run=not continuing,
-            file_bytes=sum(p.numel() * p.element_size() * 3 for p in model.parameters() if p.requires_grad),
-            files=checkpoint.files_kept(max_iters - iter_num, ckpt_interval=ckpt_interval, save_best=save_best,
-                                        rolling_interval=rolling_interval, keep_last=keep_last,
-                                        epoch_iters=n_windows / windows_per_iter if save_epochs else None,
-                                        keep_epochs=keep_epochs))
-        if frozen and not continuing:  # a run that saves only what trains keeps its base beside it
-            base = checkpoint.keep_base(out_dir, ckpt_path, ckpt)
-    except checkpoint.CheckpointError as e:
-        raise SystemExit(f"train.py: error: {e}") from None
-ckpt = None  # free the loaded tensors
 if compile is None:
     compile = device_type == 'cuda'
 raw_model = model  # plain module: what checkpoints save, so no '_orig_mod.' or 'module.' prefixes
@@ -312,8 +277,67 @@ eval_model = model  # evaluation needs no DDP gradient sync
 if ddp:
     model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
 
+# -----------------------------------------------------------------------------
+# out_dir (rank 0 writes): checked before the first write, an older run moved aside for a new one,
+# the log trimmed for a continued one; then the checkpoint writer, wandb and TensorBoard
+base = ckpt.get('base') if continuing else None  # where a run with frozen weights finds the rest
+wandb_from, tb_writer = 0, None
+if master_process:
+    try:  # a checkpoint holds what trains and AdamW's two moments of it
+        runs.prepare_out_dir(
+            out_dir, new_run=not continuing,
+            file_bytes=sum(p.numel() * p.element_size() * 3 for p in model.parameters() if p.requires_grad),
+            files=runs.files_kept(max_iters - iter_num, ckpt_interval=ckpt_interval, save_best=save_best,
+                                 rolling_interval=rolling_interval, keep_last=keep_last,
+                                 epoch_iters=n_windows / windows_per_iter if save_epochs else None,
+                                 keep_epochs=keep_epochs))
+        if continuing:
+            runs.trim_log(out_dir, iter_num)
+        if frozen and not continuing:  # a run that saves only what trains keeps its base beside it
+            base = runs.keep_base(out_dir, ckpt_path, ckpt)
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f"train.py: error: {e}") from None
+ckpt = None  # free the loaded tensors
+protect = (ckpt_path,) if ckpt_path else ()  # the file this run started from is never pruned
+writer = checkpoint.Writer(background=async_save)
+if wandb_log and master_process:
+    try:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config, id=wandb_id, resume='allow')
+    except ImportError:
+        raise SystemExit("train.py: error: wandb_log=True needs wandb: pip install wandb") from None
+    except Exception as e:  # not logged in, or no network
+        raise SystemExit(f"train.py: error: wandb could not start ({' '.join(str(e).split())[:200]}); log in with "
+                         f"`wandb login` or WANDB_API_KEY, or log locally with WANDB_MODE=offline") from None
+    wandb_id = wandb.run.id  # kept in checkpoints: a resumed run logs into the same wandb run
+    # after a kill -9 the iterations since the checkpoint run again; wandb already has them (the
+    # same numbers on a deterministic run) and refuses steps below its own, so they are not re-sent
+    wandb_from = wandb.run.step
+if tensorboard_log and master_process:
+    # purge_step makes a resumed run hide what a killed process logged after its checkpoint
+    tb_writer = SummaryWriter(os.path.join(out_dir, 'tb'), purge_step=iter_num or None, flush_secs=10)
+# MFU: model FLOPs (6N + attention, see model.flops_per_token) per second over the hardware's peak
+flops_per_token = raw_model.flops_per_token()
+peak_flops = peak_flops or hardware.peak_flops(device, dtype)
+if master_process:
+    trains = f" ({trained:,} of all {total:,} trained: {100 * trained / total:.2f}%)" if frozen else ""
+    print(f"{raw_model.num_params() / 1e6:.2f}M parameters{trains}, {tokens_per_iter:,} tokens/iter, "
+          f"{n_windows:,} windows/epoch, device {device}, dtype {dtype}, {world_size} process(es), "
+          f"MFU against {f'{peak_flops / 1e12:.3g} TFLOP/s' if peak_flops else 'an unknown peak'}")
+# SIGTERM / SIGINT only set a flag; the loop saves at the next iteration boundary and exits
+stop_signal = None
+
+
+def on_signal(signum, frame):
+    global stop_signal
+    stop_signal = signum
+
+
+signal.signal(signal.SIGTERM, on_signal)
+signal.signal(signal.SIGINT, on_signal)
 
 # -----------------------------------------------------------------------------
+# helpers
 def get_lr(it):
     decay_iters = lr_decay_iters or max_iters
     if it < warmup_iters:
@@ -351,10 +375,10 @@ def estimate_loss():
 def save(latest=False, rolling=False, epoch=None, best=False):
     """Every rank: gather the RNG states; rank 0: hand the state to the writer (which prints when the
     file is written). Returns the seconds training was blocked (left out of the iteration timing)."""
-    rngs = [checkpoint.rng_state()]
+    rngs = [runs.rng_state()]
     if ddp:  # each rank's dropout stream, so a resumed run continues every one of them
         rngs = [None] * world_size if master_process else None
-        dist.gather_object(checkpoint.rng_state(), rngs, dst=0)
+        dist.gather_object(runs.rng_state(), rngs, dst=0)
     if not master_process:
         return 0.0
     state = {  # a run with frozen weights saves what trains (and names its base); other runs, everything
@@ -362,7 +386,7 @@ def save(latest=False, rolling=False, epoch=None, best=False):
         'optimizer': wte_moments(optimizer.state_dict(), optimizer, raw_model, cut=True), 'scaler': scaler.state_dict(),
         'iter_num': iter_num, 'epoch': pos[0], 'data_pos': list(pos), 'best_val_loss': best_val_loss,
         'last_epoch_ckpt': last_epoch_ckpt, 'val_loss': last_eval.get('val'), 'train_loss': last_eval.get('train'),
-        'rng': rngs[0], 'rng_ranks': rngs, 'config': config, 'model_args': model_args, 'origin': origin,
+        'rng': rngs[0], 'rng_ranks': rngs, 'config': config, 'model_args': model_args, 'origin': start['origin'],
         'data': {'dataset': dataset, 'fingerprint': ds.fingerprint(meta)},
         'tokenizer': tokenizer, 'wandb_id': wandb_id, 'time': time.time(),
     }
@@ -380,8 +404,8 @@ WANDB_KEYS.update({k: f'eval/{k}' for k in metrics.TRAINING_KEYS})  # eval_mcq, 
 
 
 def log(entry):
-    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
-        f.write(json.dumps(entry) + '\n')
+    """A record to log.jsonl, and its numbers to wandb and TensorBoard (rank 0)."""
+    runs.append_log(out_dir, entry)
     if wandb_log and entry['step'] >= wandb_from:
         wandb.log({WANDB_KEYS[k]: v for k, v in entry.items() if k in WANDB_KEYS and v is not None},
                   step=entry['step'])  # mfu in percent, as nanoGPT's panels show it
@@ -389,48 +413,6 @@ def log(entry):
         for k, v in entry.items():
             if k in WANDB_KEYS and v is not None:
                 tb_writer.add_scalar(WANDB_KEYS[k], v, entry['step'])
-
-
-# SIGTERM / SIGINT only set a flag; the loop saves at the next iteration boundary and exits
-stop_signal = None
-
-
-def on_signal(signum, frame):
-    global stop_signal
-    stop_signal = signum
-
-
-signal.signal(signal.SIGTERM, on_signal)
-signal.signal(signal.SIGINT, on_signal)
-protect = (ckpt_path,) if ckpt_path else ()
-writer = checkpoint.Writer(background=async_save)
-if wandb_log and master_process:
-    try:
-        import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config, id=wandb_id, resume='allow')
-    except ImportError:
-        raise SystemExit("train.py: error: wandb_log=True needs wandb: pip install wandb") from None
-    except Exception as e:  # not logged in, or no network
-        raise SystemExit(f"train.py: error: wandb could not start ({' '.join(str(e).split())[:200]}); log in with "
-                         f"`wandb login` or WANDB_API_KEY, or log locally with WANDB_MODE=offline") from None
-    wandb_id = wandb.run.id  # kept in checkpoints: a resumed run logs into the same wandb run
-    # after a kill -9 the iterations since the checkpoint run again; wandb already has them (the
-    # same numbers on a deterministic run) and refuses steps below its own, so they are not re-sent
-    wandb_from = wandb.run.step
-# -----------------------------------------------------------------------------
-# training loop
-# MFU: model FLOPs (6N + attention, see model.flops_per_token) per second over the hardware's peak
-flops_per_token = raw_model.flops_per_token()
-peak_flops = peak_flops or hardware.peak_flops(device, dtype)
-if master_process:
-    trains = f" ({trained:,} of all {total:,} trained: {100 * trained / total:.2f}%)" if frozen else ""
-    print(f"{raw_model.num_params() / 1e6:.2f}M parameters{trains}, {tokens_per_iter:,} tokens/iter, "
-          f"{n_windows:,} windows/epoch, device {device}, dtype {dtype}, {world_size} process(es), "
-          f"MFU against {f'{peak_flops / 1e12:.3g} TFLOP/s' if peak_flops else 'an unknown peak'}")
-# TensorBoard: purge_step makes a resumed run hide what a killed process logged after its checkpoint
-tb_writer = None
-if tensorboard_log and master_process:
-    tb_writer = SummaryWriter(os.path.join(out_dir, 'tb'), purge_step=iter_num or None, flush_secs=10)
 
 
 def run_eval():
@@ -452,12 +434,6 @@ def run_eval():
     return losses
 
 
-t_start, start_iter = time.time(), iter_num
-if master_process and iter_num >= max_iters:
-    print(f"the run in {out_dir} is complete (iter {iter_num}, max_iters={max_iters}); "
-          f"to train it further, raise --max_iters")
-if iter_num == 0:
-    last_eval = run_eval()  # the untrained model's loss, as a baseline
 window, log_losses, last_finite = [], [], None  # window: per-iteration losses not yet checked, on the device
 
 
@@ -490,6 +466,14 @@ def check_losses():
     return values
 
 
+# -----------------------------------------------------------------------------
+# training loop
+t_start, start_iter = time.time(), iter_num
+if master_process and iter_num >= max_iters:
+    print(f"the run in {out_dir} is complete (iter {iter_num}, max_iters={max_iters}); "
+          f"to train it further, raise --max_iters")
+if iter_num == 0:
+    last_eval = run_eval()  # the untrained model's loss, as a baseline
 # timing for tokens/s and MFU: from the end of this process's first iteration (compilation and
 # warm-up), leaving out evals and saves
 t0, timed = time.time(), -1
@@ -579,14 +563,14 @@ if master_process:
         raise SystemExit(f"train.py: error: {e} (earlier checkpoints are intact)")
 
 # -----------------------------------------------------------------------------
+# the end: a summary of a finished run, loggers closed, ranks leave together
 if master_process and max_iters <= iter_num > start_iter and last_eval.get('val') is not None:
     summary = {'iters': iter_num, 'epochs': pos[0] + pos[1] / n_windows,
                'final_val_loss': last_eval.get('val'), 'final_val_ppl': math.exp(last_eval['val']),
                'best_val_loss': best_val_loss, 'best_val_ppl': math.exp(best_val_loss),
                'tokens_seen': iter_num * tokens_per_iter, 'wall_seconds': time.time() - t_start,
                'config': config}
-    with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
+    runs.write_summary(out_dir, summary)
     print(f"done: val loss {summary['final_val_loss']:.4f} (best {best_val_loss:.4f}), "
           f"{summary['tokens_seen']:,} tokens in {summary['wall_seconds'] / 60:.1f} min")
 if wandb_log and master_process:

@@ -20,7 +20,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench_train import config_of  # noqa: E402  (bench/ is on sys.path as the script's folder)
+from configurator import script_defaults  # noqa: E402
 
 
 def bench_prepare():
@@ -41,7 +41,7 @@ def bench_train(name, config_args, iters):
         tok_s = sum(e['tokens_per_sec'] for e in steady) / len(steady)
         saves = [float(t) for t in re.findall(r'saved .* in ([0-9.]+)s', p.stdout)]
         size = os.path.getsize(os.path.join(out, 'latest.safetensors')) / 2**20
-    ckpt_interval = config_of(config_args[0] if config_args else None)['ckpt_interval']
+    ckpt_interval = script_defaults(os.path.join(ROOT, 'train.py'), config_args)['ckpt_interval']
     save_s = max(saves) if saves else float('nan')
     overhead = save_s / (ckpt_interval * ms / 1000) * 100
     print(f"train {name}: {tok_s:,.0f} tokens/s, {ms:.1f} ms/iter; checkpoint {size:.1f} MB saved in "

@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'bench'))
 import checkpoint  # noqa: E402
-from bench_train import config_of  # noqa: E402
+import runs  # noqa: E402
+from configurator import script_defaults  # noqa: E402
 from model import GPT, GPTConfig, pad_vocab  # noqa: E402
 
 # name: (config file, vocabulary, estimated seconds per iteration on a GPU setup or None: measure here)
@@ -44,8 +45,7 @@ STATES = {
 def build(name):
     """(train.py-shaped state, config, measured seconds per iteration or None)."""
     cfg_file, vocab, _ = STATES[name]
-    cfg = {k: v for k, v in config_of(cfg_file).items()
-           if not k.startswith('_') and isinstance(v, (int, float, str, bool, type(None)))}
+    cfg = script_defaults(os.path.join(ROOT, 'train.py'), [cfg_file] if cfg_file else [])
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'], vocab_size=vocab,
                           block_size=cfg['block_size'], padded_vocab_size=pad_vocab(vocab)))
@@ -66,7 +66,7 @@ def build(name):
             p.grad = torch.zeros_like(p)
         opt.step()  # AdamW's moments exist, as in any checkpoint after the first iteration
     state = {'model': model.state_dict(), 'optimizer': opt.state_dict(), 'iter_num': 1, 'config': cfg,
-             'rng': checkpoint.rng_state(), 'time': time.time()}
+             'rng': runs.rng_state(), 'time': time.time()}
     return state, cfg, sec_per_iter
 
 

@@ -20,10 +20,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import checkpoint  # noqa: E402
 import dataset as ds  # noqa: E402
 import metrics  # noqa: E402
-from bench_train import config_of  # noqa: E402  (bench/ is on sys.path as the script's folder)
+import runs  # noqa: E402
+from configurator import script_defaults  # noqa: E402
 from model import GPT, GPTConfig, from_state, pad_vocab  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -36,10 +36,10 @@ args = parser.parse_args()
 
 tokenizer = ds.load_tokenizer(ds.tokenizer_state(args.data))
 if args.ckpt:
-    model = from_state(checkpoint.load(args.ckpt))
+    model = from_state(runs.load(args.ckpt))
     name = args.ckpt
 else:
-    cfg = config_of(None)
+    cfg = script_defaults(os.path.join(ROOT, 'train.py'))
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
                           block_size=cfg['block_size'], vocab_size=tokenizer.vocab_size,

@@ -20,21 +20,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import hardware  # noqa: E402
+from configurator import script_defaults  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 QUIET = ['--eval_interval=1000000', '--ckpt_interval=0', '--rolling_interval=0', '--save_best=False',
          '--save_epochs=False', '--log_interval=5']
-
-
-def config_of(config_file):
-    """train.py's defaults (its top section) with the config file applied."""
-    src = open(os.path.join(ROOT, 'train.py')).read()
-    top = src[:src.index('defaults = {')]
-    scope = {}
-    exec(''.join(line + '\n' for line in top.splitlines() if not line.startswith(('import', 'from'))), scope)
-    if config_file:
-        exec(open(os.path.join(ROOT, config_file)).read(), scope)
-    return scope
 
 
 def throughput(config_file, iters, compile, peak):
@@ -82,7 +72,7 @@ if __name__ == '__main__':
     args = ap.parse_args()
     subprocess.run([sys.executable, os.path.join(ROOT, 'prepare.py')], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)  # the default corpus, cached after the first time
-    cfg = config_of(args.config)
+    cfg = script_defaults(os.path.join(ROOT, 'train.py'), [args.config] if args.config else [])
     meta = json.load(open(os.path.join(ROOT, cfg['data_dir'], cfg['dataset'], 'meta.json')))
     peak = hardware.cpu_peak_flops(measure=True)  # measures, and keeps the best in the cache train.py reads
     model = GPT(GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],

@@ -29,13 +29,14 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
+import runs  # noqa: E402
 
 # train.py with every fsync slowed down (each save fsyncs its file and the directory)
 SLOW = """
 import runpy, sys, time
 import checkpoint
-fsync, delay = checkpoint._fsync, float(sys.argv[1])
-checkpoint._fsync = lambda path: (time.sleep(delay), fsync(path))[1]
+fsync, delay = checkpoint.fsync, float(sys.argv[1])
+checkpoint.fsync = lambda path: (time.sleep(delay), fsync(path))[1]
 sys.argv = [sys.argv[2]] + sys.argv[3:]
 runpy.run_path(sys.argv[0], run_name='__main__')
 """
@@ -106,7 +107,7 @@ def torture(name, kills, corrupt):
     t0 = time.time()
     lost, mid_save, fresh, resumed, pending = [], 0, 0, 0, None
     for k in range(kills + 1):
-        had_run = checkpoint.has_run(out)
+        had_run = runs.has_run(out)
         p = start(out, args.slow if k < kills else 0.0)
         if k < kills:
             if rng.random() < 0.1:  # during start-up: loading, verifying, trimming the log

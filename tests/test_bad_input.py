@@ -160,14 +160,14 @@ def crafted(path, state_json, tensors):
     """A file that checksums and frames correctly but holds the given state tree."""
     from safetensors.torch import save_file
     meta = dict(format=checkpoint.FORMAT, info=json.dumps({'iter_num': 30}), state=state_json)
-    meta['checksum'] = checkpoint._checksum(meta, tensors)
+    meta['checksum'] = checkpoint.digest(meta, tensors)
     save_file(tensors, str(path), metadata={'sturdygpt': json.dumps(meta)})
 
 
 def test_nonsense_checkpoints_fall_back(data, reference, tmp_path):
     """Files that checksum but hold nonsense are skipped like truncated ones, by resume, --list and sample."""
     good = checkpoint.load(os.path.join(reference, 'latest.safetensors'))
-    tree, tensors = checkpoint._flatten(good)
+    tree, tensors = checkpoint.flatten(good)
     bad_shape = dict(tree, model_args={**good['model_args'], 'n_embd': 48})
     wrong_type = dict(tree, config={**good['config'], 'batch_size': '8'})
     nested = '[' * 100000 + ']' * 100000

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint as ck  # noqa: E402
+import runs  # noqa: E402
 from checkpoint import CheckpointError  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -48,7 +49,7 @@ def test_round_trip(tmp_path):
              "none": None, "name": "x/y", "lr": 0.1 + 0.2, "inf": float("inf"), "pair": (1, "a"),
              "ints": {3: "three", "3": "str three", (1, 2): [1.5]}, "tricky": {"__tensor__": "not a ref"},
              "bf16": torch.randn(3, 5).to(torch.bfloat16), "fp16": torch.randn(2).half(), "scalar": torch.tensor(2.5),
-             "np": np.float32(1.25), "rng": ck.rng_state()}
+             "np": np.float32(1.25), "rng": runs.rng_state()}
     ck.save(tmp_path / "a.safetensors", state)
     got = ck.load(tmp_path / "a.safetensors")
     assert got["model"]["0.weight"] is got["model"]["2.weight"]  # tied: stored once, one object
@@ -218,10 +219,10 @@ def test_rng_round_trip(tmp_path):
     def draw():
         return random.random(), np.random.rand(), np.random.randn(), torch.rand(3).tolist()
     np.random.randn()  # leaves a cached gaussian in numpy's state
-    ck.save(tmp_path / "r.safetensors", {"rng": ck.rng_state()})
+    ck.save(tmp_path / "r.safetensors", {"rng": runs.rng_state()})
     expected = draw()
     draw()
-    ck.set_rng_state(ck.load(tmp_path / "r.safetensors")["rng"])
+    runs.set_rng_state(ck.load(tmp_path / "r.safetensors")["rng"])
     assert draw() == expected
 
 def test_no_hard_links_falls_back_to_copy(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import checkpoint
+import runs
 from conftest import ROOT, TINY, losses, make_corpus, run
 from test_train import wait_for_iter
 from test_vocab import korean_corpus
@@ -56,7 +57,7 @@ def stored(path):
 
 def test_only_adapters_and_new_rows_train(work, lora):
     base = checkpoint.load(work / 'base' / 'best.safetensors')['model']
-    tuned = checkpoint.load(os.path.join(lora, 'latest.safetensors'))  # base + adapter, put together on load
+    tuned = runs.load(os.path.join(lora, 'latest.safetensors'))  # base + adapter, put together on load
     assert tuned['model_args']['vocab_size'] == 364 and tuned['model_args']['lora_rank'] == 4
     for k, v in tuned['model'].items():
         if k.endswith(('lora_A', 'lora_B')):
@@ -94,8 +95,8 @@ def test_lora_resume_is_exact(work, tmp_path):
     r = run('train.py', *finetune_args(work, stopped, '--eval_interval=1'))  # the same command continues it
     assert 'holds the run this command started' in r.stdout and 'resumed from' in r.stdout
     assert losses(stopped) == losses(straight)
-    a = checkpoint.load(os.path.join(stopped, 'latest.safetensors'))['model']
-    b = checkpoint.load(os.path.join(straight, 'latest.safetensors'))['model']
+    a = runs.load(os.path.join(stopped, 'latest.safetensors'))['model']
+    b = runs.load(os.path.join(straight, 'latest.safetensors'))['model']
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

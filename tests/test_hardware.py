@@ -8,6 +8,7 @@ import torch
 
 import checkpoint
 import hardware
+import runs
 from conftest import TINY, read_log, run
 from model import GPT, GPTConfig, load_optimizer_state, pad_vocab
 
@@ -137,12 +138,12 @@ def test_epoch_checkpoints_have_a_floor_and_a_cap(tiny_data, tmp_path):
 
 
 def test_disk_estimate(tmp_path):
-    files = checkpoint.files_kept(60000, ckpt_interval=250, rolling_interval=1000, keep_last=5, save_best=True,
+    files = runs.files_kept(60000, ckpt_interval=250, rolling_interval=1000, keep_last=5, save_best=True,
                                   epoch_iters=3.2, keep_epochs=3)
     assert files == 2 + 1 + 5 + 3
-    assert checkpoint.files_kept(100, ckpt_interval=10, rolling_interval=0, keep_last=10, save_best=False,
+    assert runs.files_kept(100, ckpt_interval=10, rolling_interval=0, keep_last=10, save_best=False,
                                  epoch_iters=10, keep_epochs=0) == 2 + 10
-    assert checkpoint.check_disk(str(tmp_path / 'new'), file_bytes=1000, files=5) is None
-    assert checkpoint.check_disk(str(tmp_path), file_bytes=2**60, files=5).startswith('cannot save')
+    assert runs.check_disk(str(tmp_path / 'new'), file_bytes=1000, files=5) is None
+    assert runs.check_disk(str(tmp_path), file_bytes=2**60, files=5).startswith('cannot save')
     free = __import__('shutil').disk_usage(tmp_path).free
-    assert 'lower keep_last' in checkpoint.check_disk(str(tmp_path), file_bytes=free // 10, files=20)
+    assert 'lower keep_last' in runs.check_disk(str(tmp_path), file_bytes=free // 10, files=20)

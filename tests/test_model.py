@@ -72,7 +72,7 @@ def test_cached_step_logits_match_full_forward():
     cache = [dict() for _ in model.transformer.h]
 
     def step(x, pos):  # logits of x's last token, placed at pos.., against the cache
-        return model.lm_head(model._hidden(x, cache, pos)[:, -1])
+        return model.lm_head(model.hidden_states(x, cache, pos)[:, -1])
 
     with torch.no_grad():
         full, _ = model(idx, targets=idx)  # (B, T, V): every position
