@@ -1,10 +1,10 @@
 """
 Checkpoints on disk: one verified .safetensors file each, written atomically, kept in tiers in a
-folder: latest (+ latest_backup), rolling step_NNNNNNN, epoch_NNNN, best. This module knows bytes,
+folder: latest (+ latest_backup), best, and numbered ones (step_NNNNNNN, epoch_NNNN). This module knows bytes,
 names and checksums; what a state means (a GPT, a training run) is its callers' business.
 
     save(path, state) / load(path)       one file; load() checks a sha256 over all of it
-    save_tiers(out_dir, state, ...)      serialize once, publish under each tier name, prune
+    save_tiers(out_dir, state, names)    serialize once, publish under each tier name, prune
     Writer(background).save(...)         save_tiers from a snapshot, in a background thread
     find_resume(out_dir, check)          the newest file that verifies (and passes check)
     resolve(name, out_dir) / list_checkpoints(out_dir, check) / format_listing(rows)
@@ -33,7 +33,8 @@ from safetensors.torch import save_file
 FORMAT = "sturdygpt-checkpoint-2"  # -1: the same, with its metadata under four keys (read, never written)
 READS = (FORMAT, "sturdygpt-checkpoint-1")
 INFO_KEYS = ("iter_num", "epoch", "val_loss", "best_val_loss", "time")  # what read_info() returns
-NAME = re.compile(r"(latest|latest_backup|best)|step_(\d+)|epoch_(\d+)")
+TIERS = ("step", "epoch")  # numbered tiers: PREFIX_NNNN files, of which save_tiers keeps the newest few
+NAME = re.compile(rf"(latest|latest_backup|best)|({'|'.join(TIERS)})_(\d+)")
 TMP = re.compile(r"\.ckpt-tmp-(\d+)")  # a saving process's scratch dir
 TENSOR, TUPLE, DICT = "__tensor__", "__tuple__", "__dict__"  # tags in the JSON tree
 
@@ -262,7 +263,9 @@ def read_info(path) -> dict:
     return info if isinstance(info, dict) else {}
 
 # -----------------------------------------------------------------------------
-# tiers in a folder
+# tiers in a folder: 'latest' (its previous file kept as 'latest_backup'), 'best', and numbered
+# tiers 'PREFIX_NNNN' (step_0000200, epoch_0003) of which the newest few are kept. Which tiers a
+# save goes to, and when, is the caller's business
 
 def tier_files(out_dir) -> dict:
     """{name: path} of the checkpoint files in out_dir ('latest', 'step_0000200', ...), never scratch files."""
@@ -282,32 +285,37 @@ def disk_bytes(paths) -> int:
     return sum(sizes.values())
 
 
-def save_tiers(out_dir, state, *, iter_num, latest, rolling, epoch, best, keep_last, keep_epochs=0, protect=()):
-    """Save once under each requested tier name, then prune the step_ and epoch_ files to the newest
-    keep_last / keep_epochs (<= 0 keeps all), never a file in protect. Returns (names, disk bytes)."""
-    names = [n + ".safetensors" for n, want in (("latest", latest), (f"step_{iter_num:07d}", rolling),
-             (f"epoch_{epoch or 0:04d}", epoch is not None), ("best", best)) if want]
-    if names:
-        _publish(out_dir, state, names, f"checkpoint in {out_dir}", rotate=True)
-    keep = {os.path.realpath(p) for p in protect}
-    files = tier_files(out_dir)
-    for prefix, n in (("step_", keep_last), ("epoch_", keep_epochs)):
-        numbered = sorted((int(name[len(prefix):]), p) for name, p in files.items() if name.startswith(prefix))
-        for _, p in numbered[:-n] if n and n > 0 else ():
+def save_tiers(out_dir, state, names, keep=None, protect=()):
+    """Save state once and publish it under each tier name in names (['latest', 'step_0000200'];
+    the previous latest becomes latest_backup), then prune each numbered tier to its newest
+    keep[prefix] files (keep={'step': 10}; absent or <= 0 keeps all), never a file in protect.
+    Returns (file names written, bytes the tiers use on disk)."""
+    files = [n + ".safetensors" for n in names]
+    if files:
+        _publish(out_dir, state, files, f"checkpoint in {out_dir}", rotate=True)
+    spared = {os.path.realpath(p) for p in protect}
+    numbered = {}
+    for name, path in tier_files(out_dir).items():
+        m = NAME.fullmatch(name)
+        if m[2]:
+            numbered.setdefault(m[2], []).append((int(m[3]), path))
+    for prefix, found in numbered.items():
+        n = (keep or {}).get(prefix, 0)
+        for _, path in sorted(found)[:-n] if n > 0 else ():
             try:
-                if os.path.realpath(p) not in keep:
-                    os.remove(p)
+                if os.path.realpath(path) not in spared:
+                    os.remove(path)
             except OSError:  # best effort: the save itself succeeded
                 pass
-    return names, disk_bytes(tier_files(out_dir).values())
+    return files, disk_bytes(tier_files(out_dir).values())
 
 # -----------------------------------------------------------------------------
 # finding and listing. `check(state, path) -> state` is the caller's: it may complete a state and
 # raises CheckpointError for one it cannot use, which is then skipped like a damaged file
 
 def find_resume(out_dir, check=None):
-    """(path, state, skipped) of the newest usable checkpoint: latest -> latest_backup -> step_/epoch_
-    newest first -> best (last: it may be older, but a run killed before its first latest has only
+    """(path, state, skipped) of the newest usable checkpoint: latest -> latest_backup -> numbered
+    tiers newest first -> best (last: it may be older, but a run killed before its first latest has only
     best); skipped: a line per file passed over, and why."""
     files = tier_files(out_dir)
     def newest(name):
@@ -315,10 +323,9 @@ def find_resume(out_dir, check=None):
             it = read_info(files[name]).get("iter_num")
         except CheckpointError:
             it = None
-        m = NAME.fullmatch(name)
-        return (it if isinstance(it, int) else int(m[2]) if m[2] else -1, os.path.getmtime(files[name]))
+        return (it if isinstance(it, int) else int(NAME.fullmatch(name)[3]), os.path.getmtime(files[name]))
     order = [n for n in ("latest", "latest_backup") if n in files]
-    order += sorted([n for n in files if n.startswith(("step_", "epoch_"))], key=newest, reverse=True)
+    order += sorted([n for n in files if NAME.fullmatch(n)[2]], key=newest, reverse=True)
     order += ["best"] if "best" in files else []
     skipped, failed = [], {}
     for name in order:
@@ -347,9 +354,11 @@ def resolve(name, out_dir) -> str:
     name = os.fspath(name)
     m = NAME.fullmatch(name.removesuffix(".safetensors"))
     if m:  # step_100 and step_0000100 name the same file
-        tier = m[1] or (f"step_{int(m[2]):07d}" if m[2] else f"epoch_{int(m[3]):04d}")
-        if os.path.isfile(os.path.join(out_dir, tier + ".safetensors")):
-            return os.path.join(out_dir, tier + ".safetensors")
+        key = m[1] or (m[2], int(m[3]))
+        for tier, path in tier_files(out_dir).items():
+            t = NAME.fullmatch(tier)
+            if (t[1] or (t[2], int(t[3]))) == key:
+                return path
     if os.path.isfile(name):
         return name
     if os.path.isdir(name):
@@ -365,7 +374,8 @@ def list_checkpoints(out_dir, verify=True, check=None) -> list:
     for name, path in tier_files(out_dir).items():
         st = os.stat(path)
         ino = (st.st_dev, st.st_ino)
-        row = dict(tier=NAME.fullmatch(name)[1] or name.split("_")[0], name=name, iter=None, epoch=None,
+        m = NAME.fullmatch(name)
+        row = dict(tier=m[1] or m[2], name=name, iter=None, epoch=None,
                    val_loss=None, bytes=st.st_size, age_s=now - st.st_mtime, path=path)
         try:
             info = json.loads(read_header(path).get("info", "{}"))
@@ -379,8 +389,8 @@ def list_checkpoints(out_dir, verify=True, check=None) -> list:
         except (CheckpointError, ValueError, RecursionError, AttributeError) as e:
             errors[ino] = str(e)
         rows.append(dict(row, ok=errors[ino] is None if ino in errors else None, error=errors.get(ino)))
-    order = ["latest", "latest_backup", "best", "epoch", "step"]
-    return sorted(rows, key=lambda r: (order.index(r["tier"]), r["name"]))
+    first = ["latest", "latest_backup", "best"]  # then the numbered tiers, by name
+    return sorted(rows, key=lambda r: (first.index(r["tier"]) if r["tier"] in first else 3, r["name"]))
 
 
 def format_listing(rows) -> str:
@@ -404,7 +414,7 @@ def format_listing(rows) -> str:
 # saving in the background
 
 class Writer:
-    """Saves tiers (save_tiers' arguments) and prints one line per save. In a background thread,
+    """Saves tiers (save_tiers) and prints one line per save. In a background thread,
     training blocks only for a snapshot of the state: a copy into buffers kept between saves (on a
     GPU, pinned host memory the copy is queued into; fresh memory each time would cost more in page
     faults than the copy).
@@ -415,10 +425,11 @@ class Writer:
     def __init__(self, background=True):
         self.background, self.buffers, self.thread, self.error, self.done = background, {}, None, None, None
 
-    def save(self, out_dir, state, **tiers) -> float:
-        """Start saving state; returns the seconds the caller was blocked."""
+    def save(self, out_dir, state, names, keep=None, protect=()) -> float:
+        """Start saving state under the tier names (save_tiers); returns the seconds the caller was blocked."""
         t0 = time.time()
         self.wait()
+        tiers = dict(names=names, keep=keep, protect=protect)
         if not self.background:
             self._write(out_dir, state, None, tiers)
             self.wait()

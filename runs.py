@@ -33,8 +33,8 @@ from checkpoint import CheckpointError, oneline
 from configurator import fits
 from model import check_state, with_base
 
-RUN_FILES = re.compile(r"(latest|latest_backup|best|base|step_\d+|epoch_\d+)\.safetensors|log\.jsonl(\.dropped)?"
-                       r"|summary\.json|tb|\.ckpt-tmp-\d+")
+# what a training run writes in out_dir besides its checkpoint tiers (checkpoint.tier_files)
+RUN_FILES = re.compile(r"base\.safetensors|log\.jsonl(\.dropped)?|summary\.json|tb|\.ckpt-tmp-\d+")
 
 # -----------------------------------------------------------------------------
 # what a command starts from
@@ -290,9 +290,10 @@ def check_disk(out_dir, *, file_bytes, files):
 
 
 def move_aside(out_dir) -> str:
-    """Move what a run wrote in out_dir (RUN_FILES; nothing else, whatever else is there) into
-    out_dir/previous-<time>/, never deleted; returns that folder, or None if there was nothing."""
-    names = [n for n in sorted(os.listdir(out_dir)) if RUN_FILES.fullmatch(n)] if os.path.isdir(out_dir) else []
+    """Move what a run wrote in out_dir (its tiers and RUN_FILES; nothing else, whatever else is there)
+    into out_dir/previous-<time>/, never deleted; returns that folder, or None if there was nothing."""
+    names = [os.path.basename(p) for p in checkpoint.tier_files(out_dir).values()]
+    names += [n for n in sorted(os.listdir(out_dir)) if RUN_FILES.fullmatch(n)] if os.path.isdir(out_dir) else []
     if not names:
         return None
     dest = os.path.join(out_dir, time.strftime("previous-%Y%m%d-%H%M%S"))

@@ -372,9 +372,10 @@ def estimate_loss():
     return out
 
 
-def save(latest=False, rolling=False, epoch=None, best=False):
-    """Every rank: gather the RNG states; rank 0: hand the state to the writer (which prints when the
-    file is written). Returns the seconds training was blocked (left out of the iteration timing)."""
+def save(tiers):
+    """Every rank: gather the RNG states; rank 0: hand the state to the writer, to be published under
+    the tier names (it prints when the file is written). Returns the seconds training was blocked
+    (left out of the iteration timing)."""
     rngs = [runs.rng_state()]
     if ddp:  # each rank's dropout stream, so a resumed run continues every one of them
         rngs = [None] * world_size if master_process else None
@@ -391,8 +392,7 @@ def save(latest=False, rolling=False, epoch=None, best=False):
         'tokenizer': tokenizer, 'wandb_id': wandb_id, 'time': time.time(),
     }
     try:
-        return writer.save(out_dir, state, iter_num=iter_num, latest=latest, rolling=rolling, epoch=epoch, best=best,
-                           keep_last=keep_last, keep_epochs=keep_epochs, protect=protect)
+        return writer.save(out_dir, state, tiers, keep={'step': keep_last, 'epoch': keep_epochs}, protect=protect)
     except checkpoint.CheckpointError as e:
         raise SystemExit(f"train.py: error: {e} (earlier checkpoints are intact)")
 
@@ -537,17 +537,22 @@ while iter_num < max_iters:
         flag = torch.tensor(float(stop), device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         stop = bool(flag)
-    latest = stop or (ckpt_interval and iter_num % ckpt_interval == 0) or iter_num == max_iters
-    rolling = rolling_interval and iter_num % rolling_interval == 0
+    tiers = []  # the checkpoint tiers due now: one file, linked under each name
+    if stop or (ckpt_interval and iter_num % ckpt_interval == 0) or iter_num == max_iters:
+        tiers.append('latest')
+    if rolling_interval and iter_num % rolling_interval == 0:
+        tiers.append(f'step_{iter_num:07d}')
     # epoch_ files at most once per rolling_interval: on a small corpus an epoch is a few iterations
-    epoch = None
     if epoch_done and save_epochs and (last_epoch_ckpt is None or iter_num - last_epoch_ckpt >= rolling_interval):
-        epoch, last_epoch_ckpt = pos[0], iter_num
-    if latest or rolling or best or epoch is not None:
+        tiers.append(f'epoch_{pos[0]:04d}')
+        last_epoch_ckpt = iter_num
+    if best:
+        tiers.append('best')
+    if tiers:
         log_losses += check_losses()  # a state whose loss or weights went non-finite is never saved
         if not torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all():
             diverged(f"the weights are not finite after iter {iter_num}")
-        t0 += save(latest=latest, rolling=rolling, epoch=epoch, best=best)  # written once, linked per tier
+        t0 += save(tiers)
     if stop:
         if master_process:
             name = signal.Signals(stop_signal).name if stop_signal else 'a signal on another rank'

@@ -72,7 +72,7 @@ def build(name):
 
 def blocked(writer, out, state):
     t0 = time.perf_counter()
-    writer.save(out, state, iter_num=1, latest=True, rolling=False, epoch=None, best=False, keep_last=1)
+    writer.save(out, state, ['latest'])
     b = time.perf_counter() - t0
     writer.wait()
     return b, time.perf_counter() - t0

@@ -80,8 +80,7 @@ def test_adamw_continues_bit_identically(tmp_path):
 
 def test_truncated_and_fallback(tmp_path):
     for i in (100, 200):
-        ck.save_tiers(tmp_path, make_state(i), iter_num=i, latest=True, rolling=False, epoch=None, best=False,
-                      keep_last=3)
+        ck.save_tiers(tmp_path, make_state(i), ["latest"], keep={"step": 3})
     p = tmp_path / "latest.safetensors"
     data = p.read_bytes()
     p.write_bytes(data[: len(data) - 10])
@@ -131,8 +130,8 @@ def test_foreign_files_refused(tmp_path, monkeypatch):
 
 def test_rotation_and_pruning(tmp_path):
     for i in range(1, 26):
-        ck.save_tiers(tmp_path, make_state(i * 10, val_loss=1.0 / i), iter_num=i * 10, latest=True, rolling=True,
-                      epoch=i // 5 if i % 5 == 0 else None, best=i % 2 == 1, keep_last=10,
+        names = ["latest", f"step_{i * 10:07d}"] + [f"epoch_{i // 5:04d}"] * (i % 5 == 0) + ["best"] * (i % 2 == 1)
+        ck.save_tiers(tmp_path, make_state(i * 10, val_loss=1.0 / i), names, keep={"step": 10},
                       protect=[tmp_path / "step_0000020.safetensors"])
     names = sorted(os.listdir(tmp_path))
     steps = [f"step_{i * 10:07d}.safetensors" for i in [2] + list(range(16, 26))]
@@ -143,8 +142,7 @@ def test_rotation_and_pruning(tmp_path):
     assert ck.load(tmp_path / "best.safetensors")["iter_num"] == 250
     assert ck.load(tmp_path / "step_0000200.safetensors")["iter_num"] == 200  # a hard link of an older latest
     assert os.stat(tmp_path / "latest.safetensors").st_ino == os.stat(tmp_path / "step_0000250.safetensors").st_ino
-    written, disk = ck.save_tiers(tmp_path, make_state(260), iter_num=260, latest=True, rolling=False, epoch=None,
-                                  best=False, keep_last=10)
+    written, disk = ck.save_tiers(tmp_path, make_state(260), ["latest"], keep={"step": 10})
     assert written == ["latest.safetensors"]
     assert ck.load(tmp_path / "step_0000250.safetensors")["iter_num"] == 250  # untouched by the new latest
     files = [tmp_path / n for n in os.listdir(tmp_path)]
@@ -152,13 +150,13 @@ def test_rotation_and_pruning(tmp_path):
     assert disk == once_per_inode < sum(os.stat(p).st_size for p in files)
 
 def test_failed_save_leaves_files_intact(tmp_path, monkeypatch):
-    ck.save_tiers(tmp_path, make_state(10), iter_num=10, latest=True, rolling=True, epoch=None, best=False, keep_last=5)
+    ck.save_tiers(tmp_path, make_state(10), ["latest", "step_0000010"], keep={"step": 5})
     before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
     def full(*a):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(CheckpointError, match="No space left on device") as e:
-        ck.save_tiers(tmp_path, make_state(20), iter_num=20, latest=True, rolling=True, epoch=None, best=False, keep_last=5)
+        ck.save_tiers(tmp_path, make_state(20), ["latest", "step_0000020"], keep={"step": 5})
     assert "\n" not in str(e.value)
     with pytest.raises(CheckpointError, match="No space left"):
         ck.save(tmp_path / "latest.safetensors", make_state(30))
@@ -174,8 +172,7 @@ def test_failed_save_leaves_files_intact(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="cannot save"):
         ck.save(tmp_path / "file" / "x.safetensors", make_state())
     with pytest.raises(CheckpointError, match="cannot save"):
-        ck.save_tiers(tmp_path / "missing", make_state(), iter_num=0, latest=True, rolling=False, epoch=None,
-                      best=False, keep_last=5)
+        ck.save_tiers(tmp_path / "missing", make_state(), ["latest"], keep={"step": 5})
     with pytest.raises(CheckpointError, match="unsupported type"):
         ck.save(tmp_path / "y.safetensors", {"f": print})
 
@@ -188,7 +185,8 @@ def test_stale_scratch_of_dead_process_removed(tmp_path):
 
 def test_resolve(tmp_path):
     for i, ep in ((100, None), (200, 2)):
-        ck.save_tiers(tmp_path, make_state(i), iter_num=i, latest=True, rolling=True, epoch=ep, best=True, keep_last=5)
+        names = ["latest", f"step_{i:07d}"] + ([f"epoch_{ep:04d}"] if ep else []) + ["best"]
+        ck.save_tiers(tmp_path, make_state(i), names, keep={"step": 5})
     d = str(tmp_path)
     for arg, name in (("latest", "latest"), ("latest_backup.safetensors", "latest_backup"), ("best", "best"),
                       ("step_0000100", "step_0000100"), ("step_100", "step_0000100"), ("epoch_0002", "epoch_0002")):
@@ -200,8 +198,8 @@ def test_resolve(tmp_path):
 
 def test_list_checkpoints(tmp_path):
     for i in (100, 200, 300):
-        ck.save_tiers(tmp_path, make_state(i, val_loss=3.0 - i / 100), iter_num=i, latest=i == 300, rolling=True,
-                      epoch=1 if i == 200 else None, best=i == 300, keep_last=5)
+        names = ["latest"] * (i == 300) + [f"step_{i:07d}"] + ["epoch_0001"] * (i == 200) + ["best"] * (i == 300)
+        ck.save_tiers(tmp_path, make_state(i, val_loss=3.0 - i / 100), names, keep={"step": 5})
     p = tmp_path / "step_0000100.safetensors"
     data = bytearray(p.read_bytes())
     data[-3] ^= 1
@@ -229,7 +227,7 @@ def test_no_hard_links_falls_back_to_copy(tmp_path, monkeypatch):
     def refuse(*a):
         raise OSError(errno.EPERM, "Operation not permitted")
     monkeypatch.setattr(os, "link", refuse)
-    ck.save_tiers(tmp_path, make_state(10), iter_num=10, latest=True, rolling=True, epoch=None, best=False, keep_last=5)
+    ck.save_tiers(tmp_path, make_state(10), ["latest", "step_0000010"], keep={"step": 5})
     a, b = tmp_path / "latest.safetensors", tmp_path / "step_0000010.safetensors"
     assert os.stat(a).st_ino != os.stat(b).st_ino and ck.load(a)["iter_num"] == ck.load(b)["iter_num"] == 10
 

@@ -90,7 +90,7 @@ def small_state(seed=0):
 
 
 def test_background_save_writes_the_same_bytes(tmp_path):
-    tiers = dict(iter_num=7, latest=True, rolling=True, epoch=None, best=True, keep_last=2)
+    tiers = dict(names=['latest', 'step_0000007', 'best'], keep={'step': 2})
     sync_dir, async_dir = tmp_path / 'sync', tmp_path / 'async'
     sync_dir.mkdir(), async_dir.mkdir()
     state = small_state()
@@ -102,17 +102,16 @@ def test_background_save_writes_the_same_bytes(tmp_path):
     assert digests(sync_dir) == digests(async_dir) and len(digests(sync_dir)) == 3
     loaded = checkpoint.load(async_dir / 'latest.safetensors')
     assert loaded['model']['wte'] is loaded['model']['lm_head']
-    writer.save(str(async_dir), small_state(1), **dict(tiers, iter_num=8))  # the buffers are reused
+    writer.save(str(async_dir), small_state(1), ['latest', 'step_0000008', 'best'], keep={'step': 2})  # buffers reused
     assert writer.wait()[0] == ['latest.safetensors', 'step_0000008.safetensors', 'best.safetensors']
 
 
 def test_background_write_error_surfaces_and_keeps_earlier_files(tmp_path):
     writer = checkpoint.Writer()
-    writer.save(str(tmp_path), small_state(), iter_num=1, latest=True, rolling=False, epoch=None, best=False,
-                keep_last=2)
+    writer.save(str(tmp_path), small_state(), ['latest'], keep={'step': 2})
     writer.wait()
     state = dict(small_state(), bad=object())  # not serializable: fails in the writer thread
-    writer.save(str(tmp_path), state, iter_num=2, latest=True, rolling=False, epoch=None, best=False, keep_last=2)
+    writer.save(str(tmp_path), state, ['latest'], keep={'step': 2})
     try:
         writer.wait()
         raise AssertionError('the failed write was not reported')
@@ -127,7 +126,7 @@ writer = checkpoint.Writer()
 state = {'model': {f'w{i}': torch.randn(512, 512) for i in range(24)}, 'iter_num': 0}
 for it in range(1, 1000):
     state['iter_num'] = it
-    writer.save(sys.argv[1], state, iter_num=it, latest=True, rolling=True, epoch=None, best=False, keep_last=2)
+    writer.save(sys.argv[1], state, ['latest', f'step_{it:07d}'], keep={'step': 2})
     print(it, flush=True)
 """
 
