@@ -273,7 +273,7 @@ def prepare(args):
         ds.publish(tmp_dir, out_dir, meta)
     except KeyboardInterrupt:
         if sys.stderr.isatty():
-            print(file=sys.stderr)  # end a progress line (HF's BPE trainer leaves its own)
+            print(file=sys.stderr)  # end the progress line
         shutil.rmtree(tmp_dir, ignore_errors=True)
         print(f"prepare: interrupted; {out_dir} was left as it was", file=sys.stderr, flush=True)
         sys.stdout.flush()
@@ -390,18 +390,19 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
     elif trained:
         print(f"prepare: training a {args.vocab_size}-token BPE on {sample_mb:.1f} MB of the train split")
         result = {}
+        reading = bar("BPE sample", total_bytes)  # then the merges, typically a few seconds, without a bar
 
         def train():
             try:
-                # HF's trainer draws its own progress bars (on a terminal only): no second one of ours
-                result["json"] = ds.train_bpe(sample(), args.vocab_size,
-                                              show_progress=sys.stderr.isatty())
+                # not HF's own progress bars: they write blank lines to stdout
+                result["json"] = ds.train_bpe(sample(reading), args.vocab_size, show_progress=False)
             except Exception as e:
                 result["error"] = e
         # train in a daemon thread: Rust holds the main thread otherwise, and Ctrl-C would wait for it
         trainer = threading.Thread(target=train, daemon=True)
         trainer.start()
         trainer.join()
+        reading.close()
         if "error" in result:
             raise result["error"]
         state = ds.make_state("bpe", result["json"])
