@@ -59,13 +59,13 @@ def read_meta(data_dir) -> dict:
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise DatasetError(f"{path} has format_version {version}, this code reads {FORMAT_VERSION} "
-                     f"(rebuild it: python prepare.py --force ...)")
+                           f"(rebuild it: python prepare.py --force ...)")
     tok = meta.get("tokenizer")
     if not (isinstance(tok, dict) and tok.get("kind") in ("bpe", "gpt2", "byte") and isinstance(tok.get("vocab_size"), int)
             and 1 <= tok["vocab_size"] <= np.iinfo(DTYPE).max + 1 and isinstance(tok.get("eot_id"), int)
             and 0 <= tok["eot_id"] < tok["vocab_size"]):
         raise DatasetError(f"{path} has no usable tokenizer record (kind, vocab_size, eot_id) "
-                     f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
+                           f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
     for split in SPLITS:
         size = os.path.getsize(p) if os.path.exists(p := os.path.join(data_dir, f"{split}.bin")) else -1
         try:
@@ -74,7 +74,7 @@ def read_meta(data_dir) -> dict:
             raise DatasetError(f"{path} lacks the {split} token count (rebuild it: python prepare.py --force ...)") from None
         if size != expected:
             raise DatasetError(f"{p} has {size} bytes, meta.json says {expected} "
-                         f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
+                               f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
     return meta
 
 
@@ -101,10 +101,10 @@ def tokenizer_state(data_dir) -> dict:
                 state["json"] = f.read().decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise DatasetError(f"{path} is missing or unreadable ({getattr(e, 'strerror', None) or e}) "
-                         f"(the dataset is damaged; rebuild it: python prepare.py --force ...)") from None
+                               f"(the dataset is damaged; rebuild it: python prepare.py --force ...)") from None
         if hashlib.sha256(state["json"].encode("utf-8")).hexdigest() != state["fingerprint"]:
             raise DatasetError(f"{path} does not match its fingerprint in meta.json "
-                         f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
+                               f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
     return state
 
 def mismatch(state, source, data_dir, tokenizer, meta, new_run) -> str:
@@ -194,17 +194,17 @@ def _parse_bpe(json_text, source):
         eots = [t["id"] for t in spec.get("added_tokens", []) if t["content"] == EOT]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise DatasetError(f"{source} is not a tokenizer.json ({type(e).__name__}: {e}) "
-                     f"(pass one written by prepare.py)") from None
+                           f"(pass one written by prepare.py)") from None
     if not ok or len(eots) != 1:
         raise DatasetError(f"{source} is not a byte-level BPE tokenizer.json with an {EOT} special token "
-                     f"(pass one written by prepare.py, e.g. --tokenizer=data/stdlib/tokenizer.json)")
+                           f"(pass one written by prepare.py, e.g. --tokenizer=data/stdlib/tokenizer.json)")
     byte_of = _byte_of_char()
     vocab = {tok: i for tok, i in model["vocab"].items() if tok != EOT}  # GPT-2's json lists it twice
     ids = set(vocab.values())
     if (not all(c in byte_of for tok in vocab for c in tok) or not set(byte_of) <= set(vocab)
             or len(ids) != len(vocab) or eots[0] in ids):
         raise DatasetError(f"{source}: the vocabulary is not byte-level, lacks some of the 256 byte tokens or "
-                     f"repeats ids (pass a byte-level BPE tokenizer.json written by prepare.py)")
+                           f"repeats ids (pass a byte-level BPE tokenizer.json written by prepare.py)")
     ranks = {bytes(byte_of[c] for c in tok): i for tok, i in vocab.items()}
     merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
     return spec, vocab, ranks, eots[0], merges
@@ -237,7 +237,7 @@ def load_tokenizer(state: dict) -> Tokenizer:
         enc = _gpt2()
         if (enc.n_vocab, enc.eot_token) != (state["vocab_size"], state["eot_id"]):
             raise DatasetError(f"tiktoken's gpt2 has {enc.n_vocab} tokens, eot {enc.eot_token}; the data expects "
-                         f"{state['vocab_size']}, eot {state['eot_id']} (re-run prepare.py --force)")
+                               f"{state['vocab_size']}, eot {state['eot_id']} (re-run prepare.py --force)")
         return Tokenizer(state, enc)
     if kind != "bpe":
         raise DatasetError(f"unknown tokenizer kind {kind!r} (expected bpe, gpt2 or byte; re-run prepare.py)")
@@ -272,9 +272,9 @@ def _gpt2():
         import tempfile
         cache = os.environ.get("TIKTOKEN_CACHE_DIR", os.path.join(tempfile.gettempdir(), "data-gym-cache"))
         raise DatasetError(f"tiktoken could not load the gpt2 encoding: no cached copy in {cache} and the download "
-                     f"failed ({type(e).__name__}) (on a machine with network run TIKTOKEN_CACHE_DIR=DIR python -c "
-                     f"\"import tiktoken; tiktoken.get_encoding('gpt2')\", copy DIR here and set TIKTOKEN_CACHE_DIR "
-                     f"to it)") from None
+                           f"failed ({type(e).__name__}) (on a machine with network run TIKTOKEN_CACHE_DIR=DIR python -c "
+                           f"\"import tiktoken; tiktoken.get_encoding('gpt2')\", copy DIR here and set TIKTOKEN_CACHE_DIR "
+                           f"to it)") from None
     finally:
         socket.setdefaulttimeout(old)
 

@@ -32,7 +32,7 @@ from model import from_state
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # where the checkpoints (and log.jsonl, for --plot) are
-ckpt = 'resume'  # 'resume' (newest valid, its column named by its file), 'best', 'latest', 'step_0001000', a path; several: 'best,latest'
+ckpt = 'resume'  # 'resume' (newest valid; its column is named by its file), 'best', 'latest', 'step_0001000', a path; several: 'best,latest'
 # perplexity and bits per byte
 split = 'val'  # the split of the checkpoint's dataset to score ('val' or 'train'); '' skips perplexity
 data_dir = 'data'  # where prepared datasets are
@@ -53,7 +53,7 @@ top_p = 0.95  # nucleus sampling
 code = True  # also the share of samples that parse as Python and that use Python keywords
 # multiple choice
 mcq = None  # a JSONL exam: {"question", "choices": [...], "answer"} or {"question", "A", ..., "E", "answer"}
-mcq_template = 'Question: {question}\nAnswer:'  # each item's prompt (the harness's doc_to_text), a format string over its fields; '{question}' for cloze tasks
+mcq_template = 'Question: {question}\nAnswer:'  # each item's prompt, a format string over its fields; cloze: '{question}'
 mcq_delimiter = ' '  # between the prompt and each choice (the harness's target_delimiter)
 fewshot = 0  # put this many solved examples (the first of fewshot_file) before each question
 fewshot_file = None  # a JSONL exam (either format) holding the solved examples, shown with mcq_template

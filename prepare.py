@@ -177,6 +177,7 @@ def main(argv=None) -> dict:
 
 
 def prepare(args):
+    """Prepare the dataset that args (the resolved config, as attributes) describes; returns its meta.json."""
     t0 = time.time()
     # -------------------------------------------------------------------------
     # inputs, settings, and the cache check (stat only, no heavy imports before it)
@@ -316,33 +317,32 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
     # pass 1: read every document once before writing anything, so that bad files fail or are
     # skipped up front, and so a split that the hash leaves empty can get one piece anyway
     skipped, counts, lowest, highest, good, docs, total_bytes = {}, [0, 0], None, None, [], 0, 0
-    reading = bar("reading", None if args.max_docs else sum(s[3] for s in sources))  # max_docs: no known total
-    for source in sources:
-        path, key, explicit, _, _ = source
-        if docs == args.max_docs:
-            break  # --max_docs: the later files are not read at all
-        n, low, high, file_docs, file_bytes = [0, 0], None, None, 0, 0
-        try:
-            for piece_key, _, end, nbytes in read_pieces(path, key, args.text_key):
-                reading.update(nbytes)
-                u = (piece_hash(piece_key)[0], piece_key)
-                n[u[0] < args.val_fraction] += 1
-                low, high = min(low or u, u), max(high or u, u)
-                file_docs, file_bytes = file_docs + end, file_bytes + nbytes
-                if docs + file_docs == args.max_docs:
-                    break
-        except BadFile as e:
-            if explicit or args.strict:
-                fix = "fix or remove it" if explicit else "fix or remove it, or drop --strict to skip it"
-                fail(f"{e} ({fix})")
-            skipped[path] = str(e)
-            continue
-        counts = [counts[0] + n[0], counts[1] + n[1]]
-        if low:
-            lowest, highest = min(lowest or low, low), max(highest or high, high)
-        good.append(source)
-        docs, total_bytes = docs + file_docs, total_bytes + file_bytes
-    reading.close()
+    with bar("reading", None if args.max_docs else sum(s[3] for s in sources)) as reading:  # max_docs: no total
+        for source in sources:
+            path, key, explicit, _, _ = source
+            if docs == args.max_docs:
+                break  # --max_docs: the later files are not read at all
+            n, low, high, file_docs, file_bytes = [0, 0], None, None, 0, 0
+            try:
+                for piece_key, _, end, nbytes in read_pieces(path, key, args.text_key):
+                    reading.update(nbytes)
+                    u = (piece_hash(piece_key)[0], piece_key)
+                    n[u[0] < args.val_fraction] += 1
+                    low, high = min(low or u, u), max(high or u, u)
+                    file_docs, file_bytes = file_docs + end, file_bytes + nbytes
+                    if docs + file_docs == args.max_docs:
+                        break
+            except BadFile as e:
+                if explicit or args.strict:
+                    fix = "fix or remove it" if explicit else "fix or remove it, or drop --strict to skip it"
+                    fail(f"{e} ({fix})")
+                skipped[path] = str(e)
+                continue
+            counts = [counts[0] + n[0], counts[1] + n[1]]
+            if low:
+                lowest, highest = min(lowest or low, low), max(highest or high, high)
+            good.append(source)
+            docs, total_bytes = docs + file_docs, total_bytes + file_bytes
     if not lowest:
         why = f"all {len(skipped)} files were skipped, e.g. {next(iter(skipped.values()))}" if skipped else "it is empty"
         fail(f"no text to prepare: {why} (check --input, --glob and --text_key)")
