@@ -1,6 +1,7 @@
 """
 nanoGPT-style configuration: module-level defaults in the script, then Python override files
-(config/*.py, exec'd in order), then --key=value arguments. Used by the top-level scripts:
+(config/*.py, exec'd in order), then --key=value (or --key value) arguments. Used by the top-level
+scripts:
 
     config, explicit = configure(defaults, sys.argv[1:], prog='train.py', source=__file__)
     globals().update(config)
@@ -8,8 +9,11 @@ nanoGPT-style configuration: module-level defaults in the script, then Python ov
 
 Fixes nanoGPT's known gaps: keys set by a config file are checked too (a typo is an error naming
 the closest valid key), an int is accepted for a float, a None default can be overridden, values
-may contain '=', and a bare --flag means --flag=True for a boolean key. -h / --help prints the
-script's docstring and its block of defaults, comments included.
+may contain '=', and a bare --flag means --flag=True for a boolean key (true/false, yes/no, 1/0 all
+work). As with argparse, --key value works too: a key that is not boolean takes the next argument
+as its value unless that starts with '--', a boolean one only when it is one of those words (so
+`--force config/x.py` still reads x.py). -h / --help prints the script's docstring and its block of
+defaults, comments included.
 
 Config files are Python and are executed, as in nanoGPT: run only config files you trust.
 """
@@ -49,10 +53,13 @@ def _check(key, value, defaults, where, prog):
     return float(value) if isinstance(default, float) else value
 
 
+BOOL_WORDS = {'true': True, 'false': False, 'yes': True, 'no': False, '1': True, '0': False}
+
+
 def _parse(key, raw, defaults):
     """Turn the text after '=' into a Python value: a literal if it parses, else the raw string."""
-    if isinstance(defaults.get(key), bool) and raw.lower() in ('true', 'false'):
-        return raw.lower() == 'true'
+    if isinstance(defaults.get(key), bool) and raw.lower() in BOOL_WORDS:
+        return BOOL_WORDS[raw.lower()]
     if isinstance(defaults.get(key), str):
         # strings are taken as typed unless quoted, so --out_dir=123 or --start=3+4 stay strings
         if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in '\'"':
@@ -85,7 +92,7 @@ def print_help(source):
         text = f.read()
     out = [(ast.get_docstring(ast.parse(text)) or '').strip(), '',
            "Config keys and their defaults; set them in a config file (Python, executed: use only files you "
-           "trust) or as --key=value:", '']
+           "trust) or as --key=value or --key value:", '']
     out += [f"  {line}" for line in _defaults_block(text)]
     try:
         sys.stdout.write('\n'.join(out) + '\n')
@@ -115,19 +122,26 @@ def script_defaults(source, argv=(), prog=None) -> dict:
     return configure(defaults, list(argv), prog=prog or os.path.basename(source))[0]
 
 
-def configure(defaults: dict, argv: list, prog: str = 'train.py', source: str = None, ignore=()) -> tuple:
-    """Apply config files and --key=value overrides to a copy of defaults.
+def configure(defaults: dict, argv: list, prog: str = 'train.py', source: str = None, ignore=(),
+              repeatable=()) -> tuple:
+    """Apply config files and --key=value / --key value overrides to a copy of defaults.
 
     Returns (config, explicit): the resolved config and the set of keys the user set.
     With -h or --help in argv: prints the help of `source` (the script's file) and exits 0.
     ignore: keys that a config file may set for another script (see script_keys): skipped silently
-    there, still an error on the command line."""
+    there, still an error on the command line.
+    repeatable: keys that take several values, like argparse's action='append': given twice on the
+    command line, or as a list in a config file, the value is a list of them (each of the default's type)."""
     if source and ('-h' in argv or '--help' in argv):
         print_help(source)
         raise SystemExit(0)
     config = dict(defaults)
     explicit = set()
-    for arg in argv:
+    on_command_line = set()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
         if not arg.startswith('--'):
             # a config file: plain Python that assigns some of the keys
             try:
@@ -151,18 +165,38 @@ def configure(defaults: dict, argv: list, prog: str = 'train.py', source: str = 
                     continue  # helpers a config file may define
                 if key in ignore and key not in defaults:
                     continue  # another script's key, e.g. batch_size in a training config given to sample.py
-                config[key] = _check(key, value, defaults, arg, prog)
+                if key in repeatable and isinstance(value, list):
+                    config[key] = [_check(key, v, defaults, arg, prog) for v in value]
+                else:
+                    config[key] = _check(key, value, defaults, arg, prog)
                 explicit.add(key)
-        else:
-            key, eq, raw = arg[2:].partition('=')
-            if not eq:
-                if key not in defaults:
-                    _check(key, None, defaults, f"--{key}", prog)  # the unknown-key message
-                if not isinstance(defaults[key], bool) and defaults[key] is not None:
-                    raise SystemExit(f"{prog}: error: --{key} needs a value: --{key}=...")
-                raw = 'True'
-            config[key] = _check(key, _parse(key, raw, defaults), defaults, f"--{key}={raw}", prog)
-            explicit.add(key)
+            continue
+        key, eq, raw = arg[2:].partition('=')
+        if not eq:
+            if key not in defaults:
+                _check(key, None, defaults, f"--{key}", prog)  # the unknown-key message
+            default = defaults[key]
+            following = argv[i] if i < len(argv) else None
+            if isinstance(default, bool):
+                # a boolean takes the next argument only when it is one, so `--force config.py` still works
+                takes = following is not None and following.lower() in BOOL_WORDS
+            else:
+                # anything else takes it unless it is the next option: `--input --force` is not a path
+                takes = following is not None and not following.startswith('--')
+            if takes:
+                raw = following
+                i += 1
+            elif isinstance(default, bool) or default is None:
+                raw = 'True'  # a bare flag (a None default too, as before: e.g. compile)
+            else:
+                raise SystemExit(f"{prog}: error: --{key} needs a value: --{key}=VALUE or --{key} VALUE")
+        value = _check(key, _parse(key, raw, defaults), defaults, f"--{key}={raw}", prog)
+        if key in repeatable and key in on_command_line:
+            previous = config[key]
+            value = (previous if isinstance(previous, list) else [previous]) + [value]
+        config[key] = value
+        explicit.add(key)
+        on_command_line.add(key)
     return config, explicit
 
 
@@ -173,7 +207,10 @@ def check_ranges(config: dict, ranges: dict, prog: str, where: str = '') -> None
     problems = []
     for key, interval in ranges.items():
         value = config[key]
-        if value is None or isinstance(value, (bool, str)):
+        if value is None:
+            continue
+        if isinstance(value, (bool, str)):  # a key with a None default takes any value: not a number here
+            problems.append(f"{prog}: error: {key} must be a number in {interval}, got {value!r}{where}")
             continue
         lo, hi = (float(b) for b in interval[1:-1].split(','))
         ok = math.isfinite(value) and (lo <= value if interval[0] == '[' else lo < value) and \

@@ -30,8 +30,14 @@ BYTE_PAT = r"[\s\S]{1,256}"  # any cut works for single-byte tokens; long runs a
 FETCH_TIMEOUT = 30  # seconds; tiktoken downloads with requests, which has no timeout of its own
 
 
-def _error(msg):
-    return SystemExit(f"dataset: error: {msg}")
+class DatasetError(SystemExit):
+    """Bad or missing data, one line in .reason. A SystemExit, so a script that does not catch it still
+    exits with 'dataset: error: ...' and no traceback; prepare.py, sample.py and evaluate.py catch it
+    to say their own name."""
+
+    def __init__(self, reason):
+        super().__init__(f"dataset: error: {reason}")
+        self.reason = reason
 
 # -----------------------------------------------------------------------------
 # reading a prepared dataset
@@ -42,33 +48,33 @@ def read_meta(data_dir) -> dict:
     name = os.path.basename(os.path.normpath(data_dir))
     for folder in (os.path.dirname(os.path.normpath(data_dir)), data_dir):
         if folder and os.path.exists(folder) and not os.path.isdir(folder):
-            raise _error(f"{folder} is a file, not a folder (check --data_dir and --dataset)")
+            raise DatasetError(f"{folder} is a file, not a folder (check --data_dir and --dataset)")
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except FileNotFoundError:
-        raise _error(f"{path} not found (prepare it first: python prepare.py --dataset={name} ...)") from None
+        raise DatasetError(f"{path} not found (prepare it first: python prepare.py --dataset={name} ...)") from None
     except (OSError, ValueError) as e:
-        raise _error(f"{path} is unreadable: {e} (rebuild it: python prepare.py --force ...)") from None
+        raise DatasetError(f"{path} is unreadable: {e} (rebuild it: python prepare.py --force ...)") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise _error(f"{path} has format_version {version}, this code reads {FORMAT_VERSION} "
-                     f"(rebuild it: python prepare.py --force ...)")
+        raise DatasetError(f"{path} has format_version {version}, this code reads {FORMAT_VERSION} "
+                           f"(rebuild it: python prepare.py --force ...)")
     tok = meta.get("tokenizer")
     if not (isinstance(tok, dict) and tok.get("kind") in ("bpe", "gpt2", "byte") and isinstance(tok.get("vocab_size"), int)
             and 1 <= tok["vocab_size"] <= np.iinfo(DTYPE).max + 1 and isinstance(tok.get("eot_id"), int)
             and 0 <= tok["eot_id"] < tok["vocab_size"]):
-        raise _error(f"{path} has no usable tokenizer record (kind, vocab_size, eot_id) "
-                     f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
+        raise DatasetError(f"{path} has no usable tokenizer record (kind, vocab_size, eot_id) "
+                           f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
     for split in SPLITS:
         size = os.path.getsize(p) if os.path.exists(p := os.path.join(data_dir, f"{split}.bin")) else -1
         try:
             expected = meta["splits"][split]["tokens"] * np.dtype(DTYPE).itemsize
         except (KeyError, TypeError):
-            raise _error(f"{path} lacks the {split} token count (rebuild it: python prepare.py --force ...)") from None
+            raise DatasetError(f"{path} lacks the {split} token count (rebuild it: python prepare.py --force ...)") from None
         if size != expected:
-            raise _error(f"{p} has {size} bytes, meta.json says {expected} "
-                         f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
+            raise DatasetError(f"{p} has {size} bytes, meta.json says {expected} "
+                               f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
     return meta
 
 
@@ -94,11 +100,11 @@ def tokenizer_state(data_dir) -> dict:
             with open(path, "rb") as f:
                 state["json"] = f.read().decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise _error(f"{path} is missing or unreadable ({getattr(e, 'strerror', None) or e}) "
-                         f"(the dataset is damaged; rebuild it: python prepare.py --force ...)") from None
+            raise DatasetError(f"{path} is missing or unreadable ({getattr(e, 'strerror', None) or e}) "
+                               f"(the dataset is damaged; rebuild it: python prepare.py --force ...)") from None
         if hashlib.sha256(state["json"].encode("utf-8")).hexdigest() != state["fingerprint"]:
-            raise _error(f"{path} does not match its fingerprint in meta.json "
-                         f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
+            raise DatasetError(f"{path} does not match its fingerprint in meta.json "
+                               f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
     return state
 
 def mismatch(state, source, data_dir, tokenizer, meta, new_run) -> str:
@@ -187,18 +193,18 @@ def parse_bpe(json_text, source):
               and not model.get("continuing_subword_prefix") and not model.get("end_of_word_suffix"))
         eots = [t["id"] for t in spec.get("added_tokens", []) if t["content"] == EOT]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise _error(f"{source} is not a tokenizer.json ({type(e).__name__}: {e}) "
-                     f"(pass one written by prepare.py)") from None
+        raise DatasetError(f"{source} is not a tokenizer.json ({type(e).__name__}: {e}) "
+                           f"(pass one written by prepare.py)") from None
     if not ok or len(eots) != 1:
-        raise _error(f"{source} is not a byte-level BPE tokenizer.json with an {EOT} special token "
-                     f"(pass one written by prepare.py, e.g. --tokenizer=data/stdlib/tokenizer.json)")
+        raise DatasetError(f"{source} is not a byte-level BPE tokenizer.json with an {EOT} special token "
+                           f"(pass one written by prepare.py, e.g. --tokenizer=data/stdlib/tokenizer.json)")
     byte_of = byte_of_char()
     vocab = {tok: i for tok, i in model["vocab"].items() if tok != EOT}  # GPT-2's json lists it twice
     ids = set(vocab.values())
     if (not all(c in byte_of for tok in vocab for c in tok) or not set(byte_of) <= set(vocab)
             or len(ids) != len(vocab) or eots[0] in ids):
-        raise _error(f"{source}: the vocabulary is not byte-level, lacks some of the 256 byte tokens or "
-                     f"repeats ids (pass a byte-level BPE tokenizer.json written by prepare.py)")
+        raise DatasetError(f"{source}: the vocabulary is not byte-level, lacks some of the 256 byte tokens or "
+                           f"repeats ids (pass a byte-level BPE tokenizer.json written by prepare.py)")
     ranks = {bytes(byte_of[c] for c in tok): i for tok, i in vocab.items()}
     merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
     return spec, vocab, ranks, eots[0], merges
@@ -215,7 +221,7 @@ def make_state(kind: str, json_text: str = None, source: str = "tokenizer.json")
     _, vocab, _, eot_id, _ = parse_bpe(json_text, source)
     vocab_size = max(max(vocab.values()), eot_id) + 1
     if vocab_size > np.iinfo(DTYPE).max:
-        raise _error(f"{source} has {vocab_size} tokens; ids must fit uint16 (use a vocabulary of at most 65535)")
+        raise DatasetError(f"{source} has {vocab_size} tokens; ids must fit uint16 (use a vocabulary of at most 65535)")
     fingerprint = hashlib.sha256(json_text.encode("utf-8")).hexdigest()
     return dict(kind="bpe", fingerprint=fingerprint, vocab_size=vocab_size, eot_id=eot_id, json=json_text)
 
@@ -230,14 +236,14 @@ def load_tokenizer(state: dict) -> Tokenizer:
     if kind == "gpt2":
         enc = gpt2_encoding()
         if (enc.n_vocab, enc.eot_token) != (state["vocab_size"], state["eot_id"]):
-            raise _error(f"tiktoken's gpt2 has {enc.n_vocab} tokens, eot {enc.eot_token}; the data expects "
-                         f"{state['vocab_size']}, eot {state['eot_id']} (re-run prepare.py --force)")
+            raise DatasetError(f"tiktoken's gpt2 has {enc.n_vocab} tokens, eot {enc.eot_token}; the data expects "
+                               f"{state['vocab_size']}, eot {state['eot_id']} (re-run prepare.py --force)")
         return Tokenizer(state, enc)
     if kind != "bpe":
-        raise _error(f"unknown tokenizer kind {kind!r} (expected bpe, gpt2 or byte; re-run prepare.py)")
+        raise DatasetError(f"unknown tokenizer kind {kind!r} (expected bpe, gpt2 or byte; re-run prepare.py)")
     json_text = state["json"]
     if hashlib.sha256(json_text.encode("utf-8")).hexdigest() != state["fingerprint"]:
-        raise _error("tokenizer.json does not match its fingerprint in meta.json (re-run prepare.py --force)")
+        raise DatasetError("tokenizer.json does not match its fingerprint in meta.json (re-run prepare.py --force)")
     spec, vocab, ranks, eot_id, merges = parse_bpe(json_text, "tokenizer.json")
     enc = tiktoken.Encoding(f"bpe-{state['fingerprint'][:12]}", pat_str=GPT2_PAT, mergeable_ranks=ranks,
                             special_tokens={EOT: eot_id})
@@ -265,10 +271,10 @@ def gpt2_encoding():
     except Exception as e:
         import tempfile
         cache = os.environ.get("TIKTOKEN_CACHE_DIR", os.path.join(tempfile.gettempdir(), "data-gym-cache"))
-        raise _error(f"tiktoken could not load the gpt2 encoding: no cached copy in {cache} and the download "
-                     f"failed ({type(e).__name__}) (on a machine with network run TIKTOKEN_CACHE_DIR=DIR python -c "
-                     f"\"import tiktoken; tiktoken.get_encoding('gpt2')\", copy DIR here and set TIKTOKEN_CACHE_DIR "
-                     f"to it)") from None
+        raise DatasetError(f"tiktoken could not load the gpt2 encoding: no cached copy in {cache} and the download "
+                           f"failed ({type(e).__name__}) (on a machine with network run TIKTOKEN_CACHE_DIR=DIR python -c "
+                           f"\"import tiktoken; tiktoken.get_encoding('gpt2')\", copy DIR here and set TIKTOKEN_CACHE_DIR "
+                           f"to it)") from None
     finally:
         socket.setdefaulttimeout(old)
 

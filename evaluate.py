@@ -5,11 +5,13 @@ Python validity), multiple-choice accuracy; one table, and JSON with every numbe
     python evaluate.py                                   # newest valid checkpoint in out/, default metrics
     python evaluate.py --ckpt=best,latest,step_0001000   # several checkpoints, one comparison table
     python evaluate.py --mcq=exam.jsonl --json=eval.json
+    python evaluate.py --mcq=cloze.jsonl --mcq_template='{question}'   # a cloze task, scored as the harness does
     python evaluate.py --text=notes/ --stride=64         # perplexity of other text: a file or a folder
     python evaluate.py --plot=out/curves.png             # training curves from out/log.jsonl (only that)
     python evaluate.py config/slm.py                     # the run a training config wrote (its out_dir)
 
-Every metric and format is defined in README.md, "Evaluating a model".
+Every metric and format is defined in README.md, "Evaluating a model", and docs/evaluation.md.
+Progress bars go to stderr on a terminal; stderr also gets one line per finished stage, stdout the table.
 """
 import fnmatch
 import json as jsonlib  # the config key `json` names the output file
@@ -30,7 +32,7 @@ from model import from_state
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # where the checkpoints (and log.jsonl, for --plot) are
-ckpt = 'resume'  # 'resume' (newest valid), 'best', 'latest', 'step_0001000', a path; several: 'best,latest'
+ckpt = 'resume'  # 'resume' (newest valid; its column is named by its file), 'best', 'latest', 'step_0001000', a path; several: 'best,latest'
 # perplexity and bits per byte
 split = 'val'  # the split of the checkpoint's dataset to score ('val' or 'train'); '' skips perplexity
 data_dir = 'data'  # where prepared datasets are
@@ -51,8 +53,10 @@ top_p = 0.95  # nucleus sampling
 code = True  # also the share of samples that parse as Python and that use Python keywords
 # multiple choice
 mcq = None  # a JSONL exam: {"question", "choices": [...], "answer"} or {"question", "A", ..., "E", "answer"}
+mcq_template = 'Question: {question}\nAnswer:'  # each item's prompt, a format string over its fields; cloze: '{question}'
+mcq_delimiter = ' '  # between the prompt and each choice (the harness's target_delimiter)
 fewshot = 0  # put this many solved examples (the first of fewshot_file) before each question
-fewshot_file = None  # a JSONL exam (either format) holding the solved examples
+fewshot_file = None  # a JSONL exam (either format) holding the solved examples, shown with mcq_template
 # output
 json = None  # also write every number, the samples and the settings to this JSON file
 plot = None  # draw the curves of out_dir/log.jsonl into this PNG and stop (evaluates nothing)
@@ -103,16 +107,18 @@ try:
             fail(f"--text={text}: no file matches --text_glob={text_glob}")
         texts = [metrics.read_text(f) for f in files]
     prompt_list = metrics.load_prompts(prompts) if generate else []
-    items = metrics.load_mcq(mcq) if mcq else []
+    if mcq:
+        metrics.template_fields(mcq_template)  # a template that is not one: said once, not per line
+    items = metrics.load_mcq(mcq, mcq_template) if mcq else []
     if fewshot and not fewshot_file:
         fail(f"fewshot={fewshot} needs fewshot_file=FILE (solved examples in the exam's format)")
-    shots = metrics.load_mcq(fewshot_file)[:fewshot] if fewshot else []
+    shots = metrics.load_mcq(fewshot_file, mcq_template)[:fewshot] if fewshot else []
     if len(shots) < fewshot:
         fail(f"fewshot={fewshot} but {fewshot_file} holds only {len(shots)} items")
 except metrics.EvalError as e:
     fail(e)
 
-device, dtype = hardware.resolve(device, dtype)
+device, dtype = hardware.resolve(device, dtype, prog='evaluate.py')
 device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
@@ -152,33 +158,51 @@ def cells(r):
     return out
 
 
+def note(msg):
+    """A line on stderr: what was loaded, and each finished stage with its time, for a terminal and a log alike."""
+    print(msg, file=sys.stderr, flush=True)
+
+
 results = []
-for name in [n.strip() for n in ckpt.split(',') if n.strip()]:
+names = [n.strip() for n in ckpt.split(',') if n.strip()]
+for k, name in enumerate(names, 1):
     t0 = time.time()
     path, state = runs.find_or_exit(name, out_dir, 'evaluate.py')
+    # 'resume' says how it was found, not what: name the column by the file it found (latest, step_0000600)
+    label = os.path.splitext(os.path.basename(os.path.normpath(path)))[0] if name == 'resume' else name
     model = from_state(state).eval().to(device)  # a LoRA adapter checkpoint comes back with its base
-    tokenizer = ds.load_tokenizer(state['tokenizer'])
-    r = dict(name=name, path=path, iter_num=state.get('iter_num'), val_loss=state.get('val_loss'),
-             tokenizer=dict(kind=tokenizer.kind, fingerprint=tokenizer.fingerprint),
+    r = dict(name=label, path=path, iter_num=state.get('iter_num'), val_loss=state.get('val_loss'),
              block_size=model.config.block_size, params=model.num_params())
-    print(f"# {name}: {path}, iter {r['iter_num']}, {r['params'] / 1e6:.2f}M parameters", file=sys.stderr)
+    count = f" ({k}/{len(names)})" if len(names) > 1 else ''
+    note(f"# {label}{count}: {path}, iter {r['iter_num']}, {r['params'] / 1e6:.2f}M parameters")
     try:
+        tokenizer = ds.load_tokenizer(state['tokenizer'])
+        r['tokenizer'] = dict(kind=tokenizer.kind, fingerprint=tokenizer.fingerprint)
         with ctx:
             if split or texts is not None:
+                t = time.time()
                 tokens, source = tokens_to_score(state, tokenizer)
-                p = metrics.perplexity(model, tokens, tokenizer, stride, batch_size, device)
+                p = metrics.perplexity(model, tokens, tokenizer, stride, batch_size, device, progress=True)
                 scheme = (f"non-overlapping windows of {p['block_size']} tokens" if p['stride'] == p['block_size'] else
                           f"windows of {p['block_size']} tokens every {p['stride']}, each scoring its last {p['stride']}")
                 r['perplexity'] = dict(p, scored=f"{source}, {p['bytes']:,} bytes; {scheme}")
+                note(f"# {label}: perplexity over {p['tokens']:,} tokens ({p['windows']:,} windows) in {time.time() - t:.1f}s")
             if prompt_list:
+                t = time.time()
                 samples = metrics.generate_samples(model, tokenizer, prompt_list, num_samples, max_new_tokens,
-                                                   temperature, top_k, top_p, seed, device)
+                                                   temperature, top_k, top_p, seed, device, progress=True)
                 r['generation'] = dict(metrics.generation_metrics(samples, code), samples=samples)
+                note(f"# {label}: {len(samples)} samples generated in {time.time() - t:.1f}s")
             if items:
-                r['mcq'] = metrics.score_mcq(model, tokenizer, items, shots, batch_size, device)
+                t = time.time()
+                r['mcq'] = metrics.score_mcq(model, tokenizer, items, shots, batch_size, device, mcq_template,
+                                             mcq_delimiter, progress=True)
+                note(f"# {label}: {len(items)} multiple-choice items scored in {time.time() - t:.1f}s")
     except metrics.EvalError as e:
         fail(f"{path}: {e}")
-    print(f"# {name}: evaluated in {time.time() - t0:.1f}s", file=sys.stderr)
+    except ds.DatasetError as e:  # dataset.py's one-line errors, in this script's name
+        fail(e.reason)
+    note(f"# {label}: evaluated in {time.time() - t0:.1f}s")
     results.append(r)
     state = model = None  # free before the next checkpoint
 
@@ -193,7 +217,8 @@ if prompt_list:
     print(f"generation: {len(prompt_list)} prompts x {num_samples} samples, up to {max_new_tokens} new tokens, "
           f"temperature {temperature}, top_k {top_k}, top_p {top_p}, seed {seed}")
 if items:
-    print(f"multiple choice: {mcq}, {len(items)} items, {fewshot}-shot, chance {results[0]['mcq']['chance']:.3f}")
+    print(f"multiple choice: {mcq}, {len(items)} items, {fewshot}-shot, chance {results[0]['mcq']['chance']:.3f}, "
+          f"each choice scored after {mcq_template!r} + {mcq_delimiter!r}")
 columns = [cells(r) for r in results]
 table = [[''] + [r['name'] for r in results]]
 for label in columns[0]:

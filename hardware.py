@@ -53,15 +53,16 @@ GPU_PEAK_TFLOPS = [
 NOT_FULL_CHIP = re.compile(r'\bMIG\b|Laptop|Max-Q|Mobile', re.IGNORECASE)  # slower than the datasheet part
 
 
-def _error(msg):
-    return SystemExit(f"error: {msg}")
-
-
-def resolve(device, dtype, local_rank=None):
+def resolve(device, dtype, local_rank=None, prog=None):
     """'auto' made concrete (CUDA, else MPS, else CPU), checked against what this machine has; under
     torchrun a CUDA device is cuda:LOCAL_RANK, made current before anything else touches a GPU.
     dtype 'auto' is bfloat16 on GPUs with native bfloat16 (Ampere and newer), float16 on older ones
-    (V100, T4: torch can emulate bfloat16 there, slowly), float32 on CPUs."""
+    (V100, T4: torch can emulate bfloat16 there, slowly), float32 on CPUs. A bad one exits with one
+    line, 'PROG: error: ...' (plain 'error: ...' without prog)."""
+
+    def bad(msg):
+        return SystemExit(f"{prog + ': ' if prog else ''}error: {msg}")
+
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     available = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] + ["mps"] * mps)
     if device == 'auto':
@@ -71,18 +72,18 @@ def resolve(device, dtype, local_rank=None):
         if local_rank is not None:
             index = str(local_rank)  # torchrun: one GPU per local process
         if index and not (index.isdigit() and int(index) < torch.cuda.device_count()):
-            raise _error(f"device {device!r} does not exist on this machine (available: {available})")
+            raise bad(f"device {device!r} does not exist on this machine (available: {available})")
         device = f"cuda:{index or torch.cuda.current_device()}"
         torch.cuda.set_device(device)
     elif not ((kind == 'cpu' and not index) or (kind == 'mps' and mps and not index)):
-        raise _error(f"device {device!r} is not available on this machine (available: {available})")
+        raise bad(f"device {device!r} is not available on this machine (available: {available})")
     if dtype == 'auto':
         if kind == 'cuda':
             dtype = 'bfloat16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'float16'
         else:
             dtype = 'float32'
     if dtype not in ('float32', 'bfloat16', 'float16'):
-        raise _error(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+        raise bad(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     return device, dtype
 
 

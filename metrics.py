@@ -8,8 +8,9 @@ Measuring a model: what evaluate.py prints and what train.py logs at each eval.
     training_metrics(...)                             the numbers train.py's eval_mcq / eval_generate log
     plot_log(log_path, png_path)                      training curves from log.jsonl (needs matplotlib)
 
-Bad input raises EvalError, whose text names the file and line. README.md ("Evaluating a model")
-defines every number.
+Bad input raises EvalError, whose text names the file and line. The loops take progress=True for a
+progress bar on a terminal (evaluate.py); by default they are silent (train.py). README.md
+("Evaluating a model") and docs/evaluation.md define every number.
 """
 import ast
 import json
@@ -17,20 +18,32 @@ import keyword
 import math
 import re
 import string
+import sys
 import warnings
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 DEFAULT_PROMPTS = ['def add(a, b):', 'class DataLoader:', 'import numpy as np']
 UNIT = re.compile(r'\w+|[^\w\s]|\n')  # the units of distinct-n and repetition: words, symbols, line ends
 KEYWORDS = set(keyword.kwlist)
 TRAINING_KEYS = ('mcq_acc', 'mcq_acc_norm', 'repetition', 'distinct_1', 'distinct_2', 'distinct_3',
                  'distinct_4', 'code_parses', 'code_keywords')  # what training_metrics() returns
+MCQ_TEMPLATE = 'Question: {question}\nAnswer:'  # lm-evaluation-harness's MMLU-style doc_to_text
+MCQ_DELIMITER = ' '  # the harness's target_delimiter, between the prompt and each choice
 
 
 class EvalError(Exception):
     """str() is a one-line reason naming the file (and line), fit to print as is."""
+
+
+def progress_bar(show, total, desc, unit):
+    """tqdm's bar (count, rate, ETA) on stderr, when show is true and stderr is a terminal: disable=None
+    turns it off for a file or a pipe, where a log wants evaluate.py's one line per finished stage,
+    not redraws joined by carriage returns. leave=False: that line replaces the finished bar."""
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=None if show else True,
+                file=sys.stderr, dynamic_ncols=True)
 
 
 def read_text(path) -> str:
@@ -75,7 +88,7 @@ def encode_docs(tokenizer, texts) -> np.ndarray:
 
 
 @torch.inference_mode()
-def perplexity(model, tokens, tokenizer, stride=None, batch_size=16, device='cpu') -> dict:
+def perplexity(model, tokens, tokenizer, stride=None, batch_size=16, device='cpu', progress=False) -> dict:
     """Loss on every token of `tokens` (documents each followed by end-of-text, as encode_docs and
     prepare.py make them); the first is predicted from an end-of-text token, as a document start is
     in training. Windows of block_size tokens start `stride` apart (None: block_size, so they do not
@@ -100,14 +113,16 @@ def perplexity(model, tokens, tokenizer, stride=None, batch_size=16, device='cpu
         if end == N:
             break
     total = 0.0
-    for k in range(0, len(windows), batch_size):
-        group = windows[k:k + batch_size]
-        x = torch.zeros(len(group), max(e - b for b, e, _ in group), dtype=torch.long)
-        y = torch.full_like(x, -1)  # right padding: causal attention keeps it out of scored positions
-        for r, (b, e, first) in enumerate(group):
-            x[r, :e - b] = torch.from_numpy(seq[b:e])
-            y[r, first - b:e - b] = torch.from_numpy(seq[first + 1:e + 1])
-        total += _nll(model, x.to(device), y.to(device)).double().sum().item()
+    with progress_bar(progress, len(windows), 'perplexity', 'window') as bar:
+        for k in range(0, len(windows), batch_size):
+            group = windows[k:k + batch_size]
+            x = torch.zeros(len(group), max(e - b for b, e, _ in group), dtype=torch.long)
+            y = torch.full_like(x, -1)  # right padding: causal attention keeps it out of scored positions
+            for r, (b, e, first) in enumerate(group):
+                x[r, :e - b] = torch.from_numpy(seq[b:e])
+                y[r, first - b:e - b] = torch.from_numpy(seq[first + 1:e + 1])
+            total += _nll(model, x.to(device), y.to(device)).double().sum().item()
+            bar.update(len(group))
     loss = total / N
     return dict(loss=loss, ppl=math.exp(min(loss, 700)), bits_per_byte=total / math.log(2) / n_bytes,
                 tokens=N, bytes=n_bytes, windows=len(windows), block_size=T, stride=S)
@@ -137,20 +152,24 @@ def load_prompts(path=None) -> list:
 
 @torch.inference_mode()
 def generate_samples(model, tokenizer, prompts, num_samples=5, max_new_tokens=200, temperature=0.8,
-                     top_k=None, top_p=0.95, seed=1337, device='cpu') -> list:
+                     top_k=None, top_p=0.95, seed=1337, device='cpu', progress=False) -> list:
     """num_samples continuations of each prompt, drawn as one batch from a generator seeded with
     seed + the prompt's index (a prompt's samples do not depend on the prompts before it), each cut
     at its first end-of-text token. Returns dicts {prompt, text (the continuation), cut_off (True:
     it ran to max_new_tokens without ending)}."""
     samples, eot = [], tokenizer.eot_id
-    for i, prompt in enumerate(prompts):
-        ids = tokenizer.encode(prompt)[-model.config.block_size:] or [eot]
-        x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
-        gen = torch.Generator(device=device).manual_seed(seed + i)
-        out = model.generate(x, max_new_tokens, temperature, top_k, top_p, generator=gen)
-        for row in out[:, len(ids):].tolist():
-            end = row.index(eot) if eot in row else len(row)
-            samples.append(dict(prompt=prompt, text=tokenizer.decode(row[:end]), cut_off=eot not in row))
+    with progress_bar(progress, len(prompts) * max_new_tokens, 'generation', 'step') as bar:
+        for i, prompt in enumerate(prompts):
+            ids = tokenizer.encode(prompt)[-model.config.block_size:] or [eot]
+            x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+            gen = torch.Generator(device=device).manual_seed(seed + i)
+            new = []  # model.generate, a step at a time for the progress bar: the same tokens
+            for step in model.generate_stream(x, max_new_tokens, temperature, top_k, top_p, generator=gen):
+                new.append(step)
+                bar.update(1)
+            for row in torch.cat([x] + new, dim=1)[:, len(ids):].tolist():
+                end = row.index(eot) if eot in row else len(row)
+                samples.append(dict(prompt=prompt, text=tokenizer.decode(row[:end]), cut_off=eot not in row))
     return samples
 
 
@@ -210,8 +229,35 @@ def generation_metrics(samples, code=True) -> dict:
 # -----------------------------------------------------------------------------
 # multiple choice
 
-def _mcq_item(obj, where):
-    """{question, choices, answer (0-based)} from one JSONL record in either format."""
+def template_fields(template) -> set:
+    """The item fields an mcq_template names ('{question}', '{choices[0]}': question, choices), or
+    EvalError when it is not a format string of named fields."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise EvalError(f"mcq_template {template!r} is not a format string ({e}); fields are written "
+                        f"{{question}}, a literal brace {{{{ or }}}}") from None
+    fields = {re.match(r'[^.\[]*', name).group() for name in names}
+    if not fields or any(f == '' or f.isdigit() for f in fields):
+        raise EvalError(f"mcq_template {template!r} must name the item's fields, e.g. '{{question}}' or "
+                        f"'Question: {{question}}\\nAnswer:'")
+    return fields
+
+
+def fill(template, item, where='an item') -> str:
+    """template.format(**item), or EvalError saying which field `where` lacks."""
+    try:
+        return template.format(**item)
+    except KeyError as e:
+        raise EvalError(f"{where}: mcq_template {template!r} names the field {e.args[0]!r}, which this item "
+                        f"lacks (it has {', '.join(item)})") from None
+    except (IndexError, AttributeError, ValueError, TypeError) as e:
+        raise EvalError(f"{where}: mcq_template {template!r} does not fit this item ({type(e).__name__}: {e})") from None
+
+
+def _mcq_item(obj, where, template=MCQ_TEMPLATE):
+    """{question, choices, answer (0-based)} from one JSONL record in either format, plus the record's
+    other fields that the template names (checked here, so a bad template fails before any model)."""
     if not isinstance(obj, dict) or not isinstance(obj.get('question'), str):
         raise EvalError(f'{where}: expected a JSON object with a "question" string')
     letters = string.ascii_uppercase
@@ -242,13 +288,17 @@ def _mcq_item(obj, where):
     if not 0 <= index < len(choices):
         raise EvalError(f'{where}: answer {obj.get("answer")!r} is out of range for {len(choices)} choices '
                         f'({"0-based with a choices list" if base == 0 else "1-based with A, B, ..."})')
-    return dict(question=obj['question'], choices=[str(c) for c in choices], answer=index)
+    item = dict(question=obj['question'], choices=[str(c) for c in choices], answer=index)
+    item.update({f: obj[f] for f in template_fields(template) if f not in item and f in obj})
+    fill(template, {**obj, **item}, where)  # names a field the record lacks, or does not fit it: say so now
+    return item
 
 
-def load_mcq(path) -> list:
+def load_mcq(path, template=MCQ_TEMPLATE) -> list:
     """The items of a JSONL exam, one per line: {"question", "choices": [...], "answer": 0-based index
     or letter} (MMLU exports) or {"question", "A", "B", ..., "answer": 1-based index or letter}
-    (KorMedMCQA); blank lines are skipped."""
+    (KorMedMCQA); blank lines are skipped. Each item also keeps the record's fields that template
+    (an mcq_template) names, and EvalError says which line lacks one."""
     items = []
     for n, line in enumerate(read_text(path).split('\n'), 1):
         if not line.strip():
@@ -257,47 +307,56 @@ def load_mcq(path) -> list:
             obj = json.loads(line)
         except ValueError as e:
             raise EvalError(f"{path}, line {n}: not valid JSON ({e})") from None
-        items.append(_mcq_item(obj, f"{path}, line {n}"))
+        items.append(_mcq_item(obj, f"{path}, line {n}", template))
     if not items:
         raise EvalError(f"{path} holds no questions (one JSON object per line)")
     return items
 
 
-def mcq_context(item, shots=()) -> str:
-    """lm-evaluation-harness's multiple-choice prompt: each solved example 'Question: ...\\nAnswer:
-    <right choice>' followed by a blank line, then 'Question: ...\\nAnswer:'."""
-    solved = ''.join(f"Question: {s['question']}\nAnswer: {s['choices'][s['answer']]}\n\n" for s in shots)
-    return f"{solved}Question: {item['question']}\nAnswer:"
+def mcq_context(item, shots=(), template=MCQ_TEMPLATE, delimiter=MCQ_DELIMITER) -> str:
+    """lm-evaluation-harness's multiple-choice prompt: each solved example as template (its
+    doc_to_text) + delimiter (target_delimiter) + its right choice, followed by a blank line (the
+    fewshot_delimiter), then the item as template. The default gives 'Question: ...\\nAnswer:';
+    '{question}' gives a cloze task's raw text (HellaSwag, LAMBADA, ARC-style completions)."""
+    solved = ''.join(fill(template, s) + delimiter + s['choices'][s['answer']] + '\n\n' for s in shots)
+    return solved + fill(template, item)
 
 
 @torch.inference_mode()
-def score_mcq(model, tokenizer, items, shots=(), batch_size=32, device='cpu') -> dict:
+def score_mcq(model, tokenizer, items, shots=(), batch_size=32, device='cpu', template=MCQ_TEMPLATE,
+              delimiter=MCQ_DELIMITER, progress=False) -> dict:
     """acc and acc_norm as lm-evaluation-harness defines them for multiple_choice tasks: every choice
-    is scored by the log-likelihood of ' ' + choice after mcq_context(item); acc takes the highest,
-    acc_norm the highest divided by len(choice) in characters (the space not counted). Prompt and
-    choice tokens split as in the harness: the prompt is encoded alone and with the choice, and the
-    choice's tokens are those after the prompt's count; too long a row loses tokens on the left.
-    Each (item, choice) is one row; rows go longest first, batch_size to a forward, right-padded."""
+    is scored by the log-likelihood of delimiter + choice after mcq_context(item, shots, template,
+    delimiter); acc takes the highest, acc_norm the highest divided by len(choice) in characters (the
+    delimiter not counted). Prompt and choice tokens split as in the harness (_encode_pair): trailing
+    whitespace of the prompt moves to the choice, the prompt is encoded alone and with the choice,
+    and the choice's tokens are those after the prompt's count (an empty prompt is the end-of-text
+    token); too long a row loses tokens on the left. Each (item, choice) is one row; rows go longest
+    first, batch_size to a forward, right-padded."""
     T = model.config.block_size
     rows = []  # (tokens, number of scored tokens at the end)
     for item in items:
-        context = mcq_context(item, shots)
-        ctx_ids = tokenizer.encode(context)
+        context = mcq_context(item, shots, template, delimiter)
+        stripped = context.rstrip()
+        ctx_ids = tokenizer.encode(stripped) or [tokenizer.eot_id]
         for choice in item['choices']:
-            cont = tokenizer.encode(context + ' ' + choice)[len(ctx_ids):]
+            whole = context + delimiter + choice
+            cont = tokenizer.encode(whole)[len(ctx_ids):] if stripped else tokenizer.encode(whole)
             seq = (ctx_ids + cont)[-(T + 1):]
             rows.append((seq, min(len(cont), len(seq) - 1)))
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
     ll = np.zeros(len(rows))
-    for k in range(0, len(order), batch_size):
-        group = order[k:k + batch_size]
-        x = torch.zeros(len(group), len(rows[group[0]][0]) - 1, dtype=torch.long)
-        y = torch.full_like(x, -1)
-        for r, i in enumerate(group):
-            seq, n = rows[i]
-            x[r, :len(seq) - 1] = torch.tensor(seq[:-1])
-            y[r, len(seq) - 1 - n:len(seq) - 1] = torch.tensor(seq[len(seq) - n:])
-        ll[group] = -_nll(model, x.to(device), y.to(device)).double().sum(1).cpu().numpy()
+    with progress_bar(progress, len(rows), 'multiple choice', 'row') as bar:
+        for k in range(0, len(order), batch_size):
+            group = order[k:k + batch_size]
+            x = torch.zeros(len(group), len(rows[group[0]][0]) - 1, dtype=torch.long)
+            y = torch.full_like(x, -1)
+            for r, i in enumerate(group):
+                seq, n = rows[i]
+                x[r, :len(seq) - 1] = torch.tensor(seq[:-1])
+                y[r, len(seq) - 1 - n:len(seq) - 1] = torch.tensor(seq[len(seq) - n:])
+            ll[group] = -_nll(model, x.to(device), y.to(device)).double().sum(1).cpu().numpy()
+            bar.update(len(group))
     acc, acc_norm, per_item, start = [], [], [], 0
     for item in items:
         lls = ll[start:start + len(item['choices'])]
@@ -310,12 +369,14 @@ def score_mcq(model, tokenizer, items, shots=(), batch_size=32, device='cpu') ->
                 loglikelihoods=per_item)
 
 
-def training_metrics(model, tokenizer, mcq_items=None, prompts=None, seed=1337, device='cpu') -> dict:
-    """What train.py logs with eval_mcq / eval_generate (TRAINING_KEYS): the exam's acc and acc_norm,
-    and the generation metrics of evaluate.py's default settings. Call with the model in eval mode."""
+def training_metrics(model, tokenizer, mcq_items=None, prompts=None, seed=1337, device='cpu',
+                     mcq_template=MCQ_TEMPLATE, mcq_delimiter=MCQ_DELIMITER) -> dict:
+    """What train.py logs with eval_mcq / eval_generate (TRAINING_KEYS): the exam's acc and acc_norm
+    (items from load_mcq(path, mcq_template)), and the generation metrics of evaluate.py's default
+    settings. Silent (no progress bars). Call with the model in eval mode."""
     out = {}
     if mcq_items:
-        mcq = score_mcq(model, tokenizer, mcq_items, device=device)
+        mcq = score_mcq(model, tokenizer, mcq_items, device=device, template=mcq_template, delimiter=mcq_delimiter)
         out.update(mcq_acc=mcq['acc'], mcq_acc_norm=mcq['acc_norm'])
     if prompts:
         out.update(generation_metrics(generate_samples(model, tokenizer, prompts, seed=seed, device=device)))
@@ -360,23 +421,32 @@ def plot_log(log_path, png_path) -> None:
     def series(d, key):
         steps = sorted(s for s in d if d[s].get(key) is not None)
         return steps, [d[s][key] for s in steps]
-    axes[0].plot(*series(train, 'loss'), label='train loss (per log interval)', color='tab:blue', alpha=0.7)
-    axes[0].plot(*series(evals, 'train_loss'), 'o-', label='train loss (eval)', color='tab:cyan', ms=4)
-    axes[0].plot(*series(evals, 'val_loss'), 'o-', label='val loss (eval)', color='tab:orange', ms=4)
+    # train loss every log interval: a thin light line; the evals' train and val loss: marked lines in
+    # colours far from it and from each other, drawn on top
+    axes[0].plot(*series(train, 'loss'), label='train loss (per log interval)', color='tab:blue', alpha=0.6, lw=1)
+    axes[0].plot(*series(evals, 'train_loss'), 's--', label='train loss (eval)', color='black', ms=5, lw=1.5)
+    axes[0].plot(*series(evals, 'val_loss'), 'o-', label='val loss (eval)', color='tab:red', ms=5, lw=1.5)
     axes[0].set_ylabel('loss (nats / token)')
+    axes[0].legend(loc='upper right', fontsize=9, framealpha=0.9)  # losses fall: that corner is free
     axes[1].plot(*series(train, 'lr'), color='tab:green')
     axes[1].set_ylabel('learning rate')
     axes[1].ticklabel_format(axis='y', style='sci', scilimits=(-3, 3))
     axes[2].plot(*series(train, 'tokens_per_sec'), color='tab:purple')
     axes[2].set_ylabel('tokens / s')
-    for key in extra:
-        axes[3].plot(*series(evals, key), 'o-', label=key, ms=4)
+    # shares are often equal (acc and acc_norm; repetition and code_parses both 0): each later line is
+    # thinner and dashed otherwise, its markers smaller, of another shape and every other one hollow,
+    # so a line drawn later never hides an earlier one
+    dashes, markers = ['-', '--', ':', '-.'], 'os^Dv<>ph'
+    for i, key in enumerate(extra):
+        axes[-1].plot(*series(evals, key), marker=markers[i % len(markers)], ls=dashes[i % len(dashes)],
+                      ms=11 - i, lw=3.2 - 0.3 * i, mfc='none' if i % 2 else None, mew=1.5, label=key)
     if extra:
-        axes[3].set_ylabel('share (0 to 1)')
+        axes[-1].set_ylabel('share (0 to 1)')
+        axes[-1].set_ylim(-0.05, 1.05)
+        # below the panel, as wide as it: a legend beside the curves would leave the panels above a blank margin
+        axes[-1].legend(loc='upper center', bbox_to_anchor=(0.5, -0.18), ncol=5, fontsize=9, frameon=False)
     for ax in axes:
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize=9)  # beside the curves, not on them
     axes[0].set_title(f"training curves of {log_path}")
     axes[-1].set_xlabel('iteration')
     fig.tight_layout()

@@ -27,7 +27,6 @@ text with its embeddings grown (model.resize_vocab). meta.json records the base 
 tokenizer.extends. --max_docs=N keeps only the first N documents: files in sorted path order,
 JSONL records in file order.
 """
-import argparse
 import fnmatch
 import hashlib
 import json
@@ -41,46 +40,42 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
+from types import SimpleNamespace
 
 import numpy as np
+from tqdm import tqdm
 
-import dataset
+import dataset as ds
+from configurator import configure
+
+# -----------------------------------------------------------------------------
+# inputs (string defaults, not None, so that a value is taken as typed: --dataset=2024 is a name)
+input = ''  # a file (.txt, .jsonl, any text) or folder; repeat --input for several; '': this Python's stdlib
+glob = ''  # file name pattern inside folders; '': * (*.py for the stdlib)
+text_key = 'text'  # the JSONL field holding the text
+dataset = ''  # output name: data_dir/NAME; '': stdlib, or the first input's name
+data_dir = 'data'  # root folder of datasets
+tokenizer = 'bpe'  # bpe (train one), gpt2, byte, or a tokenizer.json (or its folder) to reuse
+vocab_size = 8192  # the BPE's vocabulary, end-of-text included (257..65535)
+bpe_train_bytes = 1e8  # train the BPE on a deterministic sample of about this many bytes of the train split
+extend_vocab = None  # with tokenizer=PATH/tokenizer.json: learn this many more BPE merges; base ids stay
+max_docs = None  # keep only the first N documents (files sorted by path, JSONL records in order), for quick runs
+val_fraction = 0.05  # share of pieces that go to val
+min_split_tokens = 1025  # fewest tokens per split (block_size + 1)
+strict = False  # abort on a bad file inside a folder instead of skipping it
+force = False  # rebuild even if up to date
+# -----------------------------------------------------------------------------
+defaults = {k: v for k, v in globals().items()
+            if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
 
 PIECE_BYTES = 128 * 1024  # split unit of big documents; also bounds the text held per piece
 BATCH_BYTES = 1 << 20     # text handed to one encode thread at a time
 STDLIB_EXCLUDE = ("site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__")
+SHOW_SKIPPED = 5  # skipped files named in the summary; meta.json lists them all
 
 
-def flag(s):
-    """--strict, --strict=True and --strict=0 all work, like the configurator's --key=value."""
-    if s.lower() in ("1", "true", "yes"):
-        return True
-    if s.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
-parser = argparse.ArgumentParser(description="Tokenize text into data/NAME/{train,val}.bin.", allow_abbrev=False)
-parser.add_argument("--input", action="append", help="file (.txt, .jsonl, any text) or directory; repeatable "
-                    "(default: this Python's standard library sources)")
-parser.add_argument("--glob", help="file name pattern inside directories (default: * or *.py for the stdlib)")
-parser.add_argument("--text_key", default="text", help="JSONL field holding the text")
-parser.add_argument("--dataset", help="output name: data_dir/NAME (default: stdlib, or the first input's name)")
-parser.add_argument("--data_dir", default="data", help="root folder of datasets")
-parser.add_argument("--tokenizer", default="bpe", help="bpe (train one), gpt2, byte, or a tokenizer.json to reuse")
-parser.add_argument("--vocab_size", type=int, default=8192, help="BPE vocabulary incl. end-of-text (257..65535)")
-parser.add_argument("--bpe_train_bytes", type=lambda s: int(float(s)), default=100_000_000,
-                    help="train the BPE on a deterministic sample of about this many bytes of the train split")
-parser.add_argument("--extend_vocab", type=int, help="with --tokenizer=PATH/tokenizer.json: learn this many more "
-                    "BPE merges on this corpus; base ids stay, new tokens get the next ids")
-parser.add_argument("--max_docs", type=int, help="keep only the first N documents (files sorted by path, JSONL "
-                    "records in order), for quick runs")
-parser.add_argument("--val_fraction", type=float, default=0.05, help="share of pieces that go to val")
-parser.add_argument("--min_split_tokens", type=int, default=1025, help="fewest tokens per split (block_size + 1)")
-parser.add_argument("--strict", type=flag, nargs="?", const=True, default=False,
-                    help="abort on a bad file inside a directory instead of skipping it")
-parser.add_argument("--force", type=flag, nargs="?", const=True, default=False, help="rebuild even if up to date")
-parser.error = lambda msg: sys.exit(f"prepare: error: {msg} (see python prepare.py --help)")
+def fail(msg):
+    raise SystemExit(f"prepare.py: error: {msg}")
 
 
 class BadFile(Exception):
@@ -96,9 +91,9 @@ def list_sources(roots, glob, exclude):
             sources.append((root, os.path.basename(root), True, st.st_size, st.st_mtime_ns))
             continue
         if os.path.exists(root) and not os.path.isdir(root):  # a FIFO, socket or device: reading would block
-            sys.exit(f"prepare: error: --input={root} is not a regular file or a folder")
+            fail(f"--input={root} is not a regular file or a folder")
         if not os.path.isdir(root):
-            sys.exit(f"prepare: error: --input={root}: no such file or directory (check the path)")
+            fail(f"--input={root}: no such file or directory (check the path)")
         found = []
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in exclude]  # .git etc.
@@ -171,57 +166,70 @@ def piece_hash(key):
     return int.from_bytes(h[:8], "little") / 2**64, int.from_bytes(h[8:], "little") / 2**64
 
 
-def main(argv=None):
-    t0 = time.time()
-    args = parser.parse_args(argv)
+def main(argv=None) -> dict:
+    """Prepare the dataset that argv (default sys.argv[1:]) describes; returns its meta.json."""
+    config, _ = configure(defaults, sys.argv[1:] if argv is None else argv, prog='prepare.py', source=__file__,
+                          repeatable={'input'})
+    try:
+        return prepare(SimpleNamespace(**config))
+    except ds.DatasetError as e:  # dataset.py's one-line errors, said in this script's name
+        fail(e.reason)
 
+
+def prepare(args):
+    """Prepare the dataset that args (the resolved config, as attributes) describes; returns its meta.json."""
+    t0 = time.time()
     # -------------------------------------------------------------------------
     # inputs, settings, and the cache check (stat only, no heavy imports before it)
-    if args.input:
-        roots, glob, exclude = args.input, args.glob or "*", ()
+    for key in ('extend_vocab', 'max_docs'):  # None defaults take any value: these must be whole numbers
+        value = getattr(args, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            fail(f"--{key}={value!r} must be a whole number (e.g. 1000)")
+    args.bpe_train_bytes = int(args.bpe_train_bytes)  # a float default, so that 1e8 is accepted
+    inputs = [args.input] if isinstance(args.input, str) else args.input
+    if any(inputs):
+        roots, glob, exclude = inputs, args.glob or "*", ()
     else:
         roots, glob, exclude = [sysconfig.get_paths()["stdlib"]], args.glob or "*.py", STDLIB_EXCLUDE
-    name = args.dataset or (os.path.splitext(os.path.basename(os.path.normpath(roots[0])))[0] if args.input else "stdlib")
+    name = args.dataset or (os.path.splitext(os.path.basename(os.path.normpath(roots[0])))[0] if any(inputs) else "stdlib")
     if not name or name.startswith(".") or os.sep in name:
-        sys.exit(f"prepare: error: --dataset={name!r} is not a plain folder name (e.g. --dataset=mydata)")
+        fail(f"--dataset={name!r} is not a plain folder name (e.g. --dataset=mydata)")
     if not 0.0 < args.val_fraction < 1.0:
-        sys.exit(f"prepare: error: --val_fraction={args.val_fraction} must be between 0 and 1 (e.g. 0.05)")
+        fail(f"--val_fraction={args.val_fraction} must be between 0 and 1 (e.g. 0.05)")
     if args.bpe_train_bytes < 1:
-        sys.exit(f"prepare: error: --bpe_train_bytes={args.bpe_train_bytes} must be at least 1 (default 100000000)")
+        fail(f"--bpe_train_bytes={args.bpe_train_bytes} must be at least 1 (default 100000000)")
     if args.min_split_tokens < 2:
-        sys.exit(f"prepare: error: --min_split_tokens={args.min_split_tokens} must be at least 2 (block_size + 1)")
+        fail(f"--min_split_tokens={args.min_split_tokens} must be at least 2 (block_size + 1)")
     if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
-        sys.exit(f"prepare: error: --data_dir={args.data_dir} is a file, not a folder")
+        fail(f"--data_dir={args.data_dir} is a file, not a folder")
     for root in roots:  # reading a prepared dataset as text would rebuild it from its own files
         folder = os.path.abspath(root)
         while folder != os.path.dirname(folder) and not os.path.isfile(os.path.join(folder, "meta.json")):
             folder = os.path.dirname(folder)
         if os.path.isfile(os.path.join(folder, "meta.json")) and os.path.isfile(os.path.join(folder, "train.bin")):
-            sys.exit(f"prepare: error: --input={root} is inside the prepared dataset {folder}; "
-                     f"give the corpus it was made from instead")
+            fail(f"--input={root} is inside the prepared dataset {folder}; give the corpus it was made from instead")
     kind, tokenizer_path = args.tokenizer, None
     if kind not in ("bpe", "gpt2", "byte"):
         tokenizer_path = os.path.join(kind, "tokenizer.json") if os.path.isdir(kind) else kind
         if not os.path.isfile(tokenizer_path):
-            sys.exit(f"prepare: error: --tokenizer={kind}: no such file (use bpe, gpt2, byte, "
-                     f"or the path of a tokenizer.json, e.g. data/stdlib/tokenizer.json)")
+            fail(f"--tokenizer={kind}: no such file (use bpe, gpt2, byte, "
+                 f"or the path of a tokenizer.json, e.g. data/stdlib/tokenizer.json)")
         kind = "bpe"
-    elif kind == "bpe" and not 257 <= args.vocab_size <= np.iinfo(dataset.DTYPE).max:
-        sys.exit(f"prepare: error: --vocab_size={args.vocab_size} does not fit the uint16 token files "
-                 f"(use 257..65535)")
+    elif kind == "bpe" and not 257 <= args.vocab_size <= np.iinfo(ds.DTYPE).max:
+        fail(f"--vocab_size={args.vocab_size} does not fit the uint16 token files (use 257..65535)")
     if args.extend_vocab is not None and (not tokenizer_path or args.extend_vocab <= 0):
-        sys.exit(f"prepare: error: --extend_vocab={args.extend_vocab} needs a positive number of new tokens and "
-                 f"--tokenizer=PATH/tokenizer.json, the base to extend (e.g. --tokenizer=data/stdlib/tokenizer.json)")
+        fail(f"--extend_vocab={args.extend_vocab} needs a positive number of new tokens and "
+             f"--tokenizer=PATH/tokenizer.json, the base to extend (e.g. --tokenizer=data/stdlib/tokenizer.json)")
     if args.max_docs is not None and args.max_docs <= 0:
-        sys.exit(f"prepare: error: --max_docs={args.max_docs} must be a positive number of documents (e.g. 1000)")
+        fail(f"--max_docs={args.max_docs} must be a positive number of documents (e.g. 1000)")
 
     sources = list_sources(roots, glob, exclude)
     if not sources:
-        sys.exit(f"prepare: error: no input files in {', '.join(roots)} match --glob={glob} (check --input/--glob)")
+        fail(f"no input files in {', '.join(roots)} match --glob={glob} (check --input/--glob)")
     total_bytes = sum(s[3] for s in sources)
     listing = "".join(f"{os.path.abspath(p)}\t{size}\t{mtime}\n" for p, _, _, size, mtime in sources)
     inputs_fingerprint = hashlib.sha256(listing.encode(errors="surrogateescape")).hexdigest()  # stat only: fast
-    settings = dict(format_version=dataset.FORMAT_VERSION, inputs=[os.path.abspath(r) for r in roots],
+    settings = dict(format_version=ds.FORMAT_VERSION, inputs=[os.path.abspath(r) for r in roots],
                     glob=glob, exclude=list(exclude), text_key=args.text_key, tokenizer=args.tokenizer,
                     val_fraction=args.val_fraction, piece_bytes=PIECE_BYTES)
     if tokenizer_path:
@@ -237,13 +245,13 @@ def main(argv=None):
     out_dir = os.path.join(args.data_dir, name)
     for root in roots:
         if os.path.commonpath([os.path.abspath(root), os.path.abspath(out_dir)]) == os.path.abspath(root):
-            sys.exit(f"prepare: error: --input={root} contains the output folder {out_dir}; "
-                     f"keep the corpus and --data_dir apart")
-    cap = f", the first {args.max_docs} documents" if args.max_docs else ""
+            fail(f"--input={root} contains the output folder {out_dir}; "
+                 f"keep the corpus and --data_dir apart")
+    cap = f", keeping the first {args.max_docs} documents" if args.max_docs else ""
     print(f"prepare: dataset {name}: {len(sources)} files, {total_bytes / 1e6:.1f} MB{cap} -> {out_dir} "
           f"(tokenizer {args.tokenizer})")
     try:
-        old = dataset.read_meta(out_dir)
+        old = ds.read_meta(out_dir)
     except SystemExit:
         old = None  # missing, damaged or an older format: build it
     if (old and not args.force and old["settings"] == settings and old["inputs_fingerprint"] == inputs_fingerprint
@@ -252,18 +260,18 @@ def main(argv=None):
         print(f"prepare: {out_dir} is up to date, reused it (inputs and settings unchanged; --force rebuilds)")
         return old
 
-    dataset.clean_stale(out_dir)
-    tmp_dir = dataset.temp_dir(out_dir)
+    ds.clean_stale(out_dir)
+    tmp_dir = ds.temp_dir(out_dir)
     try:
         try:
             os.makedirs(tmp_dir)
         except OSError as e:
-            sys.exit(f"prepare: error: cannot write in --data_dir={args.data_dir}: {e.strerror}")
+            fail(f"cannot write in --data_dir={args.data_dir}: {e.strerror}")
         meta = build(args, sources, kind, tokenizer_path, tmp_dir, out_dir)
         meta.update(dataset=name, inputs_fingerprint=inputs_fingerprint, settings=settings,
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     prepare_seconds=round(time.time() - t0, 3))
-        dataset.publish(tmp_dir, out_dir, meta)
+        ds.publish(tmp_dir, out_dir, meta)
     except KeyboardInterrupt:
         if sys.stderr.isatty():
             print(file=sys.stderr)  # end the progress line
@@ -276,10 +284,16 @@ def main(argv=None):
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    skipped = list(meta["inputs"]["skipped"].values())  # each reason names its file
     print(f"prepare: wrote {out_dir}: train {tr['tokens']:,} tokens ({tr['documents']:,} docs), "
-          f"val {va['tokens']:,} tokens ({va['documents']:,} docs), {len(meta['inputs']['skipped'])} files skipped")
+          f"val {va['tokens']:,} tokens ({va['documents']:,} docs), {len(skipped)} files skipped")
+    for reason in skipped[:SHOW_SKIPPED]:
+        print(f"prepare: skipped {reason}")
+    if len(skipped) > SHOW_SKIPPED:
+        print(f"prepare: skipped ... and {len(skipped) - SHOW_SKIPPED} more (all in {out_dir}/meta.json, inputs.skipped)")
     trained = f"BPE training {meta['bpe_train_seconds']:.1f}s, " if meta["bpe_train_seconds"] else ""
-    print(f"prepare: {total_bytes / 1e6:.1f} MB in {meta['prepare_seconds']:.1f}s ({trained}encoding "
+    read = tr["bytes"] + va["bytes"]  # with max_docs, only what was read, not every matched file
+    print(f"prepare: {read / 1e6:.1f} MB in {meta['prepare_seconds']:.1f}s ({trained}encoding "
           f"{meta['encode_seconds']:.1f}s at {meta['encode_mb_per_s']:.1f} MB/s, "
           f"{meta['encode_tokens_per_s'] / 1e6:.2f}M tok/s)")
     return meta
@@ -291,45 +305,47 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
     state = None
     if tokenizer_path:
         with open(tokenizer_path, "rb") as f:
-            state = dataset.make_state("bpe", f.read().decode("utf-8", errors="replace"), tokenizer_path)
-        if args.extend_vocab and state["vocab_size"] + args.extend_vocab > np.iinfo(dataset.DTYPE).max:
-            sys.exit(f"prepare: error: --extend_vocab={args.extend_vocab} on {tokenizer_path}'s {state['vocab_size']} "
-                     f"tokens makes more than 65535, which the uint16 token files cannot hold (use at most "
-                     f"--extend_vocab={np.iinfo(dataset.DTYPE).max - state['vocab_size']})")
+            state = ds.make_state("bpe", f.read().decode("utf-8", errors="replace"), tokenizer_path)
+        if args.extend_vocab and state["vocab_size"] + args.extend_vocab > np.iinfo(ds.DTYPE).max:
+            fail(f"--extend_vocab={args.extend_vocab} on {tokenizer_path}'s {state['vocab_size']} "
+                 f"tokens makes more than 65535, which the uint16 token files cannot hold (use at most "
+                 f"--extend_vocab={np.iinfo(ds.DTYPE).max - state['vocab_size']})")
     elif kind != "bpe":
-        state = dataset.make_state(kind)
+        state = ds.make_state(kind)
 
     # -------------------------------------------------------------------------
     # pass 1: read every document once before writing anything, so that bad files fail or are
     # skipped up front, and so a split that the hash leaves empty can get one piece anyway
     skipped, counts, lowest, highest, good, docs, total_bytes = {}, [0, 0], None, None, [], 0, 0
-    for source in sources:
-        path, key, explicit, _, _ = source
-        if docs == args.max_docs:
-            break  # --max_docs: the later files are not read at all
-        n, low, high, file_docs, file_bytes = [0, 0], None, None, 0, 0
-        try:
-            for piece_key, _, end, nbytes in read_pieces(path, key, args.text_key):
-                u = (piece_hash(piece_key)[0], piece_key)
-                n[u[0] < args.val_fraction] += 1
-                low, high = min(low or u, u), max(high or u, u)
-                file_docs, file_bytes = file_docs + end, file_bytes + nbytes
-                if docs + file_docs == args.max_docs:
-                    break
-        except BadFile as e:
-            if explicit or args.strict:
-                fix = "fix or remove it" if explicit else "fix or remove it, or drop --strict to skip it"
-                sys.exit(f"prepare: error: {e} ({fix})")
-            skipped[path] = str(e)
-            continue
-        counts = [counts[0] + n[0], counts[1] + n[1]]
-        if low:
-            lowest, highest = min(lowest or low, low), max(highest or high, high)
-        good.append(source)
-        docs, total_bytes = docs + file_docs, total_bytes + file_bytes
+    with bar("reading", None if args.max_docs else sum(s[3] for s in sources)) as reading:  # max_docs: no total
+        for source in sources:
+            path, key, explicit, _, _ = source
+            if docs == args.max_docs:
+                break  # --max_docs: the later files are not read at all
+            n, low, high, file_docs, file_bytes = [0, 0], None, None, 0, 0
+            try:
+                for piece_key, _, end, nbytes in read_pieces(path, key, args.text_key):
+                    reading.update(nbytes)
+                    u = (piece_hash(piece_key)[0], piece_key)
+                    n[u[0] < args.val_fraction] += 1
+                    low, high = min(low or u, u), max(high or u, u)
+                    file_docs, file_bytes = file_docs + end, file_bytes + nbytes
+                    if docs + file_docs == args.max_docs:
+                        break
+            except BadFile as e:
+                if explicit or args.strict:
+                    fix = "fix or remove it" if explicit else "fix or remove it, or drop --strict to skip it"
+                    fail(f"{e} ({fix})")
+                skipped[path] = str(e)
+                continue
+            counts = [counts[0] + n[0], counts[1] + n[1]]
+            if low:
+                lowest, highest = min(lowest or low, low), max(highest or high, high)
+            good.append(source)
+            docs, total_bytes = docs + file_docs, total_bytes + file_bytes
     if not lowest:
         why = f"all {len(skipped)} files were skipped, e.g. {next(iter(skipped.values()))}" if skipped else "it is empty"
-        sys.exit(f"prepare: error: no text to prepare: {why} (check --input, --glob and --text_key)")
+        fail(f"no text to prepare: {why} (check --input, --glob and --text_key)")
     force_val = lowest[1] if counts[1] == 0 else None     # the hash sent nothing to val
     force_train = highest[1] if counts[0] == 0 else None  # ... or everything
 
@@ -347,18 +363,26 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
 
     # -------------------------------------------------------------------------
     # tokenizer: train the BPE, or extend the base's, on (a deterministic sample of) the train split
-    tty = sys.stderr.isatty()
     t_bpe = time.time()
     trained = state is None or bool(args.extend_vocab)
     train_bytes = total_bytes * (1 - args.val_fraction)
     share = min(1.0, args.bpe_train_bytes / train_bytes)
-    sample = (text for is_val, text, _, _, v in pieces() if not is_val and v < share)
+
+    def sample(progress=None):
+        """The BPE's training texts: the train pieces whose draw falls under `share`."""
+        for is_val, text, _, nbytes, v in pieces():
+            if progress is not None:
+                progress.update(nbytes)  # every piece is read to draw the sample
+            if not is_val and v < share:
+                yield text
     sample_mb = min(args.bpe_train_bytes, train_bytes) / 1e6
     if args.extend_vocab:
         base = state
         print(f"prepare: extending {tokenizer_path} ({base['vocab_size']} tokens) by {args.extend_vocab} BPE merges "
               f"learned on {sample_mb:.1f} MB of the train split")
-        state = dataset.make_state("bpe", dataset.extend_bpe(base["json"], sample, args.extend_vocab, tokenizer_path))
+        with bar("counting words", total_bytes) as counting:  # the merges after it take far less time
+            json_text = ds.extend_bpe(base["json"], sample(counting), args.extend_vocab, tokenizer_path)
+        state = ds.make_state("bpe", json_text)
         state["extends"] = {"fingerprint": base["fingerprint"], "vocab_size": base["vocab_size"]}
         if state["vocab_size"] < base["vocab_size"] + args.extend_vocab:
             print(f"prepare: learned only {state['vocab_size'] - base['vocab_size']} merges: the sample has no "
@@ -366,28 +390,31 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
     elif trained:
         print(f"prepare: training a {args.vocab_size}-token BPE on {sample_mb:.1f} MB of the train split")
         result = {}
+        reading = bar("BPE sample", total_bytes)  # then the merges, typically a few seconds, without a bar
 
         def train():
             try:
-                result["json"] = dataset.train_bpe(sample, args.vocab_size, show_progress=tty)
+                # not HF's own progress bars: they write blank lines to stdout
+                result["json"] = ds.train_bpe(sample(reading), args.vocab_size, show_progress=False)
             except Exception as e:
                 result["error"] = e
         # train in a daemon thread: Rust holds the main thread otherwise, and Ctrl-C would wait for it
         trainer = threading.Thread(target=train, daemon=True)
         trainer.start()
         trainer.join()
+        reading.close()
         if "error" in result:
             raise result["error"]
-        state = dataset.make_state("bpe", result["json"])
+        state = ds.make_state("bpe", result["json"])
     bpe_seconds = time.time() - t_bpe if trained else 0.0
-    tok = dataset.load_tokenizer(state)
+    tok = ds.load_tokenizer(state)
     if state["json"] is not None:
         with open(os.path.join(tmp_dir, "tokenizer.json"), "wb") as f:
             f.write(state["json"].encode("utf-8"))
 
     # -------------------------------------------------------------------------
     # pass 2: encode batches of pieces on all cores, write them in order as they finish
-    eot = np.array([tok.eot_id], dtype=dataset.DTYPE)
+    eot = np.array([tok.eot_id], dtype=ds.DTYPE)
 
     def encode(batch):  # runs in a worker thread; tiktoken releases the GIL while it encodes
         ids = tok.encode_batch([text for _, text, _, _, _ in batch])
@@ -407,63 +434,59 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
         if batch:
             yield batch
 
-    splits = {s: dict(tokens=0, documents=0, pieces=0, bytes=0) for s in dataset.SPLITS}
+    splits = {s: dict(tokens=0, documents=0, pieces=0, bytes=0) for s in ds.SPLITS}
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    t_enc = last_print = time.time()
-    done = 0
-    files = [open(os.path.join(tmp_dir, f"{s}.bin"), "wb") for s in dataset.SPLITS]
-    with files[0], files[1], ThreadPoolExecutor(workers) as pool:
+    t_enc = time.time()
+    files = [open(os.path.join(tmp_dir, f"{s}.bin"), "wb") for s in ds.SPLITS]
+    with files[0], files[1], ThreadPoolExecutor(workers) as pool, bar("encoding", total_bytes) as encoding:
         inflight = deque()
         for batch in batches():
             inflight.append((batch, pool.submit(encode, batch)))
             if len(inflight) > 2 * workers:  # a bounded queue keeps memory flat for any corpus size
-                done += write(inflight.popleft(), files, splits)
-                if tty and time.time() - last_print > 0.5:
-                    last_print = progress(done, total_bytes, splits, t_enc)
+                write(inflight.popleft(), files, splits, encoding, t_enc)
         while inflight:
-            done += write(inflight.popleft(), files, splits)
-    if tty:
-        progress(done, total_bytes, splits, t_enc)
-        print(file=sys.stderr)
+            write(inflight.popleft(), files, splits, encoding, t_enc)
     encode_seconds = time.time() - t_enc
+    done = sum(v["bytes"] for v in splits.values())
 
     small = {s: v["tokens"] for s, v in splits.items() if v["tokens"] < args.min_split_tokens}
     if small:
-        sys.exit("prepare: error: corpus too small: " + ", ".join(f"{s} has {n} tokens" for s, n in small.items())
-                 + f", each split needs at least --min_split_tokens={args.min_split_tokens} (add more text, "
-                 f"or change --val_fraction / --min_split_tokens); {out_dir} was left as it was")
+        fail("corpus too small: " + ", ".join(f"{s} has {n} tokens" for s, n in small.items())
+             + f", each split needs at least --min_split_tokens={args.min_split_tokens} (add more text, "
+             f"or change --val_fraction / --min_split_tokens); {out_dir} was left as it was")
     tokens = sum(v["tokens"] for v in splits.values())
-    return dict(format_version=dataset.FORMAT_VERSION,
+    return dict(format_version=ds.FORMAT_VERSION,
                 tokenizer={k: state[k] for k in ("kind", "fingerprint", "vocab_size", "eot_id", "extends")
                            if k in state},
-                dtype=np.dtype(dataset.DTYPE).name, splits=splits,
+                dtype=np.dtype(ds.DTYPE).name, splits=splits,
                 inputs=dict(files=len(sources), bytes=sum(s[3] for s in sources), skipped=skipped),
                 bpe_train_seconds=round(bpe_seconds, 3), encode_seconds=round(encode_seconds, 3),
                 encode_mb_per_s=round(done / 1e6 / max(encode_seconds, 1e-9), 2),
                 encode_tokens_per_s=round(tokens / max(encode_seconds, 1e-9)))
 
 
-def write(item, files, splits):
-    """Append one encoded batch to train.bin / val.bin; returns its source bytes (for progress)."""
+def write(item, files, splits, progress, t_start):
+    """Append one encoded batch to train.bin / val.bin, counting it in splits and on the progress bar."""
     batch, future = item
-    for f, split, ids in zip(files, dataset.SPLITS, future.result()):
+    for f, split, ids in zip(files, ds.SPLITS, future.result()):
         ids.tofile(f)
         splits[split]["tokens"] += len(ids)
     for is_val, text, end, nbytes, _ in batch:
-        s = splits[dataset.SPLITS[is_val]]
+        s = splits[ds.SPLITS[is_val]]
         s["pieces"] += 1
         s["documents"] += end
         s["bytes"] += nbytes
-    return sum(item[3] for item in batch)
-
-
-def progress(done, total, splits, t_start):
-    dt = max(time.time() - t_start, 1e-9)
+    progress.update(sum(item[3] for item in batch))
     tokens = sum(s["tokens"] for s in splits.values())
-    eta = (total - done) / max(done / dt, 1)
-    print(f"\rprepare: {100 * done / max(total, 1):5.1f}% {done / 1e6:.1f}/{total / 1e6:.1f} MB, "
-          f"{done / 1e6 / dt:.1f} MB/s, {tokens / 1e6 / dt:.2f}M tok/s, ETA {eta:.0f}s ", end="", file=sys.stderr)
-    return time.time()
+    progress.set_postfix_str(f"{tokens / 1e6 / max(time.time() - t_start, 1e-9):.2f}M tok/s", refresh=False)
+
+
+def bar(stage, total_bytes):
+    """tqdm's progress bar (bytes, rate, ETA) for a stage, on stderr. Only on a terminal: disable=None
+    turns it off when stderr is a file or a pipe, where a log wants the plain lines this script prints
+    to stdout (what was read, the time each stage took), not redraws joined by carriage returns."""
+    return tqdm(total=total_bytes, desc=f"prepare: {stage}", unit="B", unit_scale=True, leave=False,
+                disable=None, file=sys.stderr, dynamic_ncols=True)
 
 
 if __name__ == "__main__":

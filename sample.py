@@ -48,7 +48,7 @@ RANGES = dict(num_samples='[1, inf)', max_new_tokens='[0, inf)', temperature='[0
 check_ranges(config, RANGES, 'sample.py')
 globals().update(config)
 
-device, dtype = hardware.resolve(device, dtype)
+device, dtype = hardware.resolve(device, dtype, prog='sample.py')
 device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
@@ -69,7 +69,10 @@ path, state = runs.find_or_exit(ckpt, out_dir, 'sample.py',
                                      hint=' (train a model first: python prepare.py && python train.py)')
 model = from_state(state).eval().to(device)
 model.merge_lora()  # a LoRA run's adapters fold into the weights: the same outputs, faster
-tokenizer = ds.load_tokenizer(state['tokenizer'])
+try:
+    tokenizer = ds.load_tokenizer(state['tokenizer'])
+except ds.DatasetError as e:  # e.g. gpt2's file not cached offline: one line, in this script's name
+    raise SystemExit(f"sample.py: error: {e.reason}") from None
 print(f"# {path}: iter {state.get('iter_num')}, val loss {state.get('val_loss')}", file=sys.stderr)
 state = None
 

@@ -1,8 +1,12 @@
 """Shared fixtures: a tiny corpus prepared once, and a helper to run the scripts as a user would."""
+import fcntl
 import json
 import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
 
 import pytest
 
@@ -20,6 +24,30 @@ def run(script, *args, cwd=None, check=True, env=None):
     if check and p.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
     return p
+
+
+def run_on_tty(script, *args, cwd=None):
+    """Run a top-level script with a terminal (a pty, 100 columns) as its stderr and a pipe as its
+    stdout, as a user at a terminal piping the output on; return (returncode, stdout, stderr)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 100, 0, 0))  # tqdm draws nothing 0 wide
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
+                         stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    err = b''
+    while True:
+        try:
+            chunk = os.read(master, 1 << 16)
+        except OSError:  # EIO: the child has closed the terminal
+            break
+        if not chunk:
+            break
+        err += chunk
+    os.close(master)
+    out = p.stdout.read()  # small (a summary, a table), so it cannot fill the pipe while we read the pty
+    p.wait(timeout=600)
+    return p.returncode, out.decode(), err.decode(errors='replace')
 
 
 def read_log(out_dir):

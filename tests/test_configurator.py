@@ -57,3 +57,48 @@ def test_config_file_errors(tmp_path):
     wrong.write_text("compile = 'yes'\n")
     with pytest.raises(SystemExit, match="compile must be bool"):
         configure(DEFAULTS, [str(wrong)])
+
+
+def test_space_form_as_argparse():
+    cfg, explicit = configure(DEFAULTS, ['--max_iters', '60', '--learning_rate', '1e-3', '--start', 'a = b'])
+    assert cfg['max_iters'] == 60 and cfg['learning_rate'] == 1e-3 and cfg['start'] == 'a = b'
+    assert explicit == {'max_iters', 'learning_rate', 'start'}
+    # a boolean takes the next argument only when it is one; bare, it means True
+    cfg, _ = configure(DEFAULTS, ['--compile', 'False', '--max_iters', '5'])
+    assert cfg['compile'] is False and cfg['max_iters'] == 5
+    cfg, _ = configure(DEFAULTS, ['--compile', '--max_iters', '5'])
+    assert cfg['compile'] is True and cfg['max_iters'] == 5
+    cfg, _ = configure(DEFAULTS, ['--compile=no', '--max_epochs', '3'])
+    assert cfg['compile'] is False and cfg['max_epochs'] == 3
+    for argv in (['--max_iters', '--compile'], ['--max_iters']):  # the next option is not a value
+        with pytest.raises(SystemExit, match=r"^train.py: error: --max_iters needs a value: --max_iters=VALUE or "
+                                             r"--max_iters VALUE$"):
+            configure(DEFAULTS, argv)
+
+
+def test_space_form_reads_a_config_file_after_a_boolean(tmp_path):
+    f = tmp_path / 'c.py'
+    f.write_text("max_iters = 50\n")
+    cfg, _ = configure(DEFAULTS, ['--compile', str(f)])
+    assert cfg['compile'] is True and cfg['max_iters'] == 50
+
+
+def test_repeatable_keys_collect_a_list(tmp_path):
+    defaults = {'input': '', 'glob': ''}
+    cfg, _ = configure(defaults, ['--input', 'a', '--input=b', '--glob=*.md'], repeatable={'input'})
+    assert cfg == {'input': ['a', 'b'], 'glob': '*.md'}
+    cfg, _ = configure(defaults, ['--input=a', '--glob=x', '--glob=y'], repeatable={'input'})
+    assert cfg == {'input': 'a', 'glob': 'y'}  # once: the plain value; other keys: the last one wins
+    f = tmp_path / 'c.py'
+    f.write_text("input = ['x', 'y']\n")
+    assert configure(defaults, [str(f)], repeatable={'input'})[0]['input'] == ['x', 'y']
+    f.write_text("input = ['x', 3]\n")
+    with pytest.raises(SystemExit, match="input must be str"):
+        configure(defaults, [str(f)], repeatable={'input'})
+
+
+def test_ranges_refuse_text_for_a_number():
+    from configurator import check_ranges
+    with pytest.raises(SystemExit, match=r"^t.py: error: max_epochs must be a number in \(0, inf\), got 'abc'$"):
+        check_ranges({'max_epochs': 'abc'}, {'max_epochs': '(0, inf)'}, 't.py')
+    check_ranges({'max_epochs': None}, {'max_epochs': '(0, inf)'}, 't.py')  # unset: fine

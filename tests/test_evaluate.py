@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from configurator import configure, script_keys
-from conftest import ROOT, read_log, run
+from conftest import ROOT, read_log, run, run_on_tty
 
 NAMES = ['Anna', 'Boris', 'Chen', 'Dara', 'Emil', 'Fatima', 'Goran', 'Hana', 'Ivan', 'Jana']
 THINGS = ['apples', 'bricks', 'candles', 'drums', 'eggs', 'flutes', 'gloves', 'hats', 'inks', 'jars']
@@ -93,6 +93,22 @@ def test_text_file_with_stride_and_plot(facts):
     pytest.importorskip('matplotlib')
     evaluate(facts, f'--plot={root / "curves.png"}')
     assert (root / 'curves.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_progress_on_a_terminal_a_line_per_stage_in_a_log(facts):
+    root = facts['root']
+    args = [f'--out_dir={facts["out"]}', f'--data_dir={facts["data"]}', '--max_new_tokens=20', '--num_samples=2',
+            f'--mcq={root / "exam.jsonl"}']
+    code, out, err = run_on_tty('evaluate.py', *args)
+    assert code == 0 and out.splitlines()[3].split() == ['latest']  # the default ckpt's column: its file, not 'resume'
+    for bar in ('perplexity: ', 'window/s', 'generation: ', 'step/s', 'multiple choice: ', 'row/s'):
+        assert bar in err, bar
+    assert '\r' not in out and '%|' not in out  # the table on stdout stays clean
+    p = evaluate(facts, f'--mcq={root / "exam.jsonl"}')  # stderr a pipe, as in a log: the lines only
+    assert '\r' not in p.stderr and '%|' not in p.stderr
+    stages = [line.split(': ', 1)[1].split(' in ')[0] for line in p.stderr.splitlines()[1:]]
+    assert stages == ['perplexity over 599 tokens (10 windows)', '6 samples generated',
+                      '10 multiple-choice items scored', 'evaluated'], p.stderr
 
 
 @pytest.mark.parametrize('content, args, message', [

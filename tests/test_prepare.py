@@ -133,7 +133,7 @@ def test_bad_inputs_one_line_errors(tmp_path):
         with pytest.raises(SystemExit) as e:
             run(tmp_path, *args, "--dataset=d")
         msg = str(e.value.code)
-        assert msg.startswith("prepare: error:") and expected in msg and "\n" not in msg, msg
+        assert msg.startswith("prepare.py: error:") and expected in msg and "\n" not in msg, msg
     assert dataset.read_meta(tmp_path / "data" / "d") == good  # existing data untouched
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["d"]  # and no temp dirs left
     for arg in (f"--input={tmp_path / 'latin1.txt'}", "--vocab_size=70000"):  # no traceback from the script

@@ -101,7 +101,7 @@ def test_bad_inputs_one_line(tmp_path):
         with pytest.raises(SystemExit) as e:
             run(tmp_path, f"--input={tmp_path / 'corpus'}", *args, "--dataset=d")
         msg = str(e.value.code)
-        assert msg.startswith("prepare: error:") and expected in msg and "\n" not in msg, msg
+        assert msg.startswith("prepare.py: error:") and expected in msg and "\n" not in msg, msg
     assert dataset.read_meta(tmp_path / "data" / "d") == good  # nothing touched
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["d"]
     r = subprocess.run([sys.executable, str(ROOT / "prepare.py"), f"--input={tmp_path / 'corpus'}", "--max_docs=-1",
