@@ -181,8 +181,10 @@ def configure(defaults: dict, argv: list, prog: str = 'train.py', source: str = 
                 # a boolean takes the next argument only when it is one, so `--force config.py` still works
                 takes = following is not None and following.lower() in BOOL_WORDS
             else:
-                # anything else takes it unless it is the next option: `--input --force` is not a path
-                takes = following is not None and not following.startswith('--')
+                # anything else takes it unless it is the next option (`--input --force` is not a path)
+                # or, for a key without a typed default, a config file (`--compile config/x.py`)
+                takes = following is not None and not following.startswith('--') and not (
+                    default is None and following.endswith('.py') and os.path.isfile(following))
             if takes:
                 raw = following
                 i += 1

@@ -23,6 +23,7 @@ import numpy as np
 FORMAT_VERSION = 1
 DTYPE = np.uint16
 SPLITS = ("train", "val")
+KINDS = ("bpe", "gpt2", "byte")  # tokenizer kinds: make_state and load_tokenizer build each
 EOT = "<|endoftext|>"
 # HF ByteLevel's pre-tokenizer regex (GPT-2's), so tiktoken splits text exactly like HF does
 GPT2_PAT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -61,7 +62,7 @@ def read_meta(data_dir) -> dict:
         raise DatasetError(f"{path} has format_version {version}, this code reads {FORMAT_VERSION} "
                            f"(rebuild it: python prepare.py --force ...)")
     tok = meta.get("tokenizer")
-    if not (isinstance(tok, dict) and tok.get("kind") in ("bpe", "gpt2", "byte") and isinstance(tok.get("vocab_size"), int)
+    if not (isinstance(tok, dict) and tok.get("kind") in KINDS and isinstance(tok.get("vocab_size"), int)
             and 1 <= tok["vocab_size"] <= np.iinfo(DTYPE).max + 1 and isinstance(tok.get("eot_id"), int)
             and 0 <= tok["eot_id"] < tok["vocab_size"]):
         raise DatasetError(f"{path} has no usable tokenizer record (kind, vocab_size, eot_id) "

@@ -209,7 +209,7 @@ def prepare(args):
         if os.path.isfile(os.path.join(folder, "meta.json")) and os.path.isfile(os.path.join(folder, "train.bin")):
             fail(f"--input={root} is inside the prepared dataset {folder}; give the corpus it was made from instead")
     kind, tokenizer_path = args.tokenizer, None
-    if kind not in ("bpe", "gpt2", "byte"):
+    if kind not in ds.KINDS:
         tokenizer_path = os.path.join(kind, "tokenizer.json") if os.path.isdir(kind) else kind
         if not os.path.isfile(tokenizer_path):
             fail(f"--tokenizer={kind}: no such file (use bpe, gpt2, byte, "

@@ -31,6 +31,7 @@ import checkpoint
 import interop
 from checkpoint import CheckpointError, oneline
 from configurator import fits
+from dataset import KINDS
 from model import check_state, with_base
 
 # what a training run writes in out_dir besides its checkpoint tiers (checkpoint.tier_files)
@@ -60,7 +61,7 @@ def whole(state, path, defaults=None, bases=None) -> dict:
     tok = state.get("tokenizer")
     if not isinstance(tok, dict):
         raise CheckpointError("unusable checkpoint (no tokenizer)")
-    if tok.get("kind") not in ("bpe", "gpt2", "byte") or not isinstance(tok.get("vocab_size"), int) \
+    if tok.get("kind") not in KINDS or not isinstance(tok.get("vocab_size"), int) \
             or not isinstance(tok.get("eot_id"), int) or not isinstance(tok.get("fingerprint"), str):
         raise CheckpointError("unusable checkpoint (its tokenizer record is incomplete)")
     if "optimizer" not in state:

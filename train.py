@@ -95,6 +95,8 @@ wandb_project = 'sturdygpt'
 wandb_run_name = None
 # evaluation during training: at iteration 0 (the baseline) and every eval_interval, as evaluate.py measures
 eval_mcq = None  # a JSONL exam (evaluate.py's formats): logs eval/mcq_acc, eval/mcq_acc_norm
+mcq_template = 'Question: {question}\nAnswer:'  # eval_mcq's prompt, over the item's fields ({question} alone: cloze)
+mcq_delimiter = ' '  # between the prompt and each choice (lm-evaluation-harness's target_delimiter)
 eval_generate = False  # sample the prompts: logs eval/repetition, eval/distinct_1..4, eval/code_parses, ...
 eval_prompts = None  # the prompts file for eval_generate (one per line); None: evaluate.py's code prompts
 tensorboard_log = False  # also write the wandb scalars to out_dir/tb/ (pip install tensorboard)
@@ -148,7 +150,7 @@ globals().update(config)
 # device, DDP and dtype: decided once, then objects that do nothing when unused
 ddp = int(os.environ.get('RANK', -1)) != -1
 # under torchrun, cuda:LOCAL_RANK is made current before anything (the dtype probe) touches a GPU
-device, dtype = hardware.resolve(device, dtype, int(os.environ['LOCAL_RANK']) if ddp else None)
+device, dtype = hardware.resolve(device, dtype, int(os.environ['LOCAL_RANK']) if ddp else None, prog='train.py')
 device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
 if ddp:
     # device_id binds the process group to this rank's GPU, so barriers need not guess it
@@ -173,8 +175,11 @@ np.random.seed(seed + rank)
 # data: fixed windows of block_size + 1 tokens, visited once per epoch in an order that is a
 # function of (seed, epoch); the position (epoch, index) is global, so any number of ranks agree
 data_path = os.path.join(data_dir, dataset)
-meta = ds.read_meta(data_path)
-tokenizer = ds.tokenizer_state(data_path)
+try:
+    meta = ds.read_meta(data_path)
+    tokenizer = ds.tokenizer_state(data_path)
+except ds.DatasetError as e:
+    raise SystemExit(f"train.py: error: {e.reason}") from None
 vocab_size = tokenizer['vocab_size']
 train_data, val_data = ds.open_split(data_path, 'train'), ds.open_split(data_path, 'val')
 for split, arr in (('train', train_data), ('val', val_data)):
@@ -195,11 +200,13 @@ if tensorboard_log and master_process:
 eval_items, eval_prompt_list, eval_tokenizer = None, None, None
 if master_process and (eval_mcq or eval_generate):
     try:
-        eval_items = metrics.load_mcq(eval_mcq) if eval_mcq else None
+        eval_items = metrics.load_mcq(eval_mcq, mcq_template) if eval_mcq else None
         eval_prompt_list = metrics.load_prompts(eval_prompts) if eval_generate else None
+        eval_tokenizer = ds.load_tokenizer(tokenizer)
     except metrics.EvalError as e:
         raise SystemExit(f"train.py: error: {e}")
-    eval_tokenizer = ds.load_tokenizer(tokenizer)
+    except ds.DatasetError as e:
+        raise SystemExit(f"train.py: error: {e.reason}") from None
 
 
 def get_batch(data, windows):
@@ -425,8 +432,8 @@ def run_eval():
         if eval_tokenizer:  # eval_mcq / eval_generate: the numbers evaluate.py gives, on the plain module
             raw_model.eval()
             with ctx:
-                entry.update(metrics.training_metrics(raw_model, eval_tokenizer, eval_items, eval_prompt_list,
-                                                      seed=seed, device=device))
+                entry.update(metrics.training_metrics(raw_model, eval_tokenizer, eval_items, eval_prompt_list, seed=seed,
+                                                      device=device, mcq_template=mcq_template, mcq_delimiter=mcq_delimiter))
             raw_model.train()
             print(f"eval {iter_num}: " + ', '.join(f"{k} {v:.3f}" for k, v in entry.items()
                                                    if k in metrics.TRAINING_KEYS))
