@@ -6,21 +6,28 @@ every file a training run keeps there besides the checkpoint tiers (checkpoint.p
                                                    run, whole and checked, or another format's weights
     start_point(config, explicit, defaults)       train.py: continue the run in out_dir, start a new
                                                    one, or refuse; and the config it runs with
+    lock(out_dir) / owner(out_dir)                one training process per out_dir
     prepare_out_dir(...) / keep_base(...)         before a run's first write
     trim_log / append_log / write_summary         log.jsonl and summary.json
     rng_state() / set_rng_state(tree)             every RNG training draws from
 
 A training run's files in out_dir: the tiers (latest, latest_backup, best, step_*, epoch_*),
 base.safetensors (the base a run with frozen weights builds on), log.jsonl (+ log.jsonl.dropped),
-summary.json and tb/ (TensorBoard). Anything else there is the user's and is never touched.
+summary.json, tb/ (TensorBoard) and, while it trains, train.lock. Anything else there is the
+user's and is never touched. A write that fails is one line (CheckpointError) naming the file and
+the OS's reason, and leaves the files that were there intact.
 """
+import atexit
+import fcntl
 import functools
 import json
 import math
 import os
 import random
 import re
+import shlex
 import shutil
+import socket
 import sys
 import time
 
@@ -141,9 +148,23 @@ def find_or_exit(init_from, out_dir, prog, hint='', defaults=None):
 
 
 def listing(out_dir, defaults=None) -> str:
-    """train.py --list: the table of out_dir's checkpoints, each verified and checked as find() does."""
+    """train.py --list: who trains in out_dir now, and the table of its checkpoints, each verified
+    and checked as find() does."""
     check = functools.partial(whole, defaults=defaults, bases={})
-    return checkpoint.format_listing(checkpoint.list_checkpoints(out_dir, check=check))
+    held = owner(out_dir)
+    table = checkpoint.format_listing(checkpoint.list_checkpoints(out_dir, check=check))
+    return (f"in use by {held}\n" if held else "") + table
+
+
+def identify(path) -> str:
+    """What a run starts from, for ranks to compare: a checkpoint file with the sha256 it records, a
+    name (gpt2, hf:DIR), or 'scratch'."""
+    if path is None:
+        return "scratch"
+    try:
+        return f"{path} (sha256 {checkpoint.read_header(path)['checksum'][:12]})"
+    except CheckpointError:
+        return str(path)
 
 
 def has_run(out_dir) -> bool:
@@ -223,6 +244,107 @@ def start_point(config, explicit, defaults) -> dict:
                 config=dict(config, init_from=init_from, reset_state=reset_state))
 
 # -----------------------------------------------------------------------------
+# one owner per out_dir: two processes training into one folder would each rotate, prune and
+# trim the other's files (a double-submitted job, a requeue while the old job still runs)
+
+LOCK = "train.lock"
+_held = []  # (fd, path) of the lock this process holds, for its whole life
+
+
+def lock(out_dir):
+    """Make this process out_dir's only trainer: an exclusive flock on out_dir/train.lock, which the
+    kernel releases when the process ends, however it ends (the file a killed owner leaves is only a
+    note). The file holds the owner's pid, host, start time and command; CheckpointError naming
+    them when another process holds it. Removed at a normal exit."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise CheckpointError(f"out_dir {out_dir!r} is a file, not a folder")
+    path, created = os.path.join(out_dir, LOCK), not os.path.exists(out_dir)
+    deadline = time.time() + 1.0  # `train.py --list` probes the lock for an instant
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.time() > deadline:
+                    raise CheckpointError(f"{out_dir} is in use by {owner(out_dir)}; wait for it to end or stop "
+                                          f"it (its Ctrl-C or SIGTERM saves), or use another --out_dir") from None
+                time.sleep(0.05)
+                continue
+            if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # its owner removed it on exit between our open and flock: take the new one
+        note = os.read(fd, 4096)
+        info = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
+                    command=shlex.join(sys.argv))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    except OSError as e:
+        raise CheckpointError(f"cannot take out_dir {out_dir} for this run ({path}): {oneline(e)}") from None
+    _held.append((fd, path, created))
+    atexit.register(_unlock)
+    old = _parse_note(note)
+    if old and old.get("host") == info["host"] and _alive_trainer(old.get("pid")):
+        print(f"warning: {path} names pid {old['pid']} on this host, still running, yet its lock did not hold: "
+              f"file locks do not work on this file system (some NFS setups); make sure no other training "
+              f"process writes into {out_dir}", file=sys.stderr)
+
+
+def _unlock():
+    """The file goes first, then the lock: a process that opened it meanwhile sees it gone and retries.
+    An out_dir this process made and left empty (it stopped before writing) goes too."""
+    for fd, path, created in _held:
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                os.remove(path)
+            if created:
+                os.rmdir(os.path.dirname(path))  # only if empty
+        except OSError:  # not empty, or a read-only or vanished out_dir: the kernel still releases the lock
+            pass
+        os.close(fd)
+    _held.clear()
+
+
+def owner(out_dir):
+    """Who holds out_dir's lock ('pid 4242 on host h since 2026-11-30 02:41:07: train.py ...'),
+    or None when no process does."""
+    path = os.path.join(out_dir, LOCK)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None  # free: a note left by a killed owner
+        except BlockingIOError:
+            info = _parse_note(os.read(fd, 4096))
+    finally:
+        os.close(fd)
+    if not info:
+        return "another process (it recorded no details)"
+    return f"pid {info.get('pid')} on host {info.get('host')} since {info.get('started')}: {info.get('command')}"
+
+
+def _parse_note(data):
+    try:
+        info = json.loads(data.decode())
+        return info if isinstance(info, dict) else None
+    except ValueError:
+        return None
+
+
+def _alive_trainer(pid):
+    """Whether pid is a live process of this host running train.py."""
+    try:
+        with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
+            return int(pid) != os.getpid() and b"train.py" in f.read()
+    except (OSError, TypeError, ValueError):
+        return False
+
+# -----------------------------------------------------------------------------
 # out_dir before the first write
 
 def files_kept(iters, *, ckpt_interval, rolling_interval, keep_last, save_best, epoch_iters, keep_epochs):
@@ -300,10 +422,13 @@ def move_aside(out_dir) -> str:
     dest = os.path.join(out_dir, time.strftime("previous-%Y%m%d-%H%M%S"))
     while os.path.exists(dest):
         dest += "+"
-    os.mkdir(dest)
-    for n in names:
-        os.rename(os.path.join(out_dir, n), os.path.join(dest, n))
-    checkpoint.fsync(out_dir)
+    try:
+        os.mkdir(dest)
+        for n in names:
+            os.rename(os.path.join(out_dir, n), os.path.join(dest, n))
+        checkpoint.fsync(out_dir)
+    except OSError as e:  # renames only: every file is whole, in out_dir or in dest
+        raise CheckpointError(f"cannot move the old run in {out_dir} aside to {dest}: {oneline(e)}") from None
     return dest
 
 
@@ -313,13 +438,16 @@ def keep_base(out_dir, path, state) -> dict:
     file later, like a newer best, cannot change it), else written from state. Returns the
     reference a checkpoint of the run stores: {'path', 'sha256'}."""
     dest = os.path.join(out_dir, "base.safetensors")
-    if os.path.exists(dest):
-        os.remove(dest)
     try:
-        checkpoint.read_header(path)  # one of our files (CheckpointError for gpt2, hf:, nanogpt: names)
-        os.link(path, dest)
-    except (OSError, CheckpointError):  # another filesystem, or gpt2 / hf: / nanogpt: weights
-        checkpoint.save(dest, {k: state[k] for k in ("model", "model_args", "tokenizer") if k in state})
+        if os.path.exists(dest):
+            os.remove(dest)
+        try:
+            checkpoint.read_header(path)  # one of our files (CheckpointError for gpt2, hf:, nanogpt: names)
+            os.link(path, dest)
+        except (OSError, CheckpointError):  # another filesystem, or gpt2 / hf: / nanogpt: weights
+            checkpoint.save(dest, {k: state[k] for k in ("model", "model_args", "tokenizer") if k in state})
+    except OSError as e:
+        raise CheckpointError(f"cannot keep the base of this run as {dest}: {oneline(e)}") from None
     return {"path": "base.safetensors", "sha256": checkpoint.read_header(dest)["checksum"]}
 
 # -----------------------------------------------------------------------------
@@ -327,39 +455,64 @@ def keep_base(out_dir, path, state) -> dict:
 
 def trim_log(out_dir, last_iter):
     """Drop the records after last_iter (work a kill -9 lost, about to be redone) from the live log,
-    so it holds each iteration once; they are appended to log.jsonl.dropped, then the log is
-    replaced atomically."""
+    so it holds each iteration once; they are added to log.jsonl.dropped. Both files are written
+    whole beside the old ones and renamed over them: a failed write changes neither."""
     path = os.path.join(out_dir, "log.jsonl")
-    if not os.path.exists(path):
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except FileNotFoundError:
         return
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {oneline(e)}") from None
     keep, drop = [], []
-    with open(path) as f:
-        for line in f:
-            try:
-                (keep if json.loads(line).get("step", 0) <= last_iter else drop).append(line)
-            except ValueError:  # a line cut short by the kill
-                drop.append(line)
+    for line in lines:
+        try:
+            (keep if json.loads(line).get("step", 0) <= last_iter else drop).append(line)
+        except (ValueError, AttributeError):  # a line cut short by the kill, or not a record
+            drop.append(line)
     if not drop:
         return
-    with open(path + ".dropped", "a") as f:
-        f.writelines(drop)
-        os.fsync(f.fileno())
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    print(f"log.jsonl: {len(drop)} records after iter {last_iter} moved to log.jsonl.dropped")
+    try:
+        with open(path + ".dropped") as f:
+            drop = f.readlines() + drop
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}.dropped: {oneline(e)}") from None
+    _replace(path + ".dropped", "".join(drop))
+    _replace(path, "".join(keep))
+    print(f"log.jsonl: {len(lines) - len(keep)} records after iter {last_iter} moved to log.jsonl.dropped")
+
+
+def _replace(path, text):
+    """path holds text, whole: written beside it, flushed, renamed over it."""
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        try:
+            os.remove(path + ".tmp")
+        except OSError:
+            pass
+        raise CheckpointError(f"cannot write {path}: {oneline(e)}") from None
 
 
 def append_log(out_dir, entry):
     """One record (a dict with 'step') at the end of out_dir/log.jsonl."""
-    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    path = os.path.join(out_dir, "log.jsonl")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {oneline(e)}") from None
 
 
 def write_summary(out_dir, summary):
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    _replace(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
 
 # -----------------------------------------------------------------------------
 # RNG state

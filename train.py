@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -89,6 +90,7 @@ dtype = 'auto'  # 'auto', 'float32', 'bfloat16', 'float16'
 compile = None  # None: on for CUDA, off on the CPU (where bench/bench_train.py measured it slower)
 peak_flops = None  # FLOP/s of one device for MFU; None: the GPU's datasheet peak, or measured on CPU
 gradient_checkpointing = False  # recompute each block in the backward pass: less memory, ~30% more compute
+dist_timeout = 1800  # seconds a rank waits in a collective for the others (rank 0 alone writes a final save)
 seed = 1337  # weights init and data order
 wandb_log = False  # log to Weights & Biases (pip install wandb)
 wandb_project = 'sturdygpt'
@@ -110,7 +112,7 @@ RANGES = dict(n_layer='[1, inf)', n_head='[1, inf)', n_embd='[1, inf)', block_si
               min_lr='[0, inf)', log_interval='[1, inf)', eval_interval='[1, inf)', eval_iters='[1, inf)',
               ckpt_interval='[0, inf)', rolling_interval='[0, inf)', keep_last='[0, inf)', keep_epochs='[0, inf)',
               seed='[0, 2147483647]', peak_flops='(0, inf)', lora_rank='[0, inf)', lora_alpha='(0, inf)',
-              lora_dropout='[0, 1)')
+              lora_dropout='[0, 1)', dist_timeout='[1, inf)')
 
 
 def check_config(c, where=''):
@@ -138,6 +140,8 @@ if '--list' in sys.argv[1:]:
 config, explicit = configure(defaults, sys.argv[1:], prog='train.py', source=__file__)
 check_config(config)  # before anything is read or written
 try:
+    if int(os.environ.get('RANK', 0)) == 0:  # one trainer per out_dir (rank 0's under DDP), before reading it
+        runs.lock(config['out_dir'])
     start = runs.start_point(config, explicit, defaults)
 except checkpoint.CheckpointError as e:
     raise SystemExit(f"train.py: error: {e}") from None
@@ -154,9 +158,17 @@ device, dtype = hardware.resolve(device, dtype, int(os.environ['LOCAL_RANK']) if
 device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
 if ddp:
     # device_id binds the process group to this rank's GPU, so barriers need not guess it
-    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo',
+    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo', timeout=timedelta(seconds=dist_timeout),
                             device_id=torch.device(device) if device_type == 'cuda' else None)
     rank, world_size = dist.get_rank(), dist.get_world_size()
+
+    def quiet_peer_loss(kind, e, tb):
+        """A rank whose peer failed gets 'Connection closed by peer' from its next collective: the
+        failing rank's own one-line error says why, so the others leave quietly (exit status 1)."""
+        if 'by peer' not in str(e):
+            sys.__excepthook__(kind, e, tb)
+
+    sys.excepthook = quiet_peer_loss
 else:
     rank, world_size = 0, 1
 master_process = rank == 0
@@ -275,6 +287,15 @@ if ckpt is not None and not reset_state:
         runs.set_rng_state(rngs[rank])
     if master_process:
         print(f"resumed from {ckpt_path} at iter {iter_num}, epoch {pos[0]}, window {pos[1]}/{n_windows}")
+if ddp:  # each rank found its own start point: on node-local disks they can differ, and then the
+    # ranks' collectives would not match and hang, so they compare what they loaded first
+    starts = [None] * world_size
+    dist.all_gather_object(starts, (iter_num, runs.identify(ckpt_path)))
+    other = next((r for r, s in enumerate(starts) if s != starts[0]), None)
+    if other is not None:
+        raise SystemExit(f"train.py: error: the ranks start from different points: rank 0 from {starts[0][1]} at iter "
+                         f"{starts[0][0]}, rank {other} from {starts[other][1]} at iter {starts[other][0]}; every "
+                         f"rank must see the same out_dir (a shared file system)" if master_process else 1)
 if compile is None:
     compile = device_type == 'cuda'
 raw_model = model  # plain module: what checkpoints save, so no '_orig_mod.' or 'module.' prefixes
@@ -322,7 +343,10 @@ if wandb_log and master_process:
     wandb_from = wandb.run.step
 if tensorboard_log and master_process:
     # purge_step makes a resumed run hide what a killed process logged after its checkpoint
-    tb_writer = SummaryWriter(os.path.join(out_dir, 'tb'), purge_step=iter_num or None, flush_secs=10)
+    try:
+        tb_writer = SummaryWriter(os.path.join(out_dir, 'tb'), purge_step=iter_num or None, flush_secs=10)
+    except OSError as e:
+        raise SystemExit(f"train.py: error: cannot write {os.path.join(out_dir, 'tb')}: {checkpoint.oneline(e)}")
 # MFU: model FLOPs (6N + attention, see model.flops_per_token) per second over the hardware's peak
 flops_per_token = raw_model.flops_per_token()
 peak_flops = peak_flops or hardware.peak_flops(device, dtype)
@@ -331,7 +355,8 @@ if master_process:
     print(f"{raw_model.num_params() / 1e6:.2f}M parameters{trains}, {tokens_per_iter:,} tokens/iter, "
           f"{n_windows:,} windows/epoch, device {device}, dtype {dtype}, {world_size} process(es), "
           f"MFU against {f'{peak_flops / 1e12:.3g} TFLOP/s' if peak_flops else 'an unknown peak'}")
-# SIGTERM / SIGINT only set a flag; the loop saves at the next iteration boundary and exits
+# a stop signal only sets a flag; the loop saves at the next iteration boundary and exits. SIGUSR1:
+# SLURM's warning before preemption (--signal=USR1@120); SIGHUP: torchrun forwards it
 stop_signal = None
 
 
@@ -340,8 +365,9 @@ def on_signal(signum, frame):
     stop_signal = signum
 
 
-signal.signal(signal.SIGTERM, on_signal)
-signal.signal(signal.SIGINT, on_signal)
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+    signal.signal(sig, on_signal)
+log_error = None  # why the run cannot log any more: it stops at the next iteration boundary
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -411,15 +437,21 @@ WANDB_KEYS.update({k: f'eval/{k}' for k in metrics.TRAINING_KEYS})  # eval_mcq, 
 
 
 def log(entry):
-    """A record to log.jsonl, and its numbers to wandb and TensorBoard (rank 0)."""
-    runs.append_log(out_dir, entry)
+    """A record to log.jsonl, and its numbers to wandb and TensorBoard (rank 0). A run that cannot
+    write its log (a full disk, a file system gone read-only) stops at the end of this iteration."""
+    global log_error
+    try:
+        runs.append_log(out_dir, entry)
+        if tb_writer:
+            for k, v in entry.items():
+                if k in WANDB_KEYS and v is not None:
+                    tb_writer.add_scalar(WANDB_KEYS[k], v, entry['step'])
+    except (checkpoint.CheckpointError, OSError) as e:
+        log_error = log_error or (str(e) if isinstance(e, checkpoint.CheckpointError) else
+                                  f"cannot write {os.path.join(out_dir, 'tb')}: {checkpoint.oneline(e)}")
     if wandb_log and entry['step'] >= wandb_from:
         wandb.log({WANDB_KEYS[k]: v for k, v in entry.items() if k in WANDB_KEYS and v is not None},
                   step=entry['step'])  # mfu in percent, as nanoGPT's panels show it
-    if tb_writer:
-        for k, v in entry.items():
-            if k in WANDB_KEYS and v is not None:
-                tb_writer.add_scalar(WANDB_KEYS[k], v, entry['step'])
 
 
 def run_eval():
@@ -539,7 +571,7 @@ while iter_num < max_iters:
         best_val_loss = min(best_val_loss, last_eval['val'])
         t0 += time.time() - t_eval  # iteration timing leaves out evals
 
-    stop = stop_signal is not None
+    stop = stop_signal is not None or log_error is not None
     if ddp:  # every rank stops at the same iteration, whichever got the signal
         flag = torch.tensor(float(stop), device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -561,7 +593,7 @@ while iter_num < max_iters:
             diverged(f"the weights are not finite after iter {iter_num}")
         t0 += save(tiers)
     if stop:
-        if master_process:
+        if master_process and log_error is None:
             name = signal.Signals(stop_signal).name if stop_signal else 'a signal on another rank'
             argv = [a for a in sys.argv[1:] if not a.startswith(('--overwrite', '--init_from=scratch'))]
             launcher = f'torchrun --nproc_per_node={world_size}' if ddp else 'python'
@@ -573,6 +605,9 @@ if master_process:
         writer.wait()  # the last save (the final one, or a signal's) is on disk before the process ends
     except checkpoint.CheckpointError as e:
         raise SystemExit(f"train.py: error: {e} (earlier checkpoints are intact)")
+    if log_error:
+        raise SystemExit(f"train.py: error: {log_error}; stopped at iter {iter_num} with latest saved: fix it and "
+                         f"run the same command to continue")
 
 # -----------------------------------------------------------------------------
 # the end: a summary of a finished run, loggers closed, ranks leave together
@@ -582,13 +617,19 @@ if master_process and max_iters <= iter_num > start_iter and last_eval.get('val'
                'best_val_loss': best_val_loss, 'best_val_ppl': math.exp(best_val_loss),
                'tokens_seen': iter_num * tokens_per_iter, 'wall_seconds': time.time() - t_start,
                'config': config}
-    runs.write_summary(out_dir, summary)
+    try:
+        runs.write_summary(out_dir, summary)
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f"train.py: error: {e} (the run is complete: its checkpoints are saved)")
     print(f"done: val loss {summary['final_val_loss']:.4f} (best {best_val_loss:.4f}), "
           f"{summary['tokens_seen']:,} tokens in {summary['wall_seconds'] / 60:.1f} min")
 if wandb_log and master_process:
     wandb.finish()
 if tb_writer:
-    tb_writer.close()
+    try:
+        tb_writer.close()
+    except OSError as e:
+        raise SystemExit(f"train.py: error: cannot write {os.path.join(out_dir, 'tb')}: {checkpoint.oneline(e)}")
 if ddp:
     dist.barrier()  # ranks leave together: gloo aborts a rank whose peer tears down mid-exit
     # the DDP wrapper holds the process group: freed first, gloo's worker threads end with the

@@ -54,7 +54,7 @@ def test_train_then_sample(tiny_data, reference):
     assert c.stdout.split('\n-')[0] != a.stdout.split('\n-')[0]
 
 
-@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP])
 def test_signal_then_resume_is_exact(tiny_data, reference, tmp_path, sig):
     out = str(tmp_path)
     p = start(tiny_data, out)
