@@ -167,6 +167,27 @@ def identify(path) -> str:
         return str(path)
 
 
+def command_line() -> str:
+    """The command that started this process, to print as the one that continues the run: python
+    train.py ARGS, or under torchrun its own line with its flags as given (the parent process's
+    command line, on Linux; else torchrun --nproc_per_node=N), without the flags that start anew."""
+    argv = [a for a in sys.argv if not a.startswith(("--overwrite", "--init_from=scratch"))]
+    if "LOCAL_WORLD_SIZE" not in os.environ:  # not under torchrun
+        return shlex.join(["python", *argv])
+    launcher = ["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"]
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            parent = [a.decode() for a in f.read().split(b"\0") if a]
+        i = parent.index(sys.argv[0])  # torchrun passes the script as it was given
+        if os.path.basename(parent[1]) == "torchrun":  # python .../bin/torchrun FLAGS script
+            launcher = ["torchrun", *parent[2:i]]
+        elif parent[1:3] == ["-m", "torch.distributed.run"]:
+            launcher = ["python", *parent[1:i]]
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        pass
+    return shlex.join([*launcher, *argv])
+
+
 def has_run(out_dir) -> bool:
     """Whether out_dir holds checkpoints (valid or not) of a run."""
     return bool(checkpoint.tier_files(out_dir))

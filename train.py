@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from contextlib import nullcontext
 from datetime import timedelta
 
@@ -105,6 +106,16 @@ tensorboard_log = False  # also write the wandb scalars to out_dir/tb/ (pip inst
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
+t_start = time.time()  # the run's wall time: this process's from here, earlier ones' from checkpoints
+# under torchrun every rank meets the same bad config, data or checkpoint: one rank per node says so
+speaks = int(os.environ.get('LOCAL_RANK', 0)) == 0
+
+
+def fail(msg):
+    """Stop with one line, 'train.py: error: msg' (the other ranks of a node leave quietly)."""
+    raise SystemExit(f"train.py: error: {msg}" if speaks else 1)
+
+
 RANGES = dict(n_layer='[1, inf)', n_head='[1, inf)', n_embd='[1, inf)', block_size='[1, inf)', dropout='[0, 1)',
               batch_size='[1, inf)', gradient_accumulation_steps='[1, inf)', max_iters='[1, inf)',
               max_epochs='(0, inf)', learning_rate='(0, inf)', weight_decay='[0, inf)', beta1='[0, 1)',
@@ -117,16 +128,18 @@ RANGES = dict(n_layer='[1, inf)', n_head='[1, inf)', n_embd='[1, inf)', block_si
 
 def check_config(c, where=''):
     """One line per value out of range (the whole config: files, command line, a checkpoint's)."""
-    check_ranges(c, RANGES, 'train.py', where)
+    try:
+        check_ranges(c, RANGES, 'train.py', where)
+    except SystemExit as e:
+        raise SystemExit(e.code if speaks else 1) from None
     if c['n_embd'] % c['n_head']:
-        raise SystemExit(f"train.py: error: n_embd={c['n_embd']} must be a multiple of n_head={c['n_head']}{where}")
+        fail(f"n_embd={c['n_embd']} must be a multiple of n_head={c['n_head']}{where}")
     if not c['out_dir']:
-        raise SystemExit("train.py: error: out_dir is empty (name a folder, e.g. --out_dir=out)")
+        fail("out_dir is empty (name a folder, e.g. --out_dir=out)")
     try:
         GPTConfig(lora_rank=c['lora_rank'], lora_targets=c['lora_targets'])
     except ValueError as e:
-        raise SystemExit(f"train.py: error: {e}{where}") from None
-
+        fail(f"{e}{where}")
 
 
 # -----------------------------------------------------------------------------
@@ -135,16 +148,21 @@ def check_config(c, where=''):
 # under what this command sets), never silently started over
 if '--list' in sys.argv[1:]:
     cfg, _ = configure(defaults, [a for a in sys.argv[1:] if a != '--list'], prog='train.py', source=__file__)
+    if not os.path.isdir(cfg['out_dir']):
+        fail(f"out_dir {cfg['out_dir']!r} is not a folder: no run to list (set --out_dir)")
     print(runs.listing(cfg['out_dir'], defaults))
     sys.exit(0)
-config, explicit = configure(defaults, sys.argv[1:], prog='train.py', source=__file__)
+try:
+    config, explicit = configure(defaults, sys.argv[1:], prog='train.py', source=__file__)
+except SystemExit as e:  # a typo or a bad config file, said once
+    raise SystemExit(e.code if speaks or not e.code else 1) from None
 check_config(config)  # before anything is read or written
 try:
     if int(os.environ.get('RANK', 0)) == 0:  # one trainer per out_dir (rank 0's under DDP), before reading it
         runs.lock(config['out_dir'])
     start = runs.start_point(config, explicit, defaults)
 except checkpoint.CheckpointError as e:
-    raise SystemExit(f"train.py: error: {e}") from None
+    fail(e)
 config, ckpt, ckpt_path, continuing = start['config'], start['state'], start['path'], start['continuing']
 if ckpt is not None:
     check_config(config, f' (in the config of {ckpt_path})')
@@ -154,6 +172,7 @@ globals().update(config)
 # device, DDP and dtype: decided once, then objects that do nothing when unused
 ddp = int(os.environ.get('RANK', -1)) != -1
 # under torchrun, cuda:LOCAL_RANK is made current before anything (the dtype probe) touches a GPU
+# (a device this rank lacks, cuda:LOCAL_RANK past the GPUs there are, is said by that rank)
 device, dtype = hardware.resolve(device, dtype, int(os.environ['LOCAL_RANK']) if ddp else None, prog='train.py')
 device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
 if ddp:
@@ -173,8 +192,8 @@ else:
     rank, world_size = 0, 1
 master_process = rank == 0
 if gradient_accumulation_steps % world_size:
-    raise SystemExit(f"train.py: error: gradient_accumulation_steps={gradient_accumulation_steps} must be "
-                     f"divisible by the number of processes ({world_size})")
+    fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be "
+         f"divisible by the number of processes ({world_size})")
 micro_steps = gradient_accumulation_steps // world_size
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
@@ -191,23 +210,32 @@ try:
     meta = ds.read_meta(data_path)
     tokenizer = ds.tokenizer_state(data_path)
 except ds.DatasetError as e:
-    raise SystemExit(f"train.py: error: {e.reason}") from None
+    fail(e.reason)
 vocab_size = tokenizer['vocab_size']
 train_data, val_data = ds.open_split(data_path, 'train'), ds.open_split(data_path, 'val')
 for split, arr in (('train', train_data), ('val', val_data)):
     if len(arr) < block_size + 1:
-        raise SystemExit(f"train.py: error: {data_path} {split} split has {len(arr)} tokens, fewer than "
-                         f"block_size+1={block_size + 1}; use a smaller --block_size or a larger corpus")
+        fail(f"{data_path} {split} split has {len(arr)} tokens, fewer than "
+             f"block_size+1={block_size + 1}; use a smaller --block_size or a larger corpus")
 n_windows = (len(train_data) - 1) // block_size
 windows_per_iter = batch_size * gradient_accumulation_steps
 tokens_per_iter = windows_per_iter * block_size
 if max_epochs is not None:
     max_iters = min(max_iters, math.ceil(max_epochs * n_windows / windows_per_iter))
+# the loggers asked for are imported now, so a missing one stops the run before anything is written
 if tensorboard_log and master_process:
     try:
         from torch.utils.tensorboard import SummaryWriter  # its writer is made once out_dir is ready, below
     except ImportError:
-        raise SystemExit("train.py: error: tensorboard_log=True needs tensorboard: pip install tensorboard")
+        fail("tensorboard_log=True needs tensorboard: pip install tensorboard")
+if wandb_log and master_process:
+    try:
+        import wandb
+    except ImportError:
+        fail("wandb_log=True needs wandb: pip install wandb")
+    if getattr(wandb, '__file__', None) is None:  # a folder named wandb (its offline runs) stood in for it
+        fail(f"wandb_log=True needs wandb: pip install wandb (the folder {list(wandb.__path__)[0]} holds wandb's "
+             f"runs, it is not the package)")
 # eval_mcq / eval_generate: their files are read now, so a bad one stops the run before anything is written
 eval_items, eval_prompt_list, eval_tokenizer = None, None, None
 if master_process and (eval_mcq or eval_generate):
@@ -216,9 +244,9 @@ if master_process and (eval_mcq or eval_generate):
         eval_prompt_list = metrics.load_prompts(eval_prompts) if eval_generate else None
         eval_tokenizer = ds.load_tokenizer(tokenizer)
     except metrics.EvalError as e:
-        raise SystemExit(f"train.py: error: {e}")
+        fail(e)
     except ds.DatasetError as e:
-        raise SystemExit(f"train.py: error: {e.reason}") from None
+        fail(e.reason)
 
 
 def get_batch(data, windows):
@@ -244,11 +272,11 @@ weights = None
 if ckpt is not None:
     problem = ds.mismatch(ckpt, ckpt_path, data_path, tokenizer, meta, new_run=reset_state)
     if problem:
-        raise SystemExit(f"train.py: error: {problem}")
+        fail(problem)
     args, weights = ckpt['model_args'], ckpt['model']
     if not continuing and args.get('lora_rank'):
-        raise SystemExit(f"train.py: error: {ckpt_path} is a LoRA checkpoint; to build on it, export it merged "
-                         f"first (python export.py --ckpt={ckpt_path} --out=merged.safetensors)")
+        fail(f"{ckpt_path} is a LoRA checkpoint; to build on it, export it merged "
+             f"first (python export.py --ckpt={ckpt_path} --out=merged.safetensors)")
     if args['vocab_size'] != vocab_size:  # the data's tokenizer extends the checkpoint's
         weights = resize_vocab(weights, args['vocab_size'], vocab_size)
     else:  # padded_vocab_size: absent (None, unpadded) in checkpoints written before padding existed
@@ -260,25 +288,26 @@ try:
     if lora_rank or trainable:
         mark_trainable(model, trainable, (tokenizer.get('extends') or {}).get('vocab_size'))
 except ValueError as e:
-    raise SystemExit(f"train.py: error: {e}") from None
+    fail(e)
 trained, total = count_params(model)
 frozen = trained < total  # then checkpoints hold only what trains, and name the base they build on
 model.gradient_checkpointing = gradient_checkpointing
 model.to(device)
 optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-iter_num, pos, best_val_loss, wandb_id, last_eval = 0, (0, 0), float('inf'), None, {}
+iter_num, pos, best_val_loss, wandb_id, last_eval, run_seconds = 0, (0, 0), float('inf'), None, {}, 0.0
 last_epoch_ckpt = None  # iteration of the newest epoch_ checkpoint
 if ckpt is not None and not reset_state:
     try:
         load_optimizer_state(optimizer, wte_moments(ckpt['optimizer'], optimizer, model, cut=False))
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise SystemExit(f"train.py: error: {ckpt_path}: its optimizer state does not fit the model "
-                         f"({type(e).__name__}: {' '.join(str(e).split())})") from None
+        fail(f"{ckpt_path}: its optimizer state does not fit the model "
+             f"({type(e).__name__}: {' '.join(str(e).split())})")
     if ckpt['scaler']:  # empty when the run was not float16; a fresh scaler then starts from its defaults
         scaler.load_state_dict(ckpt['scaler'])
     iter_num, pos, last_epoch_ckpt = ckpt['iter_num'], tuple(ckpt['data_pos']), ckpt.get('last_epoch_ckpt')
     best_val_loss, wandb_id = ckpt['best_val_loss'], ckpt.get('wandb_id')
+    run_seconds = ckpt.get('wall_seconds', 0.0)  # the earlier processes' time, up to this checkpoint
     last_eval = {'train': ckpt['train_loss'], 'val': ckpt['val_loss']}
     # every rank's RNG (dropout) continues where it was; on another number of processes the ranks
     # beyond the saved ones keep seed + rank, so dropout masks (only they) differ from the old run
@@ -293,9 +322,16 @@ if ddp:  # each rank found its own start point: on node-local disks they can dif
     dist.all_gather_object(starts, (iter_num, runs.identify(ckpt_path)))
     other = next((r for r, s in enumerate(starts) if s != starts[0]), None)
     if other is not None:
-        raise SystemExit(f"train.py: error: the ranks start from different points: rank 0 from {starts[0][1]} at iter "
-                         f"{starts[0][0]}, rank {other} from {starts[other][1]} at iter {starts[other][0]}; every "
-                         f"rank must see the same out_dir (a shared file system)" if master_process else 1)
+        fail(f"the ranks start from different points: rank 0 from {starts[0][1]} at iter "
+             f"{starts[0][0]}, rank {other} from {starts[other][1]} at iter {starts[other][0]}; every "
+             f"rank must see the same out_dir (a shared file system)")
+if iter_num >= max_iters:  # a finished run, run again: it says so and starts nothing
+    if master_process:
+        print(f"the run in {out_dir} is complete (iter {iter_num}, max_iters={max_iters}); to train it further, "
+              f"raise --max_iters")
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(0)
 if compile is None:
     compile = device_type == 'cuda'
 raw_model = model  # plain module: what checkpoints save, so no '_orig_mod.' or 'module.' prefixes
@@ -324,19 +360,23 @@ if master_process:
         if frozen and not continuing:  # a run that saves only what trains keeps its base beside it
             base = runs.keep_base(out_dir, ckpt_path, ckpt)
     except checkpoint.CheckpointError as e:
-        raise SystemExit(f"train.py: error: {e}") from None
+        fail(e)
 ckpt = None  # free the loaded tensors
 protect = (ckpt_path,) if ckpt_path else ()  # the file this run started from is never pruned
 writer = checkpoint.Writer(background=async_save)
 if wandb_log and master_process:
     try:
-        import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config, id=wandb_id, resume='allow')
-    except ImportError:
-        raise SystemExit("train.py: error: wandb_log=True needs wandb: pip install wandb") from None
     except Exception as e:  # not logged in, or no network
-        raise SystemExit(f"train.py: error: wandb could not start ({' '.join(str(e).split())[:200]}); log in with "
-                         f"`wandb login` or WANDB_API_KEY, or log locally with WANDB_MODE=offline") from None
+        why = ' '.join(str(e).split())[:200]
+        if not continuing:  # a new run: its user is there to log in first
+            fail(f"wandb could not start ({why}); log in with `wandb login` or WANDB_API_KEY, or log locally with "
+                 f"WANDB_MODE=offline")
+        # a run that goes on (a requeue, a reboot) must not stop for its logger: offline, synced later
+        print(f"warning: wandb could not start ({why}); logging offline instead: `wandb sync` uploads it into "
+              f"the same run later", file=sys.stderr)
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config, id=wandb_id, resume='allow',
+                   mode='offline')
     wandb_id = wandb.run.id  # kept in checkpoints: a resumed run logs into the same wandb run
     # after a kill -9 the iterations since the checkpoint run again; wandb already has them (the
     # same numbers on a deterministic run) and refuses steps below its own, so they are not re-sent
@@ -345,8 +385,9 @@ if tensorboard_log and master_process:
     # purge_step makes a resumed run hide what a killed process logged after its checkpoint
     try:
         tb_writer = SummaryWriter(os.path.join(out_dir, 'tb'), purge_step=iter_num or None, flush_secs=10)
+        tb_writer.add_text('config', '\n'.join(f"    {k} = {v!r}" for k, v in config.items()), iter_num)
     except OSError as e:
-        raise SystemExit(f"train.py: error: cannot write {os.path.join(out_dir, 'tb')}: {checkpoint.oneline(e)}")
+        fail(f"cannot write {os.path.join(out_dir, 'tb')}: {checkpoint.oneline(e)}")
 # MFU: model FLOPs (6N + attention, see model.flops_per_token) per second over the hardware's peak
 flops_per_token = raw_model.flops_per_token()
 peak_flops = peak_flops or hardware.peak_flops(device, dtype)
@@ -423,11 +464,12 @@ def save(tiers):
         'rng': rngs[0], 'rng_ranks': rngs, 'config': config, 'model_args': model_args, 'origin': start['origin'],
         'data': {'dataset': dataset, 'fingerprint': ds.fingerprint(meta)},
         'tokenizer': tokenizer, 'wandb_id': wandb_id, 'time': time.time(),
+        'wall_seconds': run_seconds + time.time() - t_start,
     }
     try:
         return writer.save(out_dir, state, tiers, keep={'step': keep_last, 'epoch': keep_epochs}, protect=protect)
     except checkpoint.CheckpointError as e:
-        raise SystemExit(f"train.py: error: {e} (earlier checkpoints are intact)")
+        fail(f"{e} (earlier checkpoints are intact)")
 
 
 WANDB_KEYS = {'loss': 'train/loss', 'lr': 'train/lr', 'mfu': 'train/mfu', 'step': 'train/iter',
@@ -444,7 +486,7 @@ def log(entry):
         runs.append_log(out_dir, entry)
         if tb_writer:
             for k, v in entry.items():
-                if k in WANDB_KEYS and v is not None:
+                if k in WANDB_KEYS and k != 'step' and v is not None:  # TensorBoard's x axis is the step
                     tb_writer.add_scalar(WANDB_KEYS[k], v, entry['step'])
     except (checkpoint.CheckpointError, OSError) as e:
         log_error = log_error or (str(e) if isinstance(e, checkpoint.CheckpointError) else
@@ -481,10 +523,10 @@ def diverged(what):
     if master_process:
         writer.wait()  # the last good save completes; nothing later is saved
     last = f"{last_finite[1]:.4f} at iter {last_finite[0]}" if last_finite else "none yet"
-    raise SystemExit(f"train.py: error: {what} (last finite loss: {last}); nothing from it was saved. Likely "
-                     f"causes: learning_rate={learning_rate:g} too high, grad_clip={grad_clip:g}, float16 overflow "
-                     f"(try --dtype=bfloat16), or damaged data; the same command with a lower --learning_rate "
-                     f"continues from the last checkpoint")
+    fail(f"{what} (last finite loss: {last}); nothing from it was saved. Likely "
+         f"causes: learning_rate={learning_rate:g} too high, grad_clip={grad_clip:g}, float16 overflow "
+         f"(try --dtype=bfloat16), or damaged data; the same command with a lower --learning_rate "
+         f"continues from the last checkpoint")
 
 
 def check_losses():
@@ -507,15 +549,12 @@ def check_losses():
 
 # -----------------------------------------------------------------------------
 # training loop
-t_start, start_iter = time.time(), iter_num
-if master_process and iter_num >= max_iters:
-    print(f"the run in {out_dir} is complete (iter {iter_num}, max_iters={max_iters}); "
-          f"to train it further, raise --max_iters")
+start_iter = iter_num
 if iter_num == 0:
     last_eval = run_eval()  # the untrained model's loss, as a baseline
 # timing for tokens/s and MFU: from the end of this process's first iteration (compilation and
-# warm-up), leaving out evals and saves
-t0, timed = time.time(), -1
+# warm-up), leaving out evals and saves; the ETA's pace is the wall time of the last 10 log intervals
+t0, timed, paces = time.time(), -1, deque(maxlen=11)
 while iter_num < max_iters:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
@@ -545,6 +584,7 @@ while iter_num < max_iters:
     timed += 1
     if timed == 0:
         t0 = time.time()
+        paces.append((t0, iter_num))
 
     if iter_num % log_interval == 0 or iter_num == max_iters:
         log_losses += check_losses()
@@ -556,9 +596,14 @@ while iter_num < max_iters:
         mfu = 100 * flops_per_token * tok_s / (peak_flops * world_size) if dt and peak_flops else None
         mem = torch.cuda.max_memory_allocated() / 2**30 if device_type == 'cuda' else None  # this rank's peak
         if master_process:
+            paces.append((time.time(), iter_num))
+            (t_a, it_a), (t_b, it_b) = paces[0], paces[-1]
+            left = (t_b - t_a) / (it_b - it_a) * (max_iters - iter_num) if it_b > it_a else 0.0
+            eta = f"{left / 3600:.1f}h" if left >= 7200 else f"{left / 60:.1f}min" if left >= 60 else f"{left:.0f}s"
             speed = (f"{dt * 1000:.1f}ms, {tok_s / 1000:.1f}k tok/s, mfu {f'{mfu:.1f}%' if mfu else 'unknown'}, "
-                     f"eta {(max_iters - iter_num) * dt / 60:.1f}min") if dt else "warm-up"
-            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {speed}" + (f", {mem:.1f} GiB" if mem else ""))
+                     f"eta {eta}") if dt else "warm-up"
+            print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {speed}" +
+                  (f", {mem:.1f} GiB" if mem else ""))
             log({'step': iter_num, 'epoch': pos[0], 'loss': lossf, 'ppl': math.exp(min(lossf, 50)), 'lr': lr,
                  'tokens_seen': iter_num * tokens_per_iter, 'ms_per_iter': dt and dt * 1000,
                  'tokens_per_sec': tok_s, 'mfu': mfu, **({'peak_mem_gib': mem} if mem else {})})
@@ -595,19 +640,17 @@ while iter_num < max_iters:
     if stop:
         if master_process and log_error is None:
             name = signal.Signals(stop_signal).name if stop_signal else 'a signal on another rank'
-            argv = [a for a in sys.argv[1:] if not a.startswith(('--overwrite', '--init_from=scratch'))]
-            launcher = f'torchrun --nproc_per_node={world_size}' if ddp else 'python'
             print(f"stopped by {name} at iter {iter_num}, saving {os.path.join(out_dir, 'latest.safetensors')}; "
-                  f"resume with the same command: {launcher} train.py {' '.join(argv)}", flush=True)
+                  f"resume with the same command: {runs.command_line()}", flush=True)
         break
 if master_process:
     try:
         writer.wait()  # the last save (the final one, or a signal's) is on disk before the process ends
     except checkpoint.CheckpointError as e:
-        raise SystemExit(f"train.py: error: {e} (earlier checkpoints are intact)")
+        fail(f"{e} (earlier checkpoints are intact)")
     if log_error:
-        raise SystemExit(f"train.py: error: {log_error}; stopped at iter {iter_num} with latest saved: fix it and "
-                         f"run the same command to continue")
+        fail(f"{log_error}; stopped at iter {iter_num} with latest saved: fix it and "
+             f"run the same command to continue")
 
 # -----------------------------------------------------------------------------
 # the end: a summary of a finished run, loggers closed, ranks leave together
@@ -615,12 +658,12 @@ if master_process and max_iters <= iter_num > start_iter and last_eval.get('val'
     summary = {'iters': iter_num, 'epochs': pos[0] + pos[1] / n_windows,
                'final_val_loss': last_eval.get('val'), 'final_val_ppl': math.exp(last_eval['val']),
                'best_val_loss': best_val_loss, 'best_val_ppl': math.exp(best_val_loss),
-               'tokens_seen': iter_num * tokens_per_iter, 'wall_seconds': time.time() - t_start,
-               'config': config}
+               'tokens_seen': iter_num * tokens_per_iter, 'wall_seconds': run_seconds + time.time() - t_start,
+               'wall_seconds_this_process': time.time() - t_start, 'config': config}
     try:
         runs.write_summary(out_dir, summary)
     except checkpoint.CheckpointError as e:
-        raise SystemExit(f"train.py: error: {e} (the run is complete: its checkpoints are saved)")
+        fail(f"{e} (the run is complete: its checkpoints are saved)")
     print(f"done: val loss {summary['final_val_loss']:.4f} (best {best_val_loss:.4f}), "
           f"{summary['tokens_seen']:,} tokens in {summary['wall_seconds'] / 60:.1f} min")
 if wandb_log and master_process:
@@ -629,7 +672,7 @@ if tb_writer:
     try:
         tb_writer.close()
     except OSError as e:
-        raise SystemExit(f"train.py: error: cannot write {os.path.join(out_dir, 'tb')}: {checkpoint.oneline(e)}")
+        fail(f"cannot write {os.path.join(out_dir, 'tb')}: {checkpoint.oneline(e)}")
 if ddp:
     dist.barrier()  # ranks leave together: gloo aborts a rank whose peer tears down mid-exit
     # the DDP wrapper holds the process group: freed first, gloo's worker threads end with the

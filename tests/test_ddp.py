@@ -57,6 +57,7 @@ def test_sigterm_saves_once_then_resume_on_one_process(tiny_data, single, tmp_pa
     stdout, stderr = p.communicate(timeout=120)
     assert time.time() - t0 < 60, "the group did not exit promptly"
     assert stdout.count('stopped by') == 1 and 'resume with the same command' in stdout
+    assert '-m torch.distributed.run --standalone --nproc_per_node=2 ' in stdout  # the launcher's flags as given
     stopped = max(losses(out))
     assert stopped < 16
     # the data position is global, so one process continues where two stopped
@@ -80,3 +81,11 @@ def test_resume_with_dropout_on_two_processes_is_exact(tiny_data, tmp_path):
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0 and 'resumed from' in stdout, stderr
     assert losses(stopped) == losses(straight)
+
+
+def test_a_data_error_is_said_once(tiny_data, tmp_path):
+    p = torchrun(tiny_data, str(tmp_path / 'out'), '--dataset=missing')
+    stdout, stderr = p.communicate(timeout=300)
+    errors = [line for line in stderr.splitlines() if 'error:' in line and 'elastic' not in line]
+    assert p.returncode != 0 and len(errors) == 1 and errors[0].startswith('train.py: error: '), stderr
+    assert 'meta.json not found' in errors[0]

@@ -62,6 +62,9 @@ def test_training_logs_the_baseline_at_iteration_0_and_each_eval(facts):
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
         tags = EventAccumulator(os.path.join(facts['out'], 'tb')).Reload().Tags()['scalars']
         assert {'eval/mcq_acc', 'eval/repetition', 'eval/val_loss', 'train/loss'} <= set(tags)
+        assert 'train/iter' not in tags  # the step is TensorBoard's own x axis
+        texts = EventAccumulator(os.path.join(facts['out'], 'tb')).Reload().Tags()['tensors']
+        assert 'config/text_summary' in texts  # the run's config, as text
 
 
 def test_compare_checkpoints_in_one_table_and_json(facts):

@@ -4,6 +4,7 @@ write the very bytes a synchronous save writes, and survive a kill -9 mid-write.
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,8 +13,7 @@ import time
 import torch
 
 import checkpoint
-from conftest import ROOT, read_log, run
-from conftest import args, losses
+from conftest import ROOT, TINY, args, losses, read_log, run
 from test_train import start, wait_for_iter
 
 
@@ -145,3 +145,18 @@ def test_kill9_during_background_writes_leaves_valid_checkpoints(tmp_path):
         p.communicate()
         files = [n for n in os.listdir(tmp_path) if n.endswith('.safetensors')]
         assert files and all(checkpoint.load(tmp_path / n)['iter_num'] >= 1 for n in files)  # checksums verify
+
+
+def test_progress_lines_summary_over_resumes_and_list(tiny_data, tmp_path):
+    out = str(tmp_path / 'out')
+    common = [*TINY, '--dataset=tiny', f'--data_dir={tiny_data}', f'--out_dir={out}', '--log_interval=2']
+    r = run('train.py', *common, '--max_iters=6')
+    assert re.search(r'^iter 4/6: loss [\d.]+, lr \S+, [\d.]+ms, [\d.]+k tok/s, mfu \S+, eta \d+(\.\d)?(s|min|h)$',
+                     r.stdout, re.M), r.stdout
+    first = json.load(open(os.path.join(out, 'summary.json')))
+    run('train.py', *common, '--max_iters=10')  # continued: the summary covers both processes
+    second = json.load(open(os.path.join(out, 'summary.json')))
+    assert second['iters'] == 10 and second['wall_seconds'] > second['wall_seconds_this_process']
+    assert second['wall_seconds'] >= 0.8 * first['wall_seconds'] + second['wall_seconds_this_process']
+    r = run('train.py', f'--out_dir={tmp_path / "missing"}', '--list', check=False)
+    assert r.returncode != 0 and r.stderr.count('\n') == 1 and 'no run to list' in r.stderr
