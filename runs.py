@@ -303,9 +303,9 @@ def lock(out_dir):
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
     except OSError as e:
-        raise CheckpointError(f"cannot take out_dir {out_dir} for this run ({path}): {oneline(e)}") from None
+        raise CheckpointError(f"cannot write to out_dir {out_dir!r} ({LOCK}): {oneline(e)}") from None
     _held.append((fd, path, created))
-    atexit.register(_unlock)
+    atexit.register(unlock)
     old = _parse_note(note)
     if old and old.get("host") == info["host"] and _alive_trainer(old.get("pid")):
         print(f"warning: {path} names pid {old['pid']} on this host, still running, yet its lock did not hold: "
@@ -313,9 +313,10 @@ def lock(out_dir):
               f"process writes into {out_dir}", file=sys.stderr)
 
 
-def _unlock():
-    """The file goes first, then the lock: a process that opened it meanwhile sees it gone and retries.
-    An out_dir this process made and left empty (it stopped before writing) goes too."""
+def unlock():
+    """Release out_dir (lock() has this done at exit). The file goes first, then the lock: a process
+    that opened it meanwhile sees it gone and retries. An out_dir this process made and left empty
+    (it stopped before writing) goes too."""
     for fd, path, created in _held:
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:

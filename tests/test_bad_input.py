@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import checkpoint
+import runs
 from conftest import ROOT, TINY, run
 from test_rerun import digests
 
@@ -34,6 +35,7 @@ def run_inline(script, argv, env=None):
     except BaseException as e:  # noqa: BLE001 - what a user would see as a traceback
         status, message = 'traceback', f"{type(e).__name__}: {e}"
     finally:
+        runs.unlock()  # what the process's exit does for train.py run alone
         sys.argv = saved[0]
         os.environ.clear()
         os.environ.update(saved[1])
