@@ -15,6 +15,7 @@ someone sent you cannot run their code. Tensors are stored under their path in t
 Files are published by tmp + fsync + rename + fsync(dir): a kill or power cut at any moment
 leaves either the old complete file or the new complete one.
 """
+import collections
 import copy
 import hashlib
 import json
@@ -52,7 +53,7 @@ def oneline(e) -> str:
 
 def flatten(state):
     """Split a state tree into (JSON-able tree, {key: cpu tensor}); tied tensors are stored once."""
-    tensors, views, storages = {}, {}, set()
+    tensors, views, storages = {}, {}, collections.defaultdict(list)  # storages: the byte areas saved of each
     def walk(x, path):
         sub = lambda k: f"{path}/{k}" if path else str(k)
         if isinstance(x, torch.Tensor):
@@ -63,13 +64,16 @@ def flatten(state):
             view = storage + (x.storage_offset(), x.shape, x.stride(), x.dtype)
             if x.numel() and view in views:  # tied weights (wte / lm_head): one copy, one object on load
                 return {TENSOR: views[view]}
-            if x.numel() and storage in storages:  # other overlaps: safetensors refuses shared storage
-                x = x.clone()
+            start = x.storage_offset() * x.element_size()
+            area = (start, start + x.numel() * x.element_size())
+            if x.numel() and (not x.is_contiguous() or any(a < area[1] and area[0] < b for a, b in storages[storage])):
+                x = x.clone()  # other overlaps: safetensors refuses them (apart views of one buffer are fine)
+            else:
+                storages[storage].append(area)
             key = path
             while key in tensors:  # int key 3 and str key "3" in one dict
                 key += "+"
             views[view], tensors[key] = key, x
-            storages.add(storage)
             return {TENSOR: key}
         if isinstance(x, dict):
             if all(isinstance(k, str) for k in x) and not x.keys() & {TENSOR, TUPLE, DICT}:
@@ -415,7 +419,7 @@ def format_listing(rows) -> str:
 
 class Writer:
     """Saves tiers (save_tiers) and prints one line per save. In a background thread,
-    training blocks only for a snapshot of the state: a copy into buffers kept between saves (on a
+    training blocks only for a snapshot of the state: a copy into a buffer kept between saves (on a
     GPU, pinned host memory the copy is queued into; fresh memory each time would cost more in page
     faults than the copy).
     At most one save is in flight: the next one first waits for it. A failed write surfaces as
@@ -423,7 +427,8 @@ class Writer:
     With background=False save() writes in the calling thread, as save_tiers does."""
 
     def __init__(self, background=True):
-        self.background, self.buffers, self.thread, self.error, self.done = background, {}, None, None, None
+        self.background, self.thread, self.error, self.done = background, None, None, None
+        self.flat, self.layout = None, None  # the snapshot buffer and the state layout it was made for
 
     def save(self, out_dir, state, names, keep=None, protect=()) -> float:
         """Start saving state under the tier names (save_tiers); returns the seconds the caller was blocked."""
@@ -463,31 +468,58 @@ class Writer:
             self.error = e if isinstance(e, CheckpointError) else CheckpointError(f"cannot save: {oneline(e)}")
 
     def _snapshot(self, tree):
-        """A copy of tree whose tensors live in this writer's buffers (one per path, reused); tensors
-        that alias each other (tied weights) map to one buffer, so the file is the same as from tree."""
-        seen, cuda = {}, False
-        def walk(x, path):
-            nonlocal cuda
-            if isinstance(x, torch.Tensor):
-                key = (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), x.shape, x.stride(), x.dtype)
-                if key not in seen:
-                    buf = self.buffers.get(path)
-                    if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
-                        buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
-                        self.buffers[path] = buf
-                    buf.copy_(x.detach(), non_blocking=x.is_cuda)
-                    cuda |= x.is_cuda
-                    seen[key] = buf
-                return seen[key]
-            if isinstance(x, dict):
-                return {k: walk(v, f"{path}/{k}") for k, v in x.items()}
-            if isinstance(x, (list, tuple)):
-                items = [walk(v, f"{path}/{i}") for i, v in enumerate(x)]
-                return tuple(items) if isinstance(x, tuple) else items
-            return copy.deepcopy(x)
-        out = walk(tree, "")
+        """A copy of tree whose tensors are views into one flat buffer of this writer, kept between
+        saves while the state's layout stays the same (on a GPU it is pinned and the copies are only
+        queued). One buffer, not one per tensor: the pinned allocator rounds every allocation up to
+        a power of two, so GPT-2 small's 1.39 GiB state held 2.3 GiB of page-locked memory as
+        separate buffers. Tensors that alias each other (tied weights) get one view, so the file is
+        the same as from tree."""
+        def alias(x):
+            return x.device, x.untyped_storage().data_ptr(), x.storage_offset(), x.shape, x.stride(), x.dtype
+        offsets, layout, size = {}, [], 0
+        for x in _tensors(tree):
+            if alias(x) not in offsets:
+                offsets[alias(x)] = size
+                layout.append((x.shape, x.dtype))
+                size += -(-x.numel() * x.element_size() // 64) * 64  # each view starts 64-byte aligned
+        cuda = any(key[0].type == "cuda" for key in offsets)
+        if layout != self.layout:
+            self.flat, self.layout = torch.empty(size, dtype=torch.uint8, pin_memory=cuda), layout
+        views = {}
+        def copy_of(x):
+            key = alias(x)
+            if key not in views:
+                nbytes = x.numel() * x.element_size()
+                views[key] = self.flat[offsets[key]:offsets[key] + nbytes].view(x.dtype).view(x.shape)
+                views[key].copy_(x.detach(), non_blocking=x.is_cuda)
+            return views[key]
+        out = _map_tensors(tree, copy_of)
         ready = None
         if cuda:
             ready = torch.cuda.Event()
             ready.record()
         return out, ready
+
+
+def _tensors(tree):
+    """The tensors of a state tree, in walk order."""
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensors(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _tensors(v)
+
+
+def _map_tensors(tree, fn):
+    """tree with fn(tensor) for each tensor and a deep copy of everything else."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: _map_tensors(v, fn) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        items = [_map_tensors(v, fn) for v in tree]
+        return tuple(items) if isinstance(tree, tuple) else items
+    return copy.deepcopy(tree)

@@ -188,6 +188,9 @@ if ddp:
             sys.__excepthook__(kind, e, tb)
 
     sys.excepthook = quiet_peer_loss
+    # the ranks agree on stopping every iteration: over gloo on a CPU tensor, so that agreeing costs a
+    # round trip between the CPUs and never makes a CPU wait for its GPU
+    control = dist.new_group(backend='gloo') if device_type == 'cuda' else None
 else:
     rank, world_size = 0, 1
 master_process = rank == 0
@@ -438,7 +441,8 @@ def estimate_loss():
                 x, y = get_batch(data, windows[start:start + size])
                 with ctx:
                     _, loss = eval_model(x, y)
-                total += torch.stack([loss.float() * len(x), torch.tensor(float(len(x)), device=device)])
+                total[0] += loss.float() * len(x)  # on the device: no copy to wait for
+                total[1] += len(x)
         if ddp:
             dist.all_reduce(total)
         out[split] = (total[0] / total[1]).item()
@@ -474,6 +478,7 @@ def save(tiers):
 
 WANDB_KEYS = {'loss': 'train/loss', 'lr': 'train/lr', 'mfu': 'train/mfu', 'step': 'train/iter',
               'ms_per_iter': 'train/dt_ms', 'tokens_per_sec': 'train/tokens_per_sec', 'peak_mem_gib': 'train/peak_mem_gib',
+              'peak_mem_reserved_gib': 'train/peak_mem_reserved_gib',
               'train_loss': 'eval/train_loss', 'val_loss': 'eval/val_loss', 'val_ppl': 'eval/val_ppl'}
 WANDB_KEYS.update({k: f'eval/{k}' for k in metrics.TRAINING_KEYS})  # eval_mcq, eval_generate
 
@@ -583,6 +588,8 @@ while iter_num < max_iters:
     iter_num, pos = iter_num + 1, next_pos
     timed += 1
     if timed == 0:
+        if device_type == 'cuda':
+            torch.cuda.synchronize()  # the warm-up iteration's queued work is not timed
         t0 = time.time()
         paces.append((t0, iter_num))
 
@@ -594,7 +601,9 @@ while iter_num < max_iters:
         t0, timed = time.time(), 0
         tok_s = dt and tokens_per_iter / dt
         mfu = 100 * flops_per_token * tok_s / (peak_flops * world_size) if dt and peak_flops else None
-        mem = torch.cuda.max_memory_allocated() / 2**30 if device_type == 'cuda' else None  # this rank's peak
+        # this rank's peak GPU memory: what tensors used, and what the caching allocator held (nvidia-smi's view)
+        mem = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30) \
+            if device_type == 'cuda' else None
         if master_process:
             paces.append((time.time(), iter_num))
             (t_a, it_a), (t_b, it_b) = paces[0], paces[-1]
@@ -603,10 +612,11 @@ while iter_num < max_iters:
             speed = (f"{dt * 1000:.1f}ms, {tok_s / 1000:.1f}k tok/s, mfu {f'{mfu:.1f}%' if mfu else 'unknown'}, "
                      f"eta {eta}") if dt else "warm-up"
             print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {speed}" +
-                  (f", {mem:.1f} GiB" if mem else ""))
+                  (f", {mem[0]:.1f} GiB ({mem[1]:.1f} reserved)" if mem else ""))
             log({'step': iter_num, 'epoch': pos[0], 'loss': lossf, 'ppl': math.exp(min(lossf, 50)), 'lr': lr,
                  'tokens_seen': iter_num * tokens_per_iter, 'ms_per_iter': dt and dt * 1000,
-                 'tokens_per_sec': tok_s, 'mfu': mfu, **({'peak_mem_gib': mem} if mem else {})})
+                 'tokens_per_sec': tok_s, 'mfu': mfu,
+                 **({'peak_mem_gib': mem[0], 'peak_mem_reserved_gib': mem[1]} if mem else {})})
 
     best = False
     if iter_num % eval_interval == 0 or iter_num == max_iters:
@@ -618,8 +628,8 @@ while iter_num < max_iters:
 
     stop = stop_signal is not None or log_error is not None
     if ddp:  # every rank stops at the same iteration, whichever got the signal
-        flag = torch.tensor(float(stop), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor(float(stop))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control)
         stop = bool(flag)
     tiers = []  # the checkpoint tiers due now: one file, linked under each name
     if stop or (ckpt_interval and iter_num % ckpt_interval == 0) or iter_num == max_iters:

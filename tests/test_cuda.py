@@ -123,3 +123,18 @@ def test_torchrun_nccl_matches_one_process(tiny_data, tmp_path):
     assert '1 process(es)' in p.stdout
     a, b = losses(one), losses(ddp)
     assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) < 1e-3
+
+
+def test_no_host_reads_between_log_lines_on_the_gpu(tiny_data, tmp_path):
+    from test_gpu_path import COUNT_READS
+    import json
+    (tmp_path / 'count.py').write_text(COUNT_READS)
+    counts = tmp_path / 'reads.json'
+    p = subprocess.run([sys.executable, str(tmp_path / 'count.py'), str(counts), os.path.join(ROOT, 'train.py'),
+                        *GPU, f'--data_dir={tiny_data}', f'--out_dir={tmp_path / "out"}', '--max_iters=24',
+                        '--log_interval=8', '--eval_interval=1000', '--ckpt_interval=0', '--rolling_interval=0',
+                        '--save_best=False', '--save_epochs=False'],
+                       capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': ROOT})
+    assert p.returncode == 0, p.stderr
+    reads = {int(k): v for k, v in json.load(open(counts)).items()}
+    assert all(reads.get(it, 0) == 0 for it in range(1, 24) if it % 8), reads
