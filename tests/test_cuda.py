@@ -138,3 +138,16 @@ def test_no_host_reads_between_log_lines_on_the_gpu(tiny_data, tmp_path):
     assert p.returncode == 0, p.stderr
     reads = {int(k): v for k, v in json.load(open(counts)).items()}
     assert all(reads.get(it, 0) == 0 for it in range(1, 24) if it % 8), reads
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason='float8 needs compute capability 8.9+')
+def test_fp8_training_continues_without_it(tiny_data, tmp_path):
+    pytest.importorskip('torchao')
+    out = str(tmp_path)
+    common = [*GPU, f'--data_dir={tiny_data}', f'--out_dir={out}', '--dtype=bfloat16', '--n_embd=64']
+    run('train.py', *common, '--max_iters=20', '--fp8=True')
+    first = losses(out)
+    assert all(v == v for v in first.values()) and first[20] < first[1]
+    r = run('train.py', *common, '--max_iters=30', '--fp8=False')  # the same checkpoint, without float8
+    assert 'resumed from' in r.stdout and max(losses(out)) == 30

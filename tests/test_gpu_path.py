@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import checkpoint
@@ -68,3 +69,23 @@ def test_no_host_reads_between_log_lines(tiny_data, tmp_path):
     quiet = [it for it in range(1, 24) if it % 8]  # iterations that end with no log line, eval or save
     assert all(reads.get(it, 0) == 0 for it in quiet), reads
     assert all(reads.get(it, 0) >= 1 for it in (8, 16)), reads  # the log line reads its losses, once
+
+
+def test_fp8_converts_the_block_linears_and_keeps_the_checkpoint(tiny_data, tmp_path):
+    pytest.importorskip('torchao')  # an optional dependency (requirements-dev.txt installs it)
+    from model import LoRALinear, convert_to_fp8
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100, lora_rank=4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {n: p for n, p in model.named_parameters()}
+    convert_to_fp8(model)
+    kinds = {n: type(m).__name__ for n, m in model.named_modules()}
+    assert kinds['transformer.h.0.mlp.c_fc'] == kinds['transformer.h.1.mlp.c_proj'] == 'Float8Linear'
+    assert isinstance(model.transformer.h[0].attn.c_attn, LoRALinear) and kinds['lm_head'] == 'Linear'
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert all(p is params[n] for n, p in model.named_parameters())  # the optimizer sees the same weights
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *TINY, '--dataset=tiny',
+                        f'--data_dir={tiny_data}', f'--out_dir={tmp_path / "out"}', '--fp8=True'],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip().count('\n') == 0 and 'compute capability 8.9' in r.stderr
+    assert not (tmp_path / 'out').exists()
