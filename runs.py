@@ -1,6 +1,7 @@
 """
 A run's life in its out_dir: what a command starts from, how a run starts, continues and ends, and
-every file a training run keeps there besides the checkpoint tiers (checkpoint.py writes those).
+the files a training run keeps there besides the checkpoint tiers (checkpoint.py writes those) and
+its logs (logs.py).
 
     find(init_from, out_dir) / find_or_exit(...)  the model a command starts from: a checkpoint of a
                                                    run, whole and checked, or another format's weights
@@ -8,7 +9,6 @@ every file a training run keeps there besides the checkpoint tiers (checkpoint.p
                                                    one, or refuse; and the config it runs with
     lock(out_dir) / owner(out_dir)                one training process per out_dir
     prepare_out_dir(...) / keep_base(...)         before a run's first write
-    trim_log / append_log / write_summary         log.jsonl and summary.json
     rng_state() / set_rng_state(tree)             every RNG training draws from
 
 A training run's files in out_dir: the tiers (latest, latest_backup, best, step_*, epoch_*),
@@ -471,70 +471,6 @@ def keep_base(out_dir, path, state) -> dict:
     except OSError as e:
         raise CheckpointError(f"cannot keep the base of this run as {dest}: {oneline(e)}") from None
     return {"path": "base.safetensors", "sha256": checkpoint.read_header(dest)["checksum"]}
-
-# -----------------------------------------------------------------------------
-# the log and the summary
-
-def trim_log(out_dir, last_iter):
-    """Drop the records after last_iter (work a kill -9 lost, about to be redone) from the live log,
-    so it holds each iteration once; they are added to log.jsonl.dropped. Both files are written
-    whole beside the old ones and renamed over them: a failed write changes neither."""
-    path = os.path.join(out_dir, "log.jsonl")
-    try:
-        with open(path) as f:
-            lines = f.readlines()
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {oneline(e)}") from None
-    keep, drop = [], []
-    for line in lines:
-        try:
-            (keep if json.loads(line).get("step", 0) <= last_iter else drop).append(line)
-        except (ValueError, AttributeError):  # a line cut short by the kill, or not a record
-            drop.append(line)
-    if not drop:
-        return
-    try:
-        with open(path + ".dropped") as f:
-            drop = f.readlines() + drop
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}.dropped: {oneline(e)}") from None
-    _replace(path + ".dropped", "".join(drop))
-    _replace(path, "".join(keep))
-    print(f"log.jsonl: {len(lines) - len(keep)} records after iter {last_iter} moved to log.jsonl.dropped")
-
-
-def _replace(path, text):
-    """path holds text, whole: written beside it, flushed, renamed over it."""
-    try:
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except OSError as e:
-        try:
-            os.remove(path + ".tmp")
-        except OSError:
-            pass
-        raise CheckpointError(f"cannot write {path}: {oneline(e)}") from None
-
-
-def append_log(out_dir, entry):
-    """One record (a dict with 'step') at the end of out_dir/log.jsonl."""
-    path = os.path.join(out_dir, "log.jsonl")
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-    except OSError as e:
-        raise CheckpointError(f"cannot write {path}: {oneline(e)}") from None
-
-
-def write_summary(out_dir, summary):
-    _replace(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
 
 # -----------------------------------------------------------------------------
 # RNG state

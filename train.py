@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import dataset as ds
 import hardware
+import logs
 import metrics
 import runs
 from configurator import check_ranges, configure
@@ -232,20 +233,11 @@ windows_per_iter = batch_size * gradient_accumulation_steps
 tokens_per_iter = windows_per_iter * block_size
 if max_epochs is not None:
     max_iters = min(max_iters, math.ceil(max_epochs * n_windows / windows_per_iter))
-# the loggers asked for are imported now, so a missing one stops the run before anything is written
-if tensorboard_log and master_process:
+if master_process:  # the loggers asked for import now: a missing one stops the run before anything is written
     try:
-        from torch.utils.tensorboard import SummaryWriter  # its writer is made once out_dir is ready, below
-    except ImportError:
-        fail("tensorboard_log=True needs tensorboard: pip install tensorboard")
-if wandb_log and master_process:
-    try:
-        import wandb
-    except ImportError:
-        fail("wandb_log=True needs wandb: pip install wandb")
-    if getattr(wandb, '__file__', None) is None:  # a folder named wandb (its offline runs) stood in for it
-        fail(f"wandb_log=True needs wandb: pip install wandb (the folder {list(wandb.__path__)[0]} holds wandb's "
-             f"runs, it is not the package)")
+        logs.check(config)
+    except logs.LogError as e:
+        fail(e)
 # eval_mcq / eval_generate: their files are read now, so a bad one stops the run before anything is written
 eval_items, eval_prompt_list, eval_tokenizer = None, None, None
 if master_process and (eval_mcq or eval_generate):
@@ -357,7 +349,6 @@ if ddp:
 # out_dir (rank 0 writes): checked before the first write, an older run moved aside for a new one,
 # the log trimmed for a continued one; then the checkpoint writer, wandb and TensorBoard
 base = ckpt.get('base') if continuing else None  # where a run with frozen weights finds the rest
-wandb_from, tb_writer = 0, None
 if master_process:
     try:  # a checkpoint holds what trains and AdamW's two moments of it
         runs.prepare_out_dir(
@@ -368,38 +359,18 @@ if master_process:
                                  epoch_iters=n_windows / windows_per_iter if save_epochs else None,
                                  keep_epochs=keep_epochs))
         if continuing:
-            runs.trim_log(out_dir, iter_num)
+            logs.trim(out_dir, iter_num)
         if frozen and not continuing:  # a run that saves only what trains keeps its base beside it
             base = runs.keep_base(out_dir, ckpt_path, ckpt)
-    except checkpoint.CheckpointError as e:
+    except (checkpoint.CheckpointError, logs.LogError) as e:
         fail(e)
 ckpt = None  # free the loaded tensors
 protect = (ckpt_path,) if ckpt_path else ()  # the file this run started from is never pruned
 writer = checkpoint.Writer(background=async_save)
-if wandb_log and master_process:
-    try:
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config, id=wandb_id, resume='allow')
-    except Exception as e:  # not logged in, or no network
-        why = ' '.join(str(e).split())[:200]
-        if not continuing:  # a new run: its user is there to log in first
-            fail(f"wandb could not start ({why}); log in with `wandb login` or WANDB_API_KEY, or log locally with "
-                 f"WANDB_MODE=offline")
-        # a run that goes on (a requeue, a reboot) must not stop for its logger: offline, synced later
-        print(f"warning: wandb could not start ({why}); logging offline instead: `wandb sync` uploads it into "
-              f"the same run later", file=sys.stderr)
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config, id=wandb_id, resume='allow',
-                   mode='offline')
-    wandb_id = wandb.run.id  # kept in checkpoints: a resumed run logs into the same wandb run
-    # after a kill -9 the iterations since the checkpoint run again; wandb already has them (the
-    # same numbers on a deterministic run) and refuses steps below its own, so they are not re-sent
-    wandb_from = wandb.run.step
-if tensorboard_log and master_process:
-    # purge_step makes a resumed run hide what a killed process logged after its checkpoint
-    try:
-        tb_writer = SummaryWriter(os.path.join(out_dir, 'tb'), purge_step=iter_num or None, flush_secs=10)
-        tb_writer.add_text('config', '\n'.join(f"    {k} = {v!r}" for k, v in config.items()), iter_num)
-    except OSError as e:
-        fail(f"cannot write {os.path.join(out_dir, 'tb')}: {checkpoint.oneline(e)}")
+try:
+    log = logs.Log(config, iter_num, wandb_id, continuing, active=master_process)
+except logs.LogError as e:
+    fail(e)
 # MFU: model FLOPs (6N + attention, see model.flops_per_token) per second over the hardware's peak
 flops_per_token = raw_model.flops_per_token()
 peak_flops = peak_flops or hardware.peak_flops(device, dtype)
@@ -420,7 +391,6 @@ def on_signal(signum, frame):
 
 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
     signal.signal(sig, on_signal)
-log_error = None  # why the run cannot log any more: it stops at the next iteration boundary
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -476,38 +446,13 @@ def save(tiers):
         'last_epoch_ckpt': last_epoch_ckpt, 'val_loss': last_eval.get('val'), 'train_loss': last_eval.get('train'),
         'rng': rngs[0], 'rng_ranks': rngs, 'config': config, 'model_args': model_args, 'origin': start['origin'],
         'data': {'dataset': dataset, 'fingerprint': ds.fingerprint(meta)},
-        'tokenizer': tokenizer, 'wandb_id': wandb_id, 'time': time.time(),
+        'tokenizer': tokenizer, 'wandb_id': log.wandb_id, 'time': time.time(),
         'wall_seconds': run_seconds + time.time() - t_start,
     }
     try:
         return writer.save(out_dir, state, tiers, keep={'step': keep_last, 'epoch': keep_epochs}, protect=protect)
     except checkpoint.CheckpointError as e:
         fail(f"{e} (earlier checkpoints are intact)")
-
-
-WANDB_KEYS = {'loss': 'train/loss', 'lr': 'train/lr', 'mfu': 'train/mfu', 'step': 'train/iter',
-              'ms_per_iter': 'train/dt_ms', 'tokens_per_sec': 'train/tokens_per_sec', 'peak_mem_gib': 'train/peak_mem_gib',
-              'peak_mem_reserved_gib': 'train/peak_mem_reserved_gib',
-              'train_loss': 'eval/train_loss', 'val_loss': 'eval/val_loss', 'val_ppl': 'eval/val_ppl'}
-WANDB_KEYS.update({k: f'eval/{k}' for k in metrics.TRAINING_KEYS})  # eval_mcq, eval_generate
-
-
-def log(entry):
-    """A record to log.jsonl, and its numbers to wandb and TensorBoard (rank 0). A run that cannot
-    write its log (a full disk, a file system gone read-only) stops at the end of this iteration."""
-    global log_error
-    try:
-        runs.append_log(out_dir, entry)
-        if tb_writer:
-            for k, v in entry.items():
-                if k in WANDB_KEYS and k != 'step' and v is not None:  # TensorBoard's x axis is the step
-                    tb_writer.add_scalar(WANDB_KEYS[k], v, entry['step'])
-    except (checkpoint.CheckpointError, OSError) as e:
-        log_error = log_error or (str(e) if isinstance(e, checkpoint.CheckpointError) else
-                                  f"cannot write {os.path.join(out_dir, 'tb')}: {checkpoint.oneline(e)}")
-    if wandb_log and entry['step'] >= wandb_from:
-        wandb.log({WANDB_KEYS[k]: v for k, v in entry.items() if k in WANDB_KEYS and v is not None},
-                  step=entry['step'])  # mfu in percent, as nanoGPT's panels show it
 
 
 def run_eval():
@@ -525,7 +470,7 @@ def run_eval():
             raw_model.train()
             print(f"eval {iter_num}: " + ', '.join(f"{k} {v:.3f}" for k, v in entry.items()
                                                    if k in metrics.TRAINING_KEYS))
-        log(entry)
+        log.write(entry)
     return losses
 
 
@@ -622,7 +567,7 @@ while iter_num < max_iters:
                      f"eta {eta}") if dt else "warm-up"
             print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {speed}" +
                   (f", {mem[0]:.1f} GiB ({mem[1]:.1f} reserved)" if mem else ""))
-            log({'step': iter_num, 'epoch': pos[0], 'loss': lossf, 'ppl': math.exp(min(lossf, 50)), 'lr': lr,
+            log.write({'step': iter_num, 'epoch': pos[0], 'loss': lossf, 'ppl': math.exp(min(lossf, 50)), 'lr': lr,
                  'tokens_seen': iter_num * tokens_per_iter, 'ms_per_iter': dt and dt * 1000,
                  'tokens_per_sec': tok_s, 'mfu': mfu,
                  **({'peak_mem_gib': mem[0], 'peak_mem_reserved_gib': mem[1]} if mem else {})})
@@ -635,7 +580,7 @@ while iter_num < max_iters:
         best_val_loss = min(best_val_loss, last_eval['val'])
         t0 += time.time() - t_eval  # iteration timing leaves out evals
 
-    stop = stop_signal is not None or log_error is not None
+    stop = stop_signal is not None or log.error is not None  # a run that cannot log stops here, saving
     if ddp:  # every rank stops at the same iteration, whichever got the signal
         flag = torch.tensor(float(stop))
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control)
@@ -657,7 +602,7 @@ while iter_num < max_iters:
             diverged(f"the weights are not finite after iter {iter_num}")
         t0 += save(tiers)
     if stop:
-        if master_process and log_error is None:
+        if master_process and log.error is None:
             name = signal.Signals(stop_signal).name if stop_signal else 'a signal on another rank'
             print(f"stopped by {name} at iter {iter_num}, saving {os.path.join(out_dir, 'latest.safetensors')}; "
                   f"resume with the same command: {runs.command_line()}", flush=True)
@@ -667,9 +612,8 @@ if master_process:
         writer.wait()  # the last save (the final one, or a signal's) is on disk before the process ends
     except checkpoint.CheckpointError as e:
         fail(f"{e} (earlier checkpoints are intact)")
-    if log_error:
-        fail(f"{log_error}; stopped at iter {iter_num} with latest saved: fix it and "
-             f"run the same command to continue")
+    if log.error:
+        fail(f"{log.error}; stopped at iter {iter_num} with latest saved: fix it and run the same command to continue")
 
 # -----------------------------------------------------------------------------
 # the end: a summary of a finished run, loggers closed, ranks leave together
@@ -680,18 +624,15 @@ if master_process and max_iters <= iter_num > start_iter and last_eval.get('val'
                'tokens_seen': iter_num * tokens_per_iter, 'wall_seconds': run_seconds + time.time() - t_start,
                'wall_seconds_this_process': time.time() - t_start, 'config': config}
     try:
-        runs.write_summary(out_dir, summary)
-    except checkpoint.CheckpointError as e:
+        logs.write_summary(out_dir, summary)
+    except logs.LogError as e:
         fail(f"{e} (the run is complete: its checkpoints are saved)")
     print(f"done: val loss {summary['final_val_loss']:.4f} (best {best_val_loss:.4f}), "
           f"{summary['tokens_seen']:,} tokens in {summary['wall_seconds'] / 60:.1f} min")
-if wandb_log and master_process:
-    wandb.finish()
-if tb_writer:
-    try:
-        tb_writer.close()
-    except OSError as e:
-        fail(f"cannot write {os.path.join(out_dir, 'tb')}: {checkpoint.oneline(e)}")
+try:
+    log.close()
+except logs.LogError as e:
+    fail(e)
 if ddp:
     dist.barrier()  # ranks leave together: gloo aborts a rank whose peer tears down mid-exit
     # the DDP wrapper holds the process group: freed first, gloo's worker threads end with the

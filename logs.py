@@ -1,0 +1,166 @@
+"""
+Where a training run's numbers go: out_dir/log.jsonl always, Weights & Biases and TensorBoard when
+the config asks, and out_dir/summary.json at the end. A record is a dict with 'step', one per log
+line or eval.
+
+    check(config)                           the loggers asked for import, before anything is written
+    Log(config, iter_num, wandb_id, ...)    .write(record), .close(); rank 0's, nothing for the others
+    trim(out_dir, last_iter)                a resumed run's log.jsonl holds each iteration once
+    write_summary(out_dir, summary)
+
+A write that fails is one line (LogError) naming the file and the OS's reason, and leaves the files
+that were there intact; Log.write keeps the first such line in .error, for train.py to stop at the
+end of that iteration rather than in the middle of it.
+"""
+import json
+import os
+import sys
+
+import metrics
+from checkpoint import oneline
+
+# our record keys -> the names wandb and TensorBoard show (nanoGPT's panels: mfu in percent)
+KEYS = {'loss': 'train/loss', 'lr': 'train/lr', 'mfu': 'train/mfu', 'step': 'train/iter',
+        'ms_per_iter': 'train/dt_ms', 'tokens_per_sec': 'train/tokens_per_sec', 'peak_mem_gib': 'train/peak_mem_gib',
+        'peak_mem_reserved_gib': 'train/peak_mem_reserved_gib', 'train_loss': 'eval/train_loss',
+        'val_loss': 'eval/val_loss', 'val_ppl': 'eval/val_ppl', **{k: f'eval/{k}' for k in metrics.TRAINING_KEYS}}
+
+
+class LogError(Exception):
+    """str() is a one-line reason, fit to print as is."""
+
+
+def check(config):
+    """LogError now, before anything is written, if a logger the config asks for is not installed."""
+    if config['tensorboard_log']:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise LogError("tensorboard_log=True needs tensorboard: pip install tensorboard") from None
+    if config['wandb_log']:
+        try:
+            import wandb
+        except ImportError:
+            raise LogError("wandb_log=True needs wandb: pip install wandb") from None
+        if getattr(wandb, '__file__', None) is None:  # a folder named wandb (its offline runs) stood in for it
+            raise LogError(f"wandb_log=True needs wandb: pip install wandb (the folder {list(wandb.__path__)[0]} "
+                           f"holds wandb's runs, it is not the package)")
+
+
+class Log:
+    """Rank 0's logs of one training process (other ranks pass active=False: it then does nothing)."""
+
+    def __init__(self, config, iter_num, wandb_id, continuing, active=True):
+        """Start wandb and TensorBoard as config asks. A new run whose wandb cannot start (no login,
+        no network) is a LogError; a run that goes on (a requeue, a reboot) must not stop for its
+        logger, so it logs offline with a warning, and `wandb sync` uploads that later."""
+        self.out_dir, self.wandb, self.tb, self.wandb_from, self.error = config['out_dir'], None, None, 0, None
+        self.wandb_id = wandb_id  # kept in checkpoints: a resumed run logs into the same wandb run
+        if not active:
+            return
+        if config['wandb_log']:
+            import wandb
+            args = dict(project=config['wandb_project'], name=config['wandb_run_name'], config=config, id=wandb_id,
+                        resume='allow')
+            try:
+                self.wandb = wandb.init(**args)
+            except Exception as e:  # not logged in, or no network
+                why = ' '.join(str(e).split())[:200]
+                if not continuing:
+                    raise LogError(f"wandb could not start ({why}); log in with `wandb login` or WANDB_API_KEY, or "
+                                   f"log locally with WANDB_MODE=offline") from None
+                print(f"warning: wandb could not start ({why}); logging offline instead: `wandb sync` uploads it "
+                      f"into the same run later", file=sys.stderr)
+                self.wandb = wandb.init(**args, mode='offline')
+            self.wandb_id = self.wandb.id
+            # after a kill -9 the iterations since the checkpoint run again; wandb already has them (the
+            # same numbers on a deterministic run) and refuses steps below its own, so they are not re-sent
+            self.wandb_from = self.wandb.step
+        if config['tensorboard_log']:
+            from torch.utils.tensorboard import SummaryWriter
+            path = os.path.join(self.out_dir, 'tb')
+            try:
+                # purge_step: a resumed run hides what a killed process logged after its checkpoint
+                self.tb = SummaryWriter(path, purge_step=iter_num or None, flush_secs=10)
+                self.tb.add_text('config', '\n'.join(f"    {k} = {v!r}" for k, v in config.items()), iter_num)
+            except OSError as e:
+                raise LogError(f"cannot write {path}: {oneline(e)}") from None
+
+    def write(self, record):
+        """record to log.jsonl, and its numbers to wandb and TensorBoard; a failed write sets .error."""
+        step = record['step']
+        scalars = {KEYS[k]: v for k, v in record.items() if k in KEYS and v is not None}
+        try:
+            path = os.path.join(self.out_dir, 'log.jsonl')
+            with open(path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+            if self.tb:
+                path = os.path.join(self.out_dir, 'tb')
+                for k, v in scalars.items():
+                    if k != KEYS['step']:  # TensorBoard's x axis is the step
+                        self.tb.add_scalar(k, v, step)
+        except OSError as e:
+            self.error = self.error or f"cannot write {path}: {oneline(e)}"
+        if self.wandb and step >= self.wandb_from:
+            self.wandb.log(scalars, step=step)
+
+    def close(self):
+        if self.wandb:
+            self.wandb.finish()
+        if self.tb:
+            try:
+                self.tb.close()
+            except OSError as e:
+                raise LogError(f"cannot write {os.path.join(self.out_dir, 'tb')}: {oneline(e)}") from None
+
+
+def trim(out_dir, last_iter):
+    """Drop the records after last_iter (work a kill -9 lost, about to be redone) from the live log,
+    so it holds each iteration once; they are added to log.jsonl.dropped. Both files are written
+    whole beside the old ones and renamed over them: a failed write changes neither."""
+    path = os.path.join(out_dir, "log.jsonl")
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise LogError(f"cannot read {path}: {oneline(e)}") from None
+    keep, drop = [], []
+    for line in lines:
+        try:
+            (keep if json.loads(line).get("step", 0) <= last_iter else drop).append(line)
+        except (ValueError, AttributeError):  # a line cut short by the kill, or not a record
+            drop.append(line)
+    if not drop:
+        return
+    try:
+        with open(path + ".dropped") as f:
+            drop = f.readlines() + drop
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise LogError(f"cannot read {path}.dropped: {oneline(e)}") from None
+    _replace(path + ".dropped", "".join(drop))
+    _replace(path, "".join(keep))
+    print(f"log.jsonl: {len(lines) - len(keep)} records after iter {last_iter} moved to log.jsonl.dropped")
+
+
+def write_summary(out_dir, summary):
+    _replace(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
+
+
+def _replace(path, text):
+    """path holds text, whole: written beside it, flushed, renamed over it."""
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        try:
+            os.remove(path + ".tmp")
+        except OSError:
+            pass
+        raise LogError(f"cannot write {path}: {oneline(e)}") from None
