@@ -11,6 +11,7 @@ References:
 2) nanoGPT: https://github.com/karpathy/nanoGPT/blob/master/model.py
 """
 
+import importlib.util
 import inspect
 import math
 from dataclasses import dataclass, fields
@@ -505,13 +506,25 @@ def mark_trainable(model, trainable='', base_vocab_size=None):
                          "empty (set trainable=all for a full fine-tune, or lora_rank > 0)")
 
 
+def fp8_problem(device):
+    """Why float8 training cannot run on device (one line), or None."""
+    device = torch.device(device)
+    if device.type != 'cuda' or torch.cuda.get_device_capability(device) < (8, 9):
+        where = torch.cuda.get_device_name(device) if device.type == 'cuda' else device
+        return (f"fp8=True needs a CUDA GPU of compute capability 8.9 or newer (H100, H200, L4, L40S, RTX 4090), "
+                f"not {where}")
+    if importlib.util.find_spec('torchao') is None:
+        return "fp8=True needs torchao: pip install torchao"
+    return None
+
+
 def convert_to_fp8(model):
     """Train the transformer blocks' linear layers in float8 with torchao (convert_to_float8_training,
     tensorwise scaling; needs a GPU of compute capability 8.9+). Their weights stay nn.Linear's,
     in their own dtype, under the same names: checkpoints, resume, export and sampling are as
     without it. Left as they are: LoRA adapters, lm_head (tied to wte), and a layer whose sizes are
     not multiples of 16, which float8 matmuls need. Published figures: ~1.4x on large matmuls,
-    slower below ~1.5-2K width, so it is for wide models."""
+    slower below ~1.5-2K width, so it is for wide models. Check fp8_problem(device) first."""
     from torchao.float8 import convert_to_float8_training  # optional: pip install torchao
     convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: (
         type(mod) is nn.Linear and fqn.startswith('transformer.h.') and mod.in_features % 16 == 0

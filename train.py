@@ -14,7 +14,6 @@ requeue and it resumes exactly where the newest valid checkpoint in out_dir left
 Ctrl-C or SIGTERM finishes the current iteration, saves `latest` and exits 0.
 """
 import gc
-import importlib.util
 import math
 import os
 import signal
@@ -36,8 +35,8 @@ import logs
 import metrics
 import runs
 from configurator import check_ranges, configure
-from model import (GPT, GPTConfig, convert_to_fp8, count_params, load_base, load_optimizer_state, mark_trainable,
-                   pad_vocab, resize_vocab, trained_weights, wte_moments)
+from model import (GPT, GPTConfig, convert_to_fp8, count_params, fp8_problem, load_base, load_optimizer_state,
+                   mark_trainable, pad_vocab, resize_vocab, trained_weights, wte_moments)
 
 # -----------------------------------------------------------------------------
 # default config: a small model that trains on the stdlib corpus on 2 CPU cores in ~10 minutes
@@ -201,11 +200,6 @@ if gradient_accumulation_steps % world_size:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be "
          f"divisible by the number of processes ({world_size})")
 micro_steps = gradient_accumulation_steps // world_size
-if fp8 and (device_type != 'cuda' or torch.cuda.get_device_capability() < (8, 9)):
-    where = torch.cuda.get_device_name() if device_type == 'cuda' else device
-    fail(f"fp8=True needs a CUDA GPU of compute capability 8.9 or newer (H100, H200, L4, L40S, RTX 4090), not {where}")
-if fp8 and importlib.util.find_spec('torchao') is None:
-    fail("fp8=True needs torchao: pip install torchao")
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+: ~8x faster matmuls, loss unaffected
@@ -295,8 +289,10 @@ trained, total = count_params(model)
 frozen = trained < total  # then checkpoints hold only what trains, and name the base they build on
 model.gradient_checkpointing = gradient_checkpointing
 model.to(device)
-if fp8:
-    convert_to_fp8(model)  # before the optimizer and compile see the layers
+if fp8:  # before the optimizer and compile see the layers
+    if fp8_problem(device):
+        fail(fp8_problem(device))
+    convert_to_fp8(model)
 optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 iter_num, pos, best_val_loss, wandb_id, last_eval, run_seconds = 0, (0, 0), float('inf'), None, {}, 0.0
