@@ -42,6 +42,14 @@ def fits(value, default) -> bool:
     return number and (isinstance(default, float) or isinstance(value, int))
 
 
+INT64 = (-2 ** 63, 2 ** 63 - 1)  # torch's integers (sizes, counts, seeds): a larger one is an OverflowError deep inside
+
+
+def past_int64(value) -> bool:
+    """Whether value is an int that no torch call takes, whatever the key (every script's ints)."""
+    return isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]
+
+
 def _check(key, value, defaults, where, prog):
     """Return value converted to the type of the default, or exit with one line."""
     if key not in defaults:
@@ -50,6 +58,9 @@ def _check(key, value, defaults, where, prog):
     if not fits(value, default):
         raise SystemExit(f"{prog}: error: {key} must be {type(default).__name__} like its default "
                          f"{default!r}, got {value!r} in {where}")
+    if past_int64(value):
+        raise SystemExit(f"{prog}: error: {key}={value} is past the 64-bit integers torch takes "
+                         f"(at most {INT64[1]}) in {where}")
     return float(value) if isinstance(default, float) else value
 
 
@@ -204,7 +215,8 @@ def configure(defaults: dict, argv: list, prog: str = 'train.py', source: str = 
 
 def check_ranges(config: dict, ranges: dict, prog: str, where: str = '') -> None:
     """Exit with one line per value outside its interval, written '[1, inf)', '(0, 1]', ...;
-    None passes (an unset optional key), and a float must be finite whatever its interval.
+    None passes (an unset optional key), a float must be finite and an int a 64-bit one (past_int64)
+    whatever its interval.
     `where` ends each line, e.g. ' (in the config of out/latest.safetensors)'."""
     problems = []
     for key, interval in ranges.items():
@@ -215,7 +227,7 @@ def check_ranges(config: dict, ranges: dict, prog: str, where: str = '') -> None
             problems.append(f"{prog}: error: {key} must be a number in {interval}, got {value!r}{where}")
             continue
         lo, hi = (float(b) for b in interval[1:-1].split(','))
-        ok = math.isfinite(value) and (lo <= value if interval[0] == '[' else lo < value) and \
+        ok = not past_int64(value) and math.isfinite(value) and (lo <= value if interval[0] == '[' else lo < value) and \
             (value <= hi if interval[-1] == ']' else value < hi)
         if not ok:
             problems.append(f"{prog}: error: {key} must be in {interval}, got {value!r}{where}")

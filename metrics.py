@@ -13,10 +13,13 @@ progress bar on a terminal (evaluate.py); by default they are silent (train.py).
 ("Evaluating a model") and docs/evaluation.md define every number.
 """
 import ast
+import functools
 import json
 import keyword
 import math
+import os
 import re
+import stat
 import string
 import sys
 import warnings
@@ -46,8 +49,41 @@ def progress_bar(show, total, desc, unit):
                 file=sys.stderr, dynamic_ncols=True)
 
 
+@functools.cache
+def pipe_device() -> int:
+    """st_dev of anonymous pipes (the kernel's pipefs): how check_input tells them from named FIFOs."""
+    r, w = os.pipe()
+    try:
+        return os.fstat(r).st_dev
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def check_input(path):
+    """None if reading path comes to an end, else the reason it may not: a named pipe (FIFO) or a
+    device. Opening a FIFO waits for a writer that may never come (a hang, not an error), and a
+    non-blocking open cannot tell "no writer yet" from "an empty one", so named FIFOs are refused.
+    A pipe a process hands over stays fine: `--mcq=<(cat exam)` (/dev/fd/63) or /dev/stdin of
+    `cat exam |` are anonymous pipes, whose writer is alive by then; they live on the kernel's pipefs,
+    so st_dev tells them apart whatever their path."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # open() says why, in its own words
+    if stat.S_ISFIFO(st.st_mode) and st.st_dev != pipe_device():
+        return "it is a named pipe (FIFO): reading it would wait for a writer; give the file itself, or <(cat FILE)"
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+        return "it is a device or socket, not a file"
+    return None
+
+
 def read_text(path) -> str:
-    """A file's UTF-8 text, or EvalError naming the line of the first bad byte."""
+    """A file's UTF-8 text, or EvalError naming the line of the first bad byte. Every file that
+    evaluate.py and train.py read as text (exams, prompts, --text) comes through here: check_input."""
+    problem = check_input(path)
+    if problem:
+        raise EvalError(f"cannot read {path}: {problem}")
     try:
         with open(path, 'rb') as f:
             data = f.read()
@@ -385,15 +421,27 @@ def training_metrics(model, tokenizer, mcq_items=None, prompts=None, seed=1337, 
 # -----------------------------------------------------------------------------
 # training curves
 
+PLOTTED = ('loss', 'lr', 'tokens_per_sec', 'train_loss', 'val_loss') + TRAINING_KEYS  # what plot_log draws
+
+
 def read_log(path) -> list:
-    """The entries of train.py's log.jsonl."""
+    """The entries of train.py's log.jsonl: JSON objects with a "step" count, whose PLOTTED values are
+    numbers or null; EvalError naming the first line that is not one."""
     entries = []
     for n, line in enumerate(read_text(path).split('\n'), 1):
-        if line.strip():
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                raise EvalError(f"{path}, line {n}: not valid JSON (a torn last line? remove it)") from None
+        if not line.strip():
+            continue
+        try:
+            e = json.loads(line)
+        except ValueError:
+            raise EvalError(f"{path}, line {n}: not valid JSON (a torn last line? remove it)") from None
+        step = e.get('step') if isinstance(e, dict) else None
+        if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+            raise EvalError(f"{path}, line {n}: not a record of train.py's (a JSON object with a \"step\" count)")
+        for key in PLOTTED:
+            if e.get(key) is not None and not (isinstance(e[key], (int, float)) and not isinstance(e[key], bool)):
+                raise EvalError(f"{path}, line {n}: {key}={e[key]!r} is not a number")
+        entries.append(e)
     return entries
 
 
@@ -407,6 +455,13 @@ def plot_log(log_path, png_path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise EvalError("--plot needs matplotlib: pip install matplotlib") from None
+    # the extension names the format, given to savefig: without one it would write png_path + '.png'
+    fmt = os.path.splitext(png_path)[1][1:].lower()
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close('all')
+    if fmt not in formats:
+        raise EvalError(f"--plot={png_path}: {'no extension' if not fmt else f'.{fmt} is not an image format'}; "
+                        f"end the name with one of {', '.join('.' + f for f in sorted(formats))}")
     train, evals = {}, {}
     for e in read_log(log_path):
         if 'loss' in e:
@@ -450,5 +505,5 @@ def plot_log(log_path, png_path) -> None:
     axes[0].set_title(f"training curves of {log_path}")
     axes[-1].set_xlabel('iteration')
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100, bbox_inches='tight')
+    fig.savefig(png_path, format=fmt, dpi=100, bbox_inches='tight')
     plt.close(fig)

@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import sys
 import time
 
@@ -117,9 +118,14 @@ def find(init_from, out_dir, defaults=None):
         return checkpoint.find_resume(out_dir, check)
     if interop.NAMES.fullmatch(os.fspath(init_from)):
         try:
-            return *interop.load(init_from), []
+            path, state = interop.load(init_from)
         except ValueError as e:
             raise CheckpointError(str(e)) from None
+        try:  # the model check our checkpoints pass (interop checked model_args before allocating)
+            check_state(state)
+        except ValueError as e:
+            raise CheckpointError(f"cannot use {init_from}: {e}") from None
+        return path, state, []
     path = checkpoint.resolve(init_from, out_dir)
     state = checkpoint.load(path)
     try:
@@ -385,3 +391,33 @@ def set_rng_state(tree: dict) -> None:
     torch.set_rng_state(tree["torch"])
     if tree.get("cuda") and torch.cuda.is_initialized():
         torch.cuda.set_rng_state(tree["cuda"][0])  # the current device's (older files: GPU 0's, rank 0's)
+
+# -----------------------------------------------------------------------------
+# an output file, before the work that fills it
+
+def check_output(path, what, folder=False):
+    """None if path can be written now, else one line why, naming `what` (e.g. '--json=x.json'):
+    a name that is not blank; nothing there, a file to replace or a device (/dev/null), but no FIFO,
+    whose open would wait for a reader forever (folder=True: a folder to create, or an empty one to
+    replace, as export.py --format=hf does); in an existing folder that takes a new file. Every
+    script that writes checks each output before its work, so no result is lost to a typo at the
+    end; prepare.py and train.py check their out_dir (check_writable)."""
+    path = os.fspath(path)
+    if not path.strip():
+        return f"{what}: the name is blank"
+    if os.path.isdir(path) and not (folder and not os.listdir(path)):
+        return f"{what} is a folder{' that is not empty' if folder else ', not a file: name a file in it'}"
+    if os.path.exists(path) and not os.path.isdir(path) and \
+            (folder or not (os.path.isfile(path) or stat.S_ISCHR(os.stat(path).st_mode))):
+        return f"{what} exists and is not a {'folder' if folder else 'regular file'}"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"{what}: the folder {parent} does not exist" + (" (it is a file)" if os.path.exists(parent) else "")
+    probe = os.path.join(parent, f".write-test-{os.getpid()}")
+    try:  # as check_writable: permissions, a read-only mount, /proc: found out by trying
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        return f"{what}: cannot write in {parent}: {oneline(e)}"
+    return None
