@@ -16,14 +16,60 @@ as its value unless that starts with '--', a boolean one only when it is one of 
 defaults, comments included.
 
 Config files are Python and are executed, as in nanoGPT: run only config files you trust.
+
+What a user hands any script is checked here too: check_input (a file named to be read must not
+wait forever: no named FIFO or device), not_utf8 (text that no tokenizer encodes), and past_int64
+(an int no torch call takes, refused for every key).
 """
 import ast
 import difflib
+import functools
 import math
 import os
+import stat
 import sys
 import types
 from ast import literal_eval
+
+
+@functools.cache
+def pipe_device() -> int:
+    """st_dev of anonymous pipes (the kernel's pipefs): how check_input tells them from named FIFOs."""
+    r, w = os.pipe()
+    try:
+        return os.fstat(r).st_dev
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def check_input(path):
+    """None if reading the file a user named comes to an end, else why it may not: a named pipe
+    (FIFO) or a device. Opening a FIFO waits for a writer that may never come (a hang, not an error),
+    and a non-blocking open cannot tell "no writer yet" from "an empty one", so named FIFOs are
+    refused. A pipe a process hands over stays fine: `--mcq=<(cat exam)` (/dev/fd/63) or /dev/stdin
+    of `cat exam |` are anonymous pipes, whose writer is alive by then; they live on the kernel's
+    pipefs, so st_dev tells them apart whatever their path. Config files come here, and every text
+    file evaluate.py and train.py read (metrics.read_text)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # open() says why, in its own words
+    if stat.S_ISFIFO(st.st_mode) and st.st_dev != pipe_device():
+        return "it is a named pipe (FIFO): reading it would wait for a writer; give the file itself, or <(cat FILE)"
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+        return "it is a device or socket, not a file"
+    return None
+
+
+def not_utf8(text) -> bool:
+    """Whether text holds lone surrogates, which no tokenizer encodes: how bytes that are not UTF-8
+    arrive from the command line and stdin (surrogateescape), and what a JSON '\\ud800' escape gives."""
+    try:
+        text.encode('utf-8')
+        return False
+    except UnicodeEncodeError:
+        return True
 
 
 def _closest(key, valid):
@@ -155,6 +201,8 @@ def configure(defaults: dict, argv: list, prog: str = 'train.py', source: str = 
         i += 1
         if not arg.startswith('--'):
             # a config file: plain Python that assigns some of the keys
+            if check_input(arg):
+                raise SystemExit(f"{prog}: error: cannot read config file {arg}: {check_input(arg)}")
             try:
                 with open(arg) as f:
                     source = f.read()

@@ -15,6 +15,7 @@ Progress bars go to stderr on a terminal; stderr also gets one line per finished
 """
 import fnmatch
 import json as jsonlib  # the config key `json` names the output file
+import math
 import os
 import sys
 import time
@@ -27,7 +28,7 @@ import dataset as ds
 import hardware
 import metrics
 import runs
-from configurator import check_ranges, configure, script_keys
+from configurator import check_ranges, configure, not_utf8, script_keys
 from model import from_state
 
 # -----------------------------------------------------------------------------
@@ -69,9 +70,9 @@ defaults = {k: v for k, v in globals().items()
 # a training config file may be given: its training-only keys are ignored, a typo is still an error
 config, _ = configure(defaults, sys.argv[1:], prog='evaluate.py', source=__file__,
                       ignore=script_keys(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')))
-# num_samples rows of max_new_tokens each are allocated up front (model.generate_stream): bounded
+# max_new_tokens: prompt + output ids are allocated up front (model.generate_stream), as in sample.py
 check_ranges(config, {'stride': '[1, inf)', 'max_tokens': '[1, inf)', 'batch_size': '[1, inf)',
-                      'num_samples': '[1, 1e4]', 'max_new_tokens': '[1, 1e7]', 'temperature': '[0, inf)',
+                      'num_samples': '[1, inf)', 'max_new_tokens': '[1, 1e7]', 'temperature': '[0, inf)',
                       'top_k': '[1, inf)', 'top_p': '(0, 1]', 'fewshot': '[0, inf)',
                       'seed': '[0, 9223372036854775807]'}, 'evaluate.py')
 globals().update(config)
@@ -80,6 +81,12 @@ globals().update(config)
 def fail(msg):
     raise SystemExit(f"evaluate.py: error: {msg}")
 
+
+# a prompt's num_samples are one batch: that many rows of up to max_new_tokens ids (8 bytes) at once
+memory = hardware.memory_bytes() or math.inf
+if generate and num_samples * max_new_tokens * 8 > memory:
+    fail(f"num_samples={num_samples} x max_new_tokens={max_new_tokens} token ids are {num_samples * max_new_tokens * 8 / 2**30:,.0f} "
+         f"GiB at once, more than this machine's {memory / 2**30:,.0f} GiB of memory; lower one of them")
 
 # every output is checked before the work that fills it, so no evaluation is lost to a typo in --json
 for key in ('plot', 'json'):
@@ -118,6 +125,8 @@ try:
     prompt_list = metrics.load_prompts(prompts) if generate else []
     if mcq:
         metrics.template_fields(mcq_template)  # a template that is not one: said once, not per line
+        if not_utf8(mcq_template + mcq_delimiter):  # bytes that are not UTF-8 on the command line
+            fail("mcq_template or mcq_delimiter is not valid UTF-8 text")
     items = metrics.load_mcq(mcq, mcq_template) if mcq else []
     if fewshot and not fewshot_file:
         fail(f"fewshot={fewshot} needs fewshot_file=FILE (solved examples in the exam's format)")

@@ -13,13 +13,11 @@ progress bar on a terminal (evaluate.py); by default they are silent (train.py).
 ("Evaluating a model") and docs/evaluation.md define every number.
 """
 import ast
-import functools
 import json
 import keyword
 import math
 import os
 import re
-import stat
 import string
 import sys
 import warnings
@@ -27,6 +25,8 @@ import warnings
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from configurator import check_input, not_utf8
 
 DEFAULT_PROMPTS = ['def add(a, b):', 'class DataLoader:', 'import numpy as np']
 UNIT = re.compile(r'\w+|[^\w\s]|\n')  # the units of distinct-n and repetition: words, symbols, line ends
@@ -47,35 +47,6 @@ def progress_bar(show, total, desc, unit):
     not redraws joined by carriage returns. leave=False: that line replaces the finished bar."""
     return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=None if show else True,
                 file=sys.stderr, dynamic_ncols=True)
-
-
-@functools.cache
-def pipe_device() -> int:
-    """st_dev of anonymous pipes (the kernel's pipefs): how check_input tells them from named FIFOs."""
-    r, w = os.pipe()
-    try:
-        return os.fstat(r).st_dev
-    finally:
-        os.close(r)
-        os.close(w)
-
-
-def check_input(path):
-    """None if reading path comes to an end, else the reason it may not: a named pipe (FIFO) or a
-    device. Opening a FIFO waits for a writer that may never come (a hang, not an error), and a
-    non-blocking open cannot tell "no writer yet" from "an empty one", so named FIFOs are refused.
-    A pipe a process hands over stays fine: `--mcq=<(cat exam)` (/dev/fd/63) or /dev/stdin of
-    `cat exam |` are anonymous pipes, whose writer is alive by then; they live on the kernel's pipefs,
-    so st_dev tells them apart whatever their path."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None  # open() says why, in its own words
-    if stat.S_ISFIFO(st.st_mode) and st.st_dev != pipe_device():
-        return "it is a named pipe (FIFO): reading it would wait for a writer; give the file itself, or <(cat FILE)"
-    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISSOCK(st.st_mode):
-        return "it is a device or socket, not a file"
-    return None
 
 
 def read_text(path) -> str:
@@ -179,6 +150,8 @@ def load_prompts(path=None) -> list:
                 line = json.loads(line)
             except ValueError as e:
                 raise EvalError(f"{path}, line {n}: a line starting with a quote must be a JSON string ({e})") from None
+            if not isinstance(line, str) or not_utf8(line):  # "\ud800": JSON, but no text
+                raise EvalError(f"{path}, line {n}: a line starting with a quote must be a JSON string of text")
         if line.strip():
             prompts.append(line)
     if not prompts:
@@ -343,6 +316,8 @@ def load_mcq(path, template=MCQ_TEMPLATE) -> list:
             obj = json.loads(line)
         except ValueError as e:
             raise EvalError(f"{path}, line {n}: not valid JSON ({e})") from None
+        if not_utf8(json.dumps(obj, ensure_ascii=False)):
+            raise EvalError(f"{path}, line {n}: an escape like \"\\ud800\" stands for no text (a lone surrogate)")
         items.append(_mcq_item(obj, f"{path}, line {n}", template))
     if not items:
         raise EvalError(f"{path} holds no questions (one JSON object per line)")

@@ -19,9 +19,8 @@ import torch
 
 import dataset as ds
 import hardware
-import metrics
 import runs
-from configurator import check_ranges, configure, script_keys
+from configurator import check_input, check_ranges, configure, not_utf8, script_keys
 from model import from_state
 
 # -----------------------------------------------------------------------------
@@ -55,19 +54,8 @@ device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
-
-def not_utf8(text) -> bool:
-    """Whether text holds lone surrogates: how bytes that are not UTF-8 arrive from the command line
-    and stdin (surrogateescape), which no tokenizer can encode."""
-    try:
-        text.encode('utf-8')
-        return False
-    except UnicodeEncodeError:
-        return True
-
-
 if start.startswith('FILE:'):
-    problem = metrics.check_input(start[5:])  # a named FIFO would wait for a writer forever
+    problem = check_input(start[5:])  # a named FIFO would wait for a writer forever
     if problem:
         raise SystemExit(f"sample.py: error: cannot read prompt file {start[5:]}: {problem}")
     try:
