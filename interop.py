@@ -245,7 +245,7 @@ def load_hf(d, tokenizer=None) -> dict:
     # what GPT2Config can say that our GPT cannot compute
     refuse = {"model_type": cfg.get("model_type") != "gpt2",
               "activation_function": cfg.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
-              "n_inner": cfg.get("n_inner") not in (None, 4 * cfg.get("n_embd", 0)),
+              "n_inner": cfg.get("n_inner") not in (None, 4 * n_embd if isinstance(n_embd := cfg.get("n_embd"), int) else None),
               "layer_norm_epsilon": cfg.get("layer_norm_epsilon", 1e-5) != 1e-5,
               "scale_attn_weights": not cfg.get("scale_attn_weights", True),
               "scale_attn_by_inverse_layer_idx": cfg.get("scale_attn_by_inverse_layer_idx", False),

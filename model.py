@@ -420,8 +420,8 @@ def check_args(args) -> GPTConfig:
     counts = dict(padded_vocab_size=(args['vocab_size'], ARG_RANGES['vocab_size']), lora_rank=(0, ARG_RANGES['n_embd']))
     for f in fields(GPTConfig):
         value = args.get(f.name)
-        if f.name in ARG_RANGES or value is None and (f.default is None or f.name.startswith('lora_')):
-            continue  # a size (above), or absent or null where the default stands in (__post_init__)
+        if f.name in ARG_RANGES or f.name not in args or value is None and (f.default is None or f.name.startswith('lora_')):
+            continue  # a size (above), or absent, or null where __post_init__ puts the default
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if f.name in counts and not (number and isinstance(value, int) and counts[f.name][0] <= value <= counts[f.name][1]):
             raise ValueError(f"model_args {f.name}={value!r}: expected an int from {counts[f.name][0]} to {counts[f.name][1]}")
