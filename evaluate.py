@@ -60,7 +60,7 @@ fewshot = 0  # put this many solved examples (the first of fewshot_file) before 
 fewshot_file = None  # a JSONL exam (either format) holding the solved examples, shown with mcq_template
 # output
 json = None  # also write every number, the samples and the settings to this JSON file
-plot = None  # draw the curves of out_dir/log.jsonl into this PNG and stop (evaluates nothing)
+plot = None  # draw the curves of out_dir/log.jsonl into this image (.png, .svg, .pdf) and stop
 seed = 1337  # the samples' seed: the same seed gives the same samples and numbers
 device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' (bfloat16 / float16 on GPUs, float32 on CPUs), 'float32', 'bfloat16', 'float16'
@@ -82,12 +82,6 @@ def fail(msg):
     raise SystemExit(f"evaluate.py: error: {msg}")
 
 
-# a prompt's num_samples are one batch: that many rows of up to max_new_tokens ids (8 bytes) at once
-memory = hardware.memory_bytes() or math.inf
-if generate and num_samples * max_new_tokens * 8 > memory:
-    fail(f"num_samples={num_samples} x max_new_tokens={max_new_tokens} token ids are {num_samples * max_new_tokens * 8 / 2**30:,.0f} "
-         f"GiB at once, more than this machine's {memory / 2**30:,.0f} GiB of memory; lower one of them")
-
 # every output is checked before the work that fills it, so no evaluation is lost to a typo in --json
 for key in ('plot', 'json'):
     problem = config[key] and runs.check_output(config[key], f"--{key}={config[key]}")
@@ -106,6 +100,12 @@ if plot:
 # every input file is read before any model is loaded
 if split not in ('', 'train', 'val'):
     fail(f"split must be 'val', 'train' or '' (no perplexity), got {split!r}")
+# a prompt's num_samples are one batch: that many rows of up to max_new_tokens ids (8 bytes) at once
+memory = hardware.memory_bytes() or math.inf
+if generate and num_samples * max_new_tokens * 8 > memory:
+    fail(f"num_samples={num_samples} x max_new_tokens={max_new_tokens} token ids are "
+         f"{num_samples * max_new_tokens * 8 / 2**30:,.0f} GiB at once, more than this machine's "
+         f"{memory / 2**30:,.0f} GiB of memory; lower one of them")
 names = [n.strip() for n in ckpt.split(',') if n.strip()]
 if not names:
     fail(f"--ckpt={ckpt!r} names no checkpoint; give one or more, comma-separated: best,latest")

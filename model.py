@@ -419,16 +419,21 @@ def check_args(args) -> GPTConfig:
             raise ValueError(f"model_args {key}={value!r}: a size is an int from 1 to {top}")
     counts = dict(padded_vocab_size=(args['vocab_size'], ARG_RANGES['vocab_size']), lora_rank=(0, ARG_RANGES['n_embd']))
     for f in fields(GPTConfig):
-        value = args.get(f.name)
-        if f.name in ARG_RANGES or f.name not in args or value is None and (f.default is None or f.name.startswith('lora_')):
-            continue  # a size (above), or absent, or null where __post_init__ puts the default
+        if f.name in ARG_RANGES or f.name not in args:
+            continue  # a size (above), or absent: its default stands in
+        value = args[f.name]
+        if value is None and (f.default is None or f.name.startswith('lora_')):
+            continue  # null where __post_init__ puts the default (model_args from before LoRA)
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if f.name in counts and not (number and isinstance(value, int) and counts[f.name][0] <= value <= counts[f.name][1]):
-            raise ValueError(f"model_args {f.name}={value!r}: expected an int from {counts[f.name][0]} to {counts[f.name][1]}")
-        top = 1 if f.name.endswith('dropout') else math.inf  # dropout is a share; lora_alpha any finite scale
-        if f.type is float and not (number and 0 <= value < top):
-            raise ValueError(f"model_args {f.name}={value!r}: expected a number in [0, {top})")
-        if f.type is bool and not isinstance(value, bool):
+        if f.name in counts:
+            lo, hi = counts[f.name]
+            if not (number and isinstance(value, int) and lo <= value <= hi):
+                raise ValueError(f"model_args {f.name}={value!r}: expected an int from {lo} to {hi}")
+        elif f.type is float:
+            top = 1 if f.name.endswith('dropout') else math.inf  # dropout is a share; lora_alpha any scale
+            if not (number and 0 <= value < top):
+                raise ValueError(f"model_args {f.name}={value!r}: expected a number in [0, {top})")
+        elif f.type is bool and not isinstance(value, bool):
             raise ValueError(f"model_args {f.name}={value!r}: expected true or false")
     if args['n_embd'] % args['n_head']:
         raise ValueError(f"model_args n_embd={args['n_embd']} is not a multiple of n_head={args['n_head']}")

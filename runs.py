@@ -405,11 +405,15 @@ def check_output(path, what, folder=False):
     path = os.fspath(path)
     if not path.strip():
         return f"{what}: the name is blank"
-    if os.path.isdir(path) and not (folder and not os.listdir(path)):
-        return f"{what} is a folder{' that is not empty' if folder else ', not a file: name a file in it'}"
-    if os.path.exists(path) and not os.path.isdir(path) and \
-            (folder or not (os.path.isfile(path) or stat.S_ISCHR(os.stat(path).st_mode))):
-        return f"{what} exists and is not a {'folder' if folder else 'regular file'}"
+    if os.path.isdir(path):
+        if not folder:
+            return f"{what} is a folder, not a file: name a file in it"
+        if os.listdir(path):
+            return f"{what} is a folder that is not empty"
+    elif os.path.exists(path):
+        mode = os.stat(path).st_mode
+        if folder or not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+            return f"{what} exists and is not a {'folder' if folder else 'regular file'}"
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         return f"{what}: the folder {parent} does not exist" + (" (it is a file)" if os.path.exists(parent) else "")
