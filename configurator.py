@@ -16,14 +16,60 @@ as its value unless that starts with '--', a boolean one only when it is one of 
 defaults, comments included.
 
 Config files are Python and are executed, as in nanoGPT: run only config files you trust.
+
+What a user hands any script is checked here too: check_input (a file named to be read must not
+wait forever: no named FIFO or device), not_utf8 (text that no tokenizer encodes), and past_int64
+(an int no torch call takes, refused for every key).
 """
 import ast
 import difflib
+import functools
 import math
 import os
+import stat
 import sys
 import types
 from ast import literal_eval
+
+
+@functools.cache
+def pipe_device() -> int:
+    """st_dev of anonymous pipes (the kernel's pipefs): how check_input tells them from named FIFOs."""
+    r, w = os.pipe()
+    try:
+        return os.fstat(r).st_dev
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def check_input(path):
+    """None if reading the file a user named comes to an end, else why it may not: a named pipe
+    (FIFO) or a device. Opening a FIFO waits for a writer that may never come (a hang, not an error),
+    and a non-blocking open cannot tell "no writer yet" from "an empty one", so named FIFOs are
+    refused. A pipe a process hands over stays fine: `--mcq=<(cat exam)` (/dev/fd/63) or /dev/stdin
+    of `cat exam |` are anonymous pipes, whose writer is alive by then; they live on the kernel's
+    pipefs, so st_dev tells them apart whatever their path. Config files come here, and every text
+    file evaluate.py and train.py read (metrics.read_text)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # open() says why, in its own words
+    if stat.S_ISFIFO(st.st_mode) and st.st_dev != pipe_device():
+        return "it is a named pipe (FIFO): reading it would wait for a writer; give the file itself, or <(cat FILE)"
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+        return "it is a device or socket, not a file"
+    return None
+
+
+def not_utf8(text) -> bool:
+    """Whether text holds lone surrogates, which no tokenizer encodes: how bytes that are not UTF-8
+    arrive from the command line and stdin (surrogateescape), and what a JSON '\\ud800' escape gives."""
+    try:
+        text.encode('utf-8')
+        return False
+    except UnicodeEncodeError:
+        return True
 
 
 def _closest(key, valid):
@@ -42,6 +88,14 @@ def fits(value, default) -> bool:
     return number and (isinstance(default, float) or isinstance(value, int))
 
 
+INT64 = (-2 ** 63, 2 ** 63 - 1)  # torch's integers (sizes, counts, seeds): a larger one is an OverflowError deep inside
+
+
+def past_int64(value) -> bool:
+    """Whether value is an int that no torch call takes, whatever the key (every script's ints)."""
+    return isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]
+
+
 def _check(key, value, defaults, where, prog):
     """Return value converted to the type of the default, or exit with one line."""
     if key not in defaults:
@@ -50,6 +104,9 @@ def _check(key, value, defaults, where, prog):
     if not fits(value, default):
         raise SystemExit(f"{prog}: error: {key} must be {type(default).__name__} like its default "
                          f"{default!r}, got {value!r} in {where}")
+    if past_int64(value):
+        raise SystemExit(f"{prog}: error: {key}={value} is past the 64-bit integers torch takes "
+                         f"(at most {INT64[1]}) in {where}")
     return float(value) if isinstance(default, float) else value
 
 
@@ -144,6 +201,8 @@ def configure(defaults: dict, argv: list, prog: str = 'train.py', source: str = 
         i += 1
         if not arg.startswith('--'):
             # a config file: plain Python that assigns some of the keys
+            if check_input(arg):
+                raise SystemExit(f"{prog}: error: cannot read config file {arg}: {check_input(arg)}")
             try:
                 with open(arg) as f:
                     source = f.read()
@@ -204,7 +263,8 @@ def configure(defaults: dict, argv: list, prog: str = 'train.py', source: str = 
 
 def check_ranges(config: dict, ranges: dict, prog: str, where: str = '') -> None:
     """Exit with one line per value outside its interval, written '[1, inf)', '(0, 1]', ...;
-    None passes (an unset optional key), and a float must be finite whatever its interval.
+    None passes (an unset optional key), a float must be finite and an int a 64-bit one (past_int64)
+    whatever its interval.
     `where` ends each line, e.g. ' (in the config of out/latest.safetensors)'."""
     problems = []
     for key, interval in ranges.items():
@@ -215,7 +275,7 @@ def check_ranges(config: dict, ranges: dict, prog: str, where: str = '') -> None
             problems.append(f"{prog}: error: {key} must be a number in {interval}, got {value!r}{where}")
             continue
         lo, hi = (float(b) for b in interval[1:-1].split(','))
-        ok = math.isfinite(value) and (lo <= value if interval[0] == '[' else lo < value) and \
+        ok = not past_int64(value) and math.isfinite(value) and (lo <= value if interval[0] == '[' else lo < value) and \
             (value <= hi if interval[-1] == ']' else value < hi)
         if not ok:
             problems.append(f"{prog}: error: {key} must be in {interval}, got {value!r}{where}")

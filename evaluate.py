@@ -15,6 +15,7 @@ Progress bars go to stderr on a terminal; stderr also gets one line per finished
 """
 import fnmatch
 import json as jsonlib  # the config key `json` names the output file
+import math
 import os
 import sys
 import time
@@ -27,7 +28,7 @@ import dataset as ds
 import hardware
 import metrics
 import runs
-from configurator import check_ranges, configure, script_keys
+from configurator import check_ranges, configure, not_utf8, script_keys
 from model import from_state
 
 # -----------------------------------------------------------------------------
@@ -59,7 +60,7 @@ fewshot = 0  # put this many solved examples (the first of fewshot_file) before 
 fewshot_file = None  # a JSONL exam (either format) holding the solved examples, shown with mcq_template
 # output
 json = None  # also write every number, the samples and the settings to this JSON file
-plot = None  # draw the curves of out_dir/log.jsonl into this PNG and stop (evaluates nothing)
+plot = None  # draw the curves of out_dir/log.jsonl into this image (.png, .svg, .pdf) and stop
 seed = 1337  # the samples' seed: the same seed gives the same samples and numbers
 device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' (bfloat16 / float16 on GPUs, float32 on CPUs), 'float32', 'bfloat16', 'float16'
@@ -69,9 +70,11 @@ defaults = {k: v for k, v in globals().items()
 # a training config file may be given: its training-only keys are ignored, a typo is still an error
 config, _ = configure(defaults, sys.argv[1:], prog='evaluate.py', source=__file__,
                       ignore=script_keys(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')))
+# max_new_tokens: prompt + output ids are allocated up front (model.generate_stream), as in sample.py
 check_ranges(config, {'stride': '[1, inf)', 'max_tokens': '[1, inf)', 'batch_size': '[1, inf)',
-                      'num_samples': '[1, inf)', 'max_new_tokens': '[1, inf)', 'temperature': '[0, inf)',
-                      'top_k': '[1, inf)', 'top_p': '(0, 1]', 'fewshot': '[0, inf)'}, 'evaluate.py')
+                      'num_samples': '[1, inf)', 'max_new_tokens': '[1, 1e7]', 'temperature': '[0, inf)',
+                      'top_k': '[1, inf)', 'top_p': '(0, 1]', 'fewshot': '[0, inf)',
+                      'seed': '[0, 9223372036854775807]'}, 'evaluate.py')
 globals().update(config)
 
 
@@ -79,6 +82,11 @@ def fail(msg):
     raise SystemExit(f"evaluate.py: error: {msg}")
 
 
+# every output is checked before the work that fills it, so no evaluation is lost to a typo in --json
+for key in ('plot', 'json'):
+    problem = config[key] and runs.check_output(config[key], f"--{key}={config[key]}")
+    if problem:
+        fail(problem)
 if plot:
     try:
         metrics.plot_log(os.path.join(out_dir, 'log.jsonl'), plot)
@@ -89,26 +97,36 @@ if plot:
     print(f"wrote {plot}")
     sys.exit(0)
 
-# every input file is read, and the outputs' folders checked, before any model is loaded
+# every input file is read before any model is loaded
 if split not in ('', 'train', 'val'):
     fail(f"split must be 'val', 'train' or '' (no perplexity), got {split!r}")
-for out_file in (json,):
-    if out_file and not os.path.isdir(os.path.dirname(os.path.abspath(out_file))):
-        fail(f"--json={out_file}: the folder {os.path.dirname(os.path.abspath(out_file))} does not exist")
+# a prompt's num_samples are one batch: that many rows of up to max_new_tokens ids (8 bytes) at once
+memory = hardware.memory_bytes() or math.inf
+if generate and num_samples * max_new_tokens * 8 > memory:
+    fail(f"num_samples={num_samples} x max_new_tokens={max_new_tokens} token ids are "
+         f"{num_samples * max_new_tokens * 8 / 2**30:,.0f} GiB at once, more than this machine's "
+         f"{memory / 2**30:,.0f} GiB of memory; lower one of them")
+names = [n.strip() for n in ckpt.split(',') if n.strip()]
+if not names:
+    fail(f"--ckpt={ckpt!r} names no checkpoint; give one or more, comma-separated: best,latest")
 texts = None
 try:
     if text is not None:
         if not os.path.exists(text):
             fail(f"--text={text}: no such file or folder")
-        files = [text] if os.path.isfile(text) else sorted(
-            os.path.join(d, f) for d, _, names in os.walk(text) for f in names
-            if not f.startswith('.') and fnmatch.fnmatch(f, text_glob))
+        # a folder's regular files (a FIFO in it would block, as prepare.py skips them); a path that
+        # is not a folder is read as given (read_text refuses a named FIFO, takes <(cat notes))
+        files = [text] if not os.path.isdir(text) else sorted(
+            os.path.join(d, f) for d, _, found in os.walk(text) for f in found
+            if not f.startswith('.') and fnmatch.fnmatch(f, text_glob) and os.path.isfile(os.path.join(d, f)))
         if not files:
             fail(f"--text={text}: no file matches --text_glob={text_glob}")
         texts = [metrics.read_text(f) for f in files]
     prompt_list = metrics.load_prompts(prompts) if generate else []
     if mcq:
         metrics.template_fields(mcq_template)  # a template that is not one: said once, not per line
+        if not_utf8(mcq_template + mcq_delimiter):  # bytes that are not UTF-8 on the command line
+            fail("mcq_template or mcq_delimiter is not valid UTF-8 text")
     items = metrics.load_mcq(mcq, mcq_template) if mcq else []
     if fewshot and not fewshot_file:
         fail(f"fewshot={fewshot} needs fewshot_file=FILE (solved examples in the exam's format)")
@@ -132,6 +150,10 @@ def tokens_to_score(state, tokenizer):
     path = os.path.join(data_dir, dataset or state['data']['dataset'])
     meta = ds.read_meta(path)
     tokens = ds.open_split(path, split)[:max_tokens]
+    vocab_size = meta['tokenizer']['vocab_size']
+    if len(tokens) and tokens.max() >= vocab_size:  # its tokenizer would fail on it, and the embedding too
+        fail(f"{path} {split} split holds token id {tokens.max()} but its vocabulary has {vocab_size} tokens "
+             f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
     source = f"{path} {split} split" + (f" (first {max_tokens:,} tokens)" if max_tokens else "")
     if meta['tokenizer']['fingerprint'] != tokenizer.fingerprint:
         data_tok = ds.load_tokenizer(ds.tokenizer_state(path))
@@ -164,7 +186,6 @@ def note(msg):
 
 
 results = []
-names = [n.strip() for n in ckpt.split(',') if n.strip()]
 for k, name in enumerate(names, 1):
     t0 = time.time()
     path, state = runs.find_or_exit(name, out_dir, 'evaluate.py')
@@ -229,6 +250,9 @@ for row in table:
 
 if json:
     out = dict(settings=dict(config, device=device, dtype=dtype, prompt_texts=prompt_list), checkpoints=results)
-    with open(json, 'w', encoding='utf-8') as f:
-        jsonlib.dump(out, f, indent=1, ensure_ascii=False)
+    try:  # checked before the work; a disk that filled up since is still one line (the table is above)
+        with open(json, 'w', encoding='utf-8') as f:
+            jsonlib.dump(out, f, indent=1, ensure_ascii=False)
+    except OSError as e:
+        fail(f"cannot write --json={json}: {e.strerror or e}")
     print(f"wrote {json}")

@@ -20,7 +20,7 @@ import checkpoint
 import interop
 import runs
 from configurator import configure
-from model import from_state
+from model import check_finite, from_state
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'
@@ -41,6 +41,9 @@ if not out:
 if os.path.exists(out) and not (format == 'hf' and os.path.isdir(out) and not os.listdir(out)):
     raise SystemExit(f"export.py: error: {out} exists{' and is not an empty directory' if format == 'hf' else ''} "
                      f"(an export never overwrites anything; choose another --out)")
+problem = runs.check_output(out, f"--out={out}", folder=format == 'hf')  # its folder, before any model is read
+if problem:
+    raise SystemExit(f"export.py: error: {problem}")
 if push_to_hub and (format != 'hf' or push_to_hub.count('/') != 1):
     raise SystemExit(f"export.py: error: --push_to_hub=USER/NAME uploads a --format=hf export, got "
                      f"{push_to_hub!r} with format {format!r}")
@@ -50,6 +53,7 @@ model = from_state(state)
 model.merge_lora()  # LoRA adapters fold into the weights: what ships is a plain standalone model
 t0 = time.time()
 try:
+    check_finite(model.state_dict())  # as train.py before each save: never ship nan (runs.find checked the input)
     if format == 'sturdygpt':
         info = ('tokenizer', 'config', 'data', 'iter_num', 'epoch', 'train_loss', 'val_loss', 'best_val_loss', 'time')
         checkpoint.save(out, {'model': model.state_dict(), 'model_args': dataclasses.asdict(model.config),

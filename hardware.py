@@ -3,6 +3,7 @@ The device a script runs on, and its peak FLOP/s for model FLOPs utilization (MF
 
     device, dtype = resolve(device, dtype, local_rank)     # 'auto' made concrete, bad values refused
     mfu = model.flops_per_token() * tokens_per_sec / (peak_flops(device, dtype) * world_size)
+    memory_bytes()                                         # physical memory, to refuse what cannot fit
 
 GPU peaks are the vendors' dense (no 2:4 sparsity) tensor-core figures per dtype; float32 means
 TF32 on Ampere and newer because train.py enables TF32 matmuls. A GPU that is not in the table, a
@@ -158,3 +159,11 @@ def peak_flops(device, dtype):
         return None
     tflops = gpu_peak_tflops(torch.cuda.get_device_name(device), dtype)
     return tflops * 1e12 if tflops else None
+
+
+def memory_bytes():
+    """This machine's physical memory in bytes, or None where the OS does not say (Windows)."""
+    try:
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (AttributeError, ValueError, OSError):
+        return None

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import dataset as ds
-from model import GPTConfig, pad_vocab, state_shapes
+from model import GPTConfig, check_args, pad_vocab, state_shapes
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # HF: (in, out)
 EXPRESSIBLE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "padded_vocab_size", "dropout", "bias")
@@ -194,8 +194,18 @@ def model_card(model, state, name) -> str:
 # -----------------------------------------------------------------------------
 # import: GPT-2, Hugging Face directories, nanoGPT checkpoints -> a state shaped like a checkpoint
 
+def _described(model_args, source) -> dict:
+    """model_args (without padded_vocab_size) checked to describe a GPT that fits in memory
+    (model.check_args), before any weight is read or allocated; then padded as ours are (pad_vocab)."""
+    try:
+        check_args(model_args)
+    except ValueError as e:
+        raise ValueError(f"{source} describes no GPT that can be loaded: {e}") from None
+    return dict(model_args, padded_vocab_size=pad_vocab(model_args["vocab_size"]))
+
+
 def _imported(sd, model_args, tokenizer, source, **info) -> dict:
-    """A checkpoint-shaped state, after checking that the weights fit model_args exactly."""
+    """A checkpoint-shaped state, after checking that the weights fit model_args (_described) exactly."""
     want, got = state_shapes(GPTConfig(**model_args)), {k: tuple(v.shape) for k, v in sd.items()}
     if got != want:
         diff = sorted(set(got.items()) ^ set(want.items()))[:2]
@@ -215,6 +225,8 @@ def _tie(sd, model_args):
 
 
 def _read_json(path, what):
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would wait for a writer forever
+        raise ValueError(f"cannot read {what} {path}: not a regular file")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -233,7 +245,7 @@ def load_hf(d, tokenizer=None) -> dict:
     # what GPT2Config can say that our GPT cannot compute
     refuse = {"model_type": cfg.get("model_type") != "gpt2",
               "activation_function": cfg.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
-              "n_inner": cfg.get("n_inner") not in (None, 4 * cfg.get("n_embd", 0)),
+              "n_inner": cfg.get("n_inner") not in (None, 4 * n_embd if isinstance(n_embd := cfg.get("n_embd"), int) else None),
               "layer_norm_epsilon": cfg.get("layer_norm_epsilon", 1e-5) != 1e-5,
               "scale_attn_weights": not cfg.get("scale_attn_weights", True),
               "scale_attn_by_inverse_layer_idx": cfg.get("scale_attn_by_inverse_layer_idx", False),
@@ -241,6 +253,12 @@ def load_hf(d, tokenizer=None) -> dict:
     bad = [f"{k}={cfg.get(k)!r}" for k, no in refuse.items() if no]
     if bad:
         raise ValueError(f"{d}: a GPT-2 model with {', '.join(bad)} cannot be loaded as our GPT")
+    try:
+        model_args = dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["n_positions"],
+                          bias=True, vocab_size=cfg["vocab_size"], dropout=0.0)
+    except KeyError as e:
+        raise ValueError(f"{d}: no {e.args[0]} in config.json (not a GPT-2 model)") from None
+    model_args = _described(model_args, f"{d}/config.json")
     index = os.path.join(d, "model.safetensors.index.json")
     files = (sorted(set(_read_json(index, "the weight index")["weight_map"].values())) if os.path.exists(index)
              else ["model.safetensors"])
@@ -257,19 +275,15 @@ def load_hf(d, tokenizer=None) -> dict:
     except Exception as e:
         raise ValueError(f"cannot read the weights in {d}: {oneline(e)} (a Hugging Face GPT-2 directory "
                               "holds model.safetensors; pytorch_model.bin pickles are not read)") from None
-    try:
-        V = cfg["vocab_size"]
-        model_args = dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
-                          block_size=cfg["n_positions"], bias=True, vocab_size=V, dropout=0.0,
-                          padded_vocab_size=pad_vocab(V))
-        head = sd.pop("lm_head.weight", None)
-        if head is not None and not torch.equal(head, sd["transformer.wte.weight"]):
-            raise ValueError(f"{d}: lm_head is not tied to wte, which our GPT needs")
-        if sd["transformer.wte.weight"].size(0) != V:
-            raise ValueError(f"{d}: wte has {sd['transformer.wte.weight'].size(0)} rows, config.json says {V}")
-        _tie(sd, model_args)
-    except KeyError as e:
-        raise ValueError(f"{d}: no {e.args[0]} in config.json or the weights (not a GPT-2 model)") from None
+    V = model_args["vocab_size"]
+    if "transformer.wte.weight" not in sd:
+        raise ValueError(f"{d}: no transformer.wte.weight in the weights (not a GPT-2 model)")
+    head = sd.pop("lm_head.weight", None)
+    if head is not None and not torch.equal(head, sd["transformer.wte.weight"]):
+        raise ValueError(f"{d}: lm_head is not tied to wte, which our GPT needs")
+    if sd["transformer.wte.weight"].size(0) != V:
+        raise ValueError(f"{d}: wte has {sd['transformer.wte.weight'].size(0)} rows, config.json says {V}")
+    _tie(sd, model_args)
     if tokenizer is None:
         path = os.path.join(d, "tokenizer.json")
         if not os.path.isfile(path):
@@ -320,6 +334,8 @@ def load_nanogpt(path) -> dict:
     It names no tokenizer: nanoGPT uses GPT-2's unless a dataset's meta.pkl gives a character
     vocabulary, so a vocabulary of 50257 (or nanoGPT's padded 50304) is GPT-2's and any other is refused."""
     import pickle
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would wait for a writer forever
+        raise ValueError(f"{path} is not a regular file (nanogpt: takes a ckpt.pt)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -340,7 +356,7 @@ def load_nanogpt(path) -> dict:
         model_args = {k: args[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")}
     except KeyError as e:
         raise ValueError(f"{path}: model_args lacks {e.args[0]} (not a nanoGPT checkpoint)") from None
-    model_args.update(vocab_size=50257, dropout=0.0, padded_vocab_size=pad_vocab(50257))
+    model_args = _described(dict(model_args, vocab_size=50257, dropout=0.0), path)
     sd = {k.removeprefix("_orig_mod."): v.float() for k, v in ckpt["model"].items()
           if not k.endswith(".attn.bias")}  # the causal mask nanoGPT keeps without flash attention
     if "transformer.wte.weight" not in sd:

@@ -16,6 +16,7 @@ import ast
 import json
 import keyword
 import math
+import os
 import re
 import string
 import sys
@@ -24,6 +25,8 @@ import warnings
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from configurator import check_input, not_utf8
 
 DEFAULT_PROMPTS = ['def add(a, b):', 'class DataLoader:', 'import numpy as np']
 UNIT = re.compile(r'\w+|[^\w\s]|\n')  # the units of distinct-n and repetition: words, symbols, line ends
@@ -47,7 +50,11 @@ def progress_bar(show, total, desc, unit):
 
 
 def read_text(path) -> str:
-    """A file's UTF-8 text, or EvalError naming the line of the first bad byte."""
+    """A file's UTF-8 text, or EvalError naming the line of the first bad byte. Every file that
+    evaluate.py and train.py read as text (exams, prompts, --text) comes through here: check_input."""
+    problem = check_input(path)
+    if problem:
+        raise EvalError(f"cannot read {path}: {problem}")
     try:
         with open(path, 'rb') as f:
             data = f.read()
@@ -143,6 +150,8 @@ def load_prompts(path=None) -> list:
                 line = json.loads(line)
             except ValueError as e:
                 raise EvalError(f"{path}, line {n}: a line starting with a quote must be a JSON string ({e})") from None
+            if not isinstance(line, str) or not_utf8(line):  # "\ud800": JSON, but no text
+                raise EvalError(f"{path}, line {n}: a line starting with a quote must be a JSON string of text")
         if line.strip():
             prompts.append(line)
     if not prompts:
@@ -307,6 +316,8 @@ def load_mcq(path, template=MCQ_TEMPLATE) -> list:
             obj = json.loads(line)
         except ValueError as e:
             raise EvalError(f"{path}, line {n}: not valid JSON ({e})") from None
+        if not_utf8(json.dumps(obj, ensure_ascii=False)):
+            raise EvalError(f"{path}, line {n}: an escape like \"\\ud800\" stands for no text (a lone surrogate)")
         items.append(_mcq_item(obj, f"{path}, line {n}", template))
     if not items:
         raise EvalError(f"{path} holds no questions (one JSON object per line)")
@@ -385,15 +396,27 @@ def training_metrics(model, tokenizer, mcq_items=None, prompts=None, seed=1337, 
 # -----------------------------------------------------------------------------
 # training curves
 
+PLOTTED = ('loss', 'lr', 'tokens_per_sec', 'train_loss', 'val_loss') + TRAINING_KEYS  # what plot_log draws
+
+
 def read_log(path) -> list:
-    """The entries of train.py's log.jsonl."""
+    """The entries of train.py's log.jsonl: JSON objects with a "step" count, whose PLOTTED values are
+    numbers or null; EvalError naming the first line that is not one."""
     entries = []
     for n, line in enumerate(read_text(path).split('\n'), 1):
-        if line.strip():
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                raise EvalError(f"{path}, line {n}: not valid JSON (a torn last line? remove it)") from None
+        if not line.strip():
+            continue
+        try:
+            e = json.loads(line)
+        except ValueError:
+            raise EvalError(f"{path}, line {n}: not valid JSON (a torn last line? remove it)") from None
+        step = e.get('step') if isinstance(e, dict) else None
+        if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+            raise EvalError(f"{path}, line {n}: not a record of train.py's (a JSON object with a \"step\" count)")
+        for key in PLOTTED:
+            if e.get(key) is not None and not (isinstance(e[key], (int, float)) and not isinstance(e[key], bool)):
+                raise EvalError(f"{path}, line {n}: {key}={e[key]!r} is not a number")
+        entries.append(e)
     return entries
 
 
@@ -407,6 +430,13 @@ def plot_log(log_path, png_path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise EvalError("--plot needs matplotlib: pip install matplotlib") from None
+    # the extension names the format, given to savefig: without one it would write png_path + '.png'
+    fmt = os.path.splitext(png_path)[1][1:].lower()
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close('all')
+    if fmt not in formats:
+        raise EvalError(f"--plot={png_path}: {'no extension' if not fmt else f'.{fmt} is not an image format'}; "
+                        f"end the name with one of {', '.join('.' + f for f in sorted(formats))}")
     train, evals = {}, {}
     for e in read_log(log_path):
         if 'loss' in e:
@@ -450,5 +480,5 @@ def plot_log(log_path, png_path) -> None:
     axes[0].set_title(f"training curves of {log_path}")
     axes[-1].set_xlabel('iteration')
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100, bbox_inches='tight')
+    fig.savefig(png_path, format=fmt, dpi=100, bbox_inches='tight')
     plt.close(fig)

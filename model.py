@@ -14,13 +14,15 @@ References:
 import importlib.util
 import inspect
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
+
+from hardware import memory_bytes
 
 
 LORA_TARGETS = ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj')  # linears that can take an adapter
@@ -406,24 +408,68 @@ ARG_RANGES = dict(n_layer=1024, n_head=1024, n_embd=1 << 16, block_size=1 << 20,
 
 def check_args(args) -> GPTConfig:
     """The GPTConfig that model_args describe; ValueError with a one-line reason when they describe
-    no GPT: a size that is not an int in ARG_RANGES, n_embd not a multiple of n_head, an unknown key."""
+    no GPT: a size that is not an int in ARG_RANGES, another field not of its type (a number written
+    as a string, a null where no default stands in), n_embd not a multiple of n_head, an unknown key,
+    or a model whose float32 weights alone would not fit in this machine's memory. It allocates
+    nothing, so every loader (runs.find's checkpoints, interop's imports) asks it first."""
     if not isinstance(args, dict):
         raise ValueError(f"model_args is a {type(args).__name__}, not a dict")
     for key, top in ARG_RANGES.items():
         value = args.get(key)
         if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= top):
-            raise ValueError(f"model_args {key}={value!r}")
+            raise ValueError(f"model_args {key}={value!r}: a size is an int from 1 to {top}")
+    counts = dict(padded_vocab_size=(args['vocab_size'], ARG_RANGES['vocab_size']), lora_rank=(0, ARG_RANGES['n_embd']))
+    for f in fields(GPTConfig):
+        if f.name in ARG_RANGES or f.name not in args:
+            continue  # a size (above), or absent: its default stands in
+        value = args[f.name]
+        if value is None and (f.default is None or f.name.startswith('lora_')):
+            continue  # null where __post_init__ puts the default (model_args from before LoRA)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if f.name in counts:
+            lo, hi = counts[f.name]
+            if not (number and isinstance(value, int) and lo <= value <= hi):
+                raise ValueError(f"model_args {f.name}={value!r}: expected an int from {lo} to {hi}")
+        elif f.type is float:
+            top = 1 if f.name.endswith('dropout') else math.inf  # dropout is a share; lora_alpha any scale
+            if not (number and 0 <= value < top):
+                raise ValueError(f"model_args {f.name}={value!r}: expected a number in [0, {top})")
+        elif f.type is bool and not isinstance(value, bool):
+            raise ValueError(f"model_args {f.name}={value!r}: expected true or false")
     if args['n_embd'] % args['n_head']:
         raise ValueError(f"model_args n_embd={args['n_embd']} is not a multiple of n_head={args['n_head']}")
     try:
-        return GPTConfig(**args)
+        config = GPTConfig(**args)
+        params = param_count(config)
     except Exception as e:
-        raise ValueError(f"its model_args build no model: {type(e).__name__}: {' '.join(str(e).split())}") from None
+        raise ValueError(f"its model_args build no model: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+    memory = memory_bytes()
+    if memory and params * 4 > memory:  # refused now, not after a minute of allocating into swap or MemoryError
+        raise ValueError(f"model_args describe a GPT of {params / 1e9:,.1f}B parameters, {params * 4 / 2**30:,.0f} GiB "
+                         f"in float32: more than this machine's {memory / 2**30:,.0f} GiB of memory")
+    return config
+
+
+def param_count(config: GPTConfig) -> int:
+    """Parameters of GPT(config), the tied wte / lm_head once and its padding rows included: a
+    one-layer model's on the meta device, its layer counted n_layer times (no memory, no time)."""
+    sizes = {k: math.prod(s) for k, s in state_shapes(replace(config, n_layer=1)).items() if k != 'lm_head.weight'}
+    layer = sum(n for k, n in sizes.items() if k.startswith('transformer.h.0.'))
+    return sum(sizes.values()) + (config.n_layer - 1) * layer
+
+
+def check_finite(weights):
+    """ValueError naming the first weight that holds a nan or an infinity: such a model samples and
+    exports garbage without a word (train.py stops before it would save one)."""
+    for name, t in weights.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"weight {name} holds nan or inf ({int((~torch.isfinite(t)).sum()):,} of {t.numel():,} "
+                             f"values): the model diverged or the file is damaged")
 
 
 def check_state(state):
-    """ValueError unless state holds a GPT: model_args that describe one (check_args) and weights of
-    exactly that model's names and shapes."""
+    """ValueError unless state holds a GPT: model_args that describe one (check_args), weights of
+    exactly that model's names and shapes, and every weight finite (check_finite)."""
     if not isinstance(state.get('model'), dict):
         raise ValueError("no model")
     config = check_args(state.get('model_args'))
@@ -436,6 +482,7 @@ def check_state(state):
         if not isinstance(weights.get(key), torch.Tensor) or tuple(weights[key].shape) != expected.get(key):
             raise ValueError(f"weight {key}: {tuple(getattr(weights.get(key), 'shape', ()))} where its model_args "
                              f"make {tuple(expected[key]) if key in expected else 'none'}")
+    check_finite(weights)
 
 
 def with_base(state, base) -> dict:

@@ -28,6 +28,7 @@ import re
 import shlex
 import shutil
 import socket
+import stat
 import sys
 import time
 
@@ -124,9 +125,14 @@ def find(init_from, out_dir, defaults=None):
         return checkpoint.find_resume(out_dir, check)
     if interop.NAMES.fullmatch(os.fspath(init_from)):
         try:
-            return *interop.load(init_from), []
+            path, state = interop.load(init_from)
         except ValueError as e:
             raise CheckpointError(str(e)) from None
+        try:  # the model check our checkpoints pass (interop checked model_args before allocating)
+            check_state(state)
+        except ValueError as e:
+            raise CheckpointError(f"cannot use {init_from}: {e}") from None
+        return path, state, []
     path = checkpoint.resolve(init_from, out_dir)
     state = checkpoint.load(path)
     try:
@@ -406,13 +412,10 @@ def check_writable(out_dir):
         return f"out_dir {out_dir!r} is a file, not a folder"
     try:
         os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
     except OSError as e:
         return f"cannot write to out_dir {out_dir!r}: {oneline(e)}"
-    return None
+    problem = _write_test(out_dir)
+    return f"cannot write to out_dir {out_dir!r}: {problem}" if problem else None
 
 
 def check_disk(out_dir, *, file_bytes, files):
@@ -496,3 +499,44 @@ def set_rng_state(tree: dict) -> None:
     torch.set_rng_state(tree["torch"])
     if tree.get("cuda") and torch.cuda.is_initialized():
         torch.cuda.set_rng_state(tree["cuda"][0])  # the current device's (older files: GPU 0's, rank 0's)
+
+# -----------------------------------------------------------------------------
+# an output file, before the work that fills it
+
+def check_output(path, what, folder=False):
+    """None if path can be written now, else one line why, naming `what` (e.g. '--json=x.json'):
+    a name that is not blank; nothing there, a file to replace or a device (/dev/null), but no FIFO,
+    whose open would wait for a reader forever (folder=True: a folder to create, or an empty one to
+    replace, as export.py --format=hf does); in an existing folder that takes a new file. Every
+    script that writes checks each output before its work, so no result is lost to a typo at the
+    end; prepare.py and train.py check their out_dir (check_writable)."""
+    path = os.fspath(path)
+    if not path.strip():
+        return f"{what}: the name is blank"
+    if os.path.isdir(path):
+        if not folder:
+            return f"{what} is a folder, not a file: name a file in it"
+        if os.listdir(path):
+            return f"{what} is a folder that is not empty"
+    elif os.path.exists(path):
+        mode = os.stat(path).st_mode
+        if folder or not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+            return f"{what} exists and is not a {'folder' if folder else 'regular file'}"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"{what}: the folder {parent} does not exist" + (" (it is a file)" if os.path.exists(parent) else "")
+    problem = _write_test(parent)
+    return f"{what}: cannot write in {parent}: {problem}" if problem else None
+
+
+def _write_test(folder):
+    """None if a new file can be written in folder, else the OS's reason: permissions, a read-only
+    mount, /proc are found out by trying."""
+    probe = os.path.join(folder, f".write-test-{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        return oneline(e)
+    return None

@@ -20,7 +20,7 @@ import torch
 import dataset as ds
 import hardware
 import runs
-from configurator import check_ranges, configure, script_keys
+from configurator import check_input, check_ranges, configure, not_utf8, script_keys
 from model import from_state
 
 # -----------------------------------------------------------------------------
@@ -43,7 +43,8 @@ defaults = {k: v for k, v in globals().items()
 # a training config file may be given: its training-only keys are ignored, a typo is still an error
 config, _ = configure(defaults, sys.argv[1:], prog='sample.py', source=__file__,
                       ignore=script_keys(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')))
-RANGES = dict(num_samples='[1, inf)', max_new_tokens='[0, inf)', temperature='[0, inf)',
+# max_new_tokens: prompt + output are allocated up front (model.generate_stream), 8 bytes a token
+RANGES = dict(num_samples='[1, inf)', max_new_tokens='[0, 1e7]', temperature='[0, inf)',
               top_k='[1, inf)', top_p='(0, 1]', seed='[0, 9223372036854775807]')
 check_ranges(config, RANGES, 'sample.py')
 globals().update(config)
@@ -54,6 +55,9 @@ ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torc
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
 if start.startswith('FILE:'):
+    problem = check_input(start[5:])  # a named FIFO would wait for a writer forever
+    if problem:
+        raise SystemExit(f"sample.py: error: cannot read prompt file {start[5:]}: {problem}")
     try:
         with open(start[5:], encoding='utf-8') as f:
             start = f.read()
@@ -61,10 +65,8 @@ if start.startswith('FILE:'):
         raise SystemExit(f"sample.py: error: cannot read prompt file {start[5:]}: {e.strerror}")
     except UnicodeDecodeError as e:
         raise SystemExit(f"sample.py: error: prompt file {start[5:]} is not UTF-8 text (byte {e.start}: {e.reason})")
-try:
-    start.encode('utf-8')
-except UnicodeEncodeError:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
-    raise SystemExit("sample.py: error: the prompt is not valid UTF-8 text") from None
+if not_utf8(start):
+    raise SystemExit("sample.py: error: the prompt is not valid UTF-8 text")
 path, state = runs.find_or_exit(ckpt, out_dir, 'sample.py',
                                      hint=' (train a model first: python prepare.py && python train.py)')
 model = from_state(state).eval().to(device)
@@ -106,6 +108,10 @@ try:
     import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
 except ImportError:
     pass
+# bytes that are not UTF-8 come in as lone surrogates, as on the command line, instead of a
+# UnicodeDecodeError that would end the loop; not_utf8 then refuses that one line
+if hasattr(sys.stdin, 'reconfigure'):  # a TextIOWrapper (always, but for a caller's stand-in)
+    sys.stdin.reconfigure(errors='surrogateescape')
 try:
     print(f"# a prompt per line (end a line with \\ to go on to the next); ':temperature 0.7' sets one of "
           f"{', '.join(SETTINGS)}; ':' shows them; Ctrl-D or Ctrl-C leaves", file=sys.stderr)
@@ -114,6 +120,10 @@ try:
         while line.endswith('\\'):
             line = line[:-1] + '\n' + input('. ')
         if not line.strip():
+            continue
+        if not_utf8(line):
+            print("sample.py: error: that line is not valid UTF-8 text (set your terminal to UTF-8); "
+                  "it was skipped", file=sys.stderr)
             continue
         if line.startswith(':'):
             key, _, value = line[1:].strip().partition(' ')

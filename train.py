@@ -35,8 +35,8 @@ import logs
 import metrics
 import runs
 from configurator import check_ranges, configure
-from model import (GPT, GPTConfig, convert_to_fp8, count_params, fp8_problem, load_base, load_optimizer_state,
-                   mark_trainable, pad_vocab, resize_vocab, trained_weights, wte_moments)
+from model import (GPT, GPTConfig, check_args, convert_to_fp8, count_params, fp8_problem, load_base,
+                   load_optimizer_state, mark_trainable, pad_vocab, resize_vocab, trained_weights, wte_moments)
 
 # -----------------------------------------------------------------------------
 # default config: a small model that trains on the stdlib corpus on 2 CPU cores in ~10 minutes
@@ -277,8 +277,8 @@ if ckpt is not None:
         weights = resize_vocab(weights, args['vocab_size'], vocab_size)
     else:  # padded_vocab_size: absent (None, unpadded) in checkpoints written before padding existed
         model_args['padded_vocab_size'] = args.get('padded_vocab_size')
-model = GPT(GPTConfig(**model_args))
 try:
+    model = GPT(check_args(model_args))  # a size that cannot fit in memory is refused before allocating
     if weights is not None:
         load_base(model, weights)  # the adapters, if any and not in weights, keep their init
     if lora_rank or trainable:
