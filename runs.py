@@ -5,11 +5,14 @@ its logs (logs.py).
 
     find(init_from, out_dir) / find_or_exit(...)  the model a command starts from: a checkpoint of a
                                                    run, whole and checked, or another format's weights
+    listing(out_dir)                              train.py --list: who trains there, and each checkpoint
     start_point(config, explicit, defaults)       train.py: continue the run in out_dir, start a new
                                                    one, or refuse; and the config it runs with
     lock(out_dir) / owner(out_dir)                one training process per out_dir
     prepare_out_dir(...) / keep_base(...)         before a run's first write
+    identify(path) / command_line()               what ranks compare; the command that continues a run
     rng_state() / set_rng_state(tree)             every RNG training draws from
+    check_output(path, what)                      any script's output path, before its work
 
 A training run's files in out_dir: the tiers (latest, latest_backup, best, step_*, epoch_*),
 base.safetensors (the base a run with frozen weights builds on), log.jsonl (+ log.jsonl.dropped),
