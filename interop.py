@@ -3,7 +3,7 @@ Our models in other formats, both ways: Hugging Face GPT-2 directories (transfor
 Hub), GPT-2's own weights, and nanoGPT's ckpt.pt.
 
     write_hf(out, model, state, name)   export.py --format=hf: weights, config, tokenizer, model card
-    load(name) -> (path, state)         'gpt2' .. 'gpt2-xl', 'hf:DIR', 'nanogpt:PATH' (checkpoint.find)
+    load(name) -> (path, state)         'gpt2' .. 'gpt2-xl', 'hf:DIR', 'nanogpt:PATH' (runs.find)
 
 Hugging Face's GPT2LMHeadModel is our GPT with other clothes: the same parameter names (under
 'transformer.'), but Conv1D layers that store the four matmul weights transposed, (in, out), biases
