@@ -216,6 +216,8 @@ def in_dir(init_from, out_dir) -> bool:
 # how a training run starts or continues
 
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # what a checkpoint's weights fix
+# what a run saved before these keys existed trained with (the defaults have changed since)
+EARLIER = {"optimizer": "adamw", "lr_schedule": "cosine"}
 
 
 def start_point(config, explicit, defaults) -> dict:
@@ -262,6 +264,13 @@ def start_point(config, explicit, defaults) -> dict:
     if continuing and "optimizer" not in state:
         raise CheckpointError(f"{path} holds weights only (export.py wrote it), no run to continue; start a new "
                               f"run from it with --reset_state=True")
+    if continuing:
+        state["config"] = {**EARLIER, **state["config"]}
+        was = state["config"]["optimizer"]
+        if "optimizer" in explicit and config["optimizer"] != was:  # its state is the other optimizer's
+            raise CheckpointError(f"{path} was trained with optimizer={was} and --optimizer={config['optimizer']} "
+                                  f"cannot continue its state; leave it out, or start a new run from its weights "
+                                  f"(--init_from={path} --reset_state=True and another --out_dir)")
     # weights only (export.py, gpt2, hf:, nanogpt:) start a new run; a continued run never resets
     reset_state = "optimizer" not in state or (reset_state and not continuing)
     if reset_state:  # a new run keeps only the weights, and so their shape

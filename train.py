@@ -73,19 +73,25 @@ lora_dropout = 0.0
 lora_targets = 'attn.c_attn,attn.c_proj'  # any of attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
 trainable = ''  # besides adapters, comma-separated: wte, wpe, ln, new_tokens (an extended vocabulary's rows), all
 # batch: the global batch is batch_size * gradient_accumulation_steps sequences on any number of processes
-batch_size = 16
+batch_size = 8
 gradient_accumulation_steps = 1
 max_iters = 2000
 max_epochs = None  # stop at the end of this epoch instead (max_iters still caps)
-# AdamW, linear warmup then cosine decay to min_lr
-learning_rate = 2e-3
+# optimizer: Muon for the weight matrices inside the blocks, AdamW for the rest; or AdamW for all
+# (model.configure_optimizers). The defaults are bench/bench_recipe.py's choice (docs/training.md)
+optimizer = 'muon'  # 'muon' or 'adamw'
+learning_rate = 8e-3  # both optimizers' peak (Muon's update is scaled to AdamW's RMS)
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.99
 grad_clip = 1.0
-warmup_iters = 100
+# schedule: linear warmup, then 'wsd' (constant, then a decay to min_lr over the last decay_frac of the
+# run; a higher --max_iters extends a finished run from where its decay began) or 'cosine' to min_lr
+lr_schedule = 'wsd'
+warmup_iters = 20
+decay_frac = 0.4  # wsd only
 lr_decay_iters = None  # None: the run's last iteration
-min_lr = 2e-4
+min_lr = 0.0
 # system
 device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto', 'float32', 'bfloat16', 'float16'
@@ -125,7 +131,7 @@ RANGES = dict(n_layer='[1, inf)', n_head='[1, inf)', n_embd='[1, inf)', block_si
               min_lr='[0, inf)', log_interval='[1, inf)', eval_interval='[1, inf)', eval_iters='[1, inf)',
               ckpt_interval='[0, inf)', rolling_interval='[0, inf)', keep_last='[0, inf)', keep_epochs='[0, inf)',
               seed='[0, 2147483647]', peak_flops='(0, inf)', lora_rank='[0, inf)', lora_alpha='(0, inf)',
-              lora_dropout='[0, 1)', dist_timeout='[1, inf)')
+              lora_dropout='[0, 1)', dist_timeout='[1, inf)', decay_frac='(0, 1]')
 
 
 def check_config(c, where=''):
@@ -136,6 +142,9 @@ def check_config(c, where=''):
         raise SystemExit(e.code if speaks else 1) from None
     if c['n_embd'] % c['n_head']:
         fail(f"n_embd={c['n_embd']} must be a multiple of n_head={c['n_head']}{where}")
+    for key, allowed in (('optimizer', ('muon', 'adamw')), ('lr_schedule', ('wsd', 'cosine'))):
+        if c[key] not in allowed:
+            fail(f"{key}={c[key]!r} must be one of {', '.join(allowed)}{where}")
     if not c['out_dir']:
         fail("out_dir is empty (name a folder, e.g. --out_dir=out)")
     try:
@@ -259,6 +268,40 @@ def get_batch(data, windows):
 
 
 # -----------------------------------------------------------------------------
+# a finished wsd run given a higher max_iters continues from where its decay began: the rate is
+# constant until then whatever max_iters is, so that is exactly the run planned this long from the
+# start, where continuing from the end would re-warm annealed weights (Hagele et al. 2024,
+# https://arxiv.org/abs/2405.18392, sec. 3). A step_ checkpoint is saved where a decay begins.
+def decay_start(c):
+    """The iteration where the wsd decay of a run with config c begins; None for cosine."""
+    if c['lr_schedule'] != 'wsd':
+        return None
+    iters = c['max_iters']
+    if c['max_epochs'] is not None:
+        iters = min(iters, math.ceil(c['max_epochs'] * n_windows / (c['batch_size'] * c['gradient_accumulation_steps'])))
+    end = c['lr_decay_iters'] or iters
+    return end - round(c['decay_frac'] * end)
+
+
+wsd_start = decay_start(config)
+began = decay_start(ckpt['config']) if continuing else None
+if wsd_start is not None and began is not None and began < min(wsd_start, ckpt['iter_num']):
+    try:
+        path, state, _ = runs.find(f'step_{began}', out_dir, defaults)
+    except checkpoint.CheckpointError as e:
+        if master_process:
+            print(f"warning: the decay of {ckpt_path} began at iter {began} and no checkpoint from there is usable "
+                  f"({e}); continuing from iter {ckpt['iter_num']}, the learning rate back up", file=sys.stderr)
+    else:
+        if master_process:
+            print(f"extending a run whose decay began at iter {began}: continuing from {path}, saved there "
+                  f"(best keeps the decayed weights until this run beats them)")
+        # the decay's weights are dropped, not its time or its best
+        state.update(best_val_loss=min(state['best_val_loss'], ckpt['best_val_loss']),
+                     wall_seconds=ckpt.get('wall_seconds', 0.0))
+        ckpt_path, ckpt = path, state
+
+# -----------------------------------------------------------------------------
 # model and optimizer: from scratch, or the checkpoint's weights (and, continuing its run, its
 # state). With lora_rank or trainable set, only the adapters and what trainable names train.
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
@@ -293,13 +336,15 @@ if fp8:  # before the optimizer and compile see the layers
     if fp8_problem(device):
         fail(fp8_problem(device))
     convert_to_fp8(model)
-optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 iter_num, pos, best_val_loss, wandb_id, last_eval, run_seconds = 0, (0, 0), float('inf'), None, {}, 0.0
 last_epoch_ckpt = None  # iteration of the newest epoch_ checkpoint
 if ckpt is not None and not reset_state:
     try:
-        load_optimizer_state(optimizer, wte_moments(ckpt['optimizer'], optimizer, model, cut=False))
+        load_optimizer_state(optimizers[0], wte_moments(ckpt['optimizer'], optimizers[0], model, cut=False))
+        for opt in optimizers[1:]:  # Muon's
+            load_optimizer_state(opt, ckpt['muon'])
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         fail(f"{ckpt_path}: its optimizer state does not fit the model "
              f"({type(e).__name__}: {' '.join(str(e).split())})")
@@ -346,7 +391,7 @@ if ddp:
 # the log trimmed for a continued one; then the checkpoint writer, wandb and TensorBoard
 base = ckpt.get('base') if continuing else None  # where a run with frozen weights finds the rest
 if master_process:
-    try:  # a checkpoint holds what trains and AdamW's two moments of it
+    try:  # a checkpoint holds what trains and at most two moments of it (AdamW's; Muon keeps one)
         runs.prepare_out_dir(
             out_dir, new_run=not continuing,
             file_bytes=sum(p.numel() * p.element_size() * 3 for p in model.parameters() if p.requires_grad),
@@ -361,7 +406,8 @@ if master_process:
     except (checkpoint.CheckpointError, logs.LogError) as e:
         fail(e)
 ckpt = None  # free the loaded tensors
-protect = (ckpt_path,) if ckpt_path else ()  # the file this run started from is never pruned
+# never pruned: the file this run started from, and where a wsd decay begins (to extend the run from)
+protect = tuple(p for p in (ckpt_path, wsd_start and os.path.join(out_dir, f'step_{wsd_start:07d}.safetensors')) if p)
 writer = checkpoint.Writer(background=async_save)
 try:
     log = logs.Log(config, iter_num, wandb_id, continuing, active=master_process)
@@ -391,11 +437,17 @@ for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
 # -----------------------------------------------------------------------------
 # helpers
 def get_lr(it):
+    """Both optimizers' learning rate at iteration it: a linear warmup, then wsd (constant until
+    wsd_start, then 1 - sqrt to min_lr, which beat a linear decay in Hagele et al. 2024) or cosine."""
     decay_iters = lr_decay_iters or max_iters
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it >= decay_iters:
         return min_lr
+    if lr_schedule == 'wsd' and it < wsd_start:
+        return learning_rate
+    if lr_schedule == 'wsd':
+        return min_lr + (1 - math.sqrt((it - wsd_start) / (decay_iters - wsd_start))) * (learning_rate - min_lr)
     ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
@@ -437,7 +489,8 @@ def save(tiers):
         return 0.0
     state = {  # a run with frozen weights saves what trains (and names its base); other runs, everything
         'model': trained_weights(raw_model) if frozen else raw_model.state_dict(), 'base': base,
-        'optimizer': wte_moments(optimizer.state_dict(), optimizer, raw_model, cut=True), 'scaler': scaler.state_dict(),
+        'optimizer': wte_moments(optimizers[0].state_dict(), optimizers[0], raw_model, cut=True),
+        **({'muon': optimizers[1].state_dict()} if optimizers[1:] else {}), 'scaler': scaler.state_dict(),
         'iter_num': iter_num, 'epoch': pos[0], 'data_pos': list(pos), 'best_val_loss': best_val_loss,
         'last_epoch_ckpt': last_epoch_ckpt, 'val_loss': last_eval.get('val'), 'train_loss': last_eval.get('train'),
         'rng': rngs[0], 'rng_ranks': rngs, 'config': config, 'model_args': model_args, 'origin': start['origin'],
@@ -512,7 +565,7 @@ if iter_num == 0:
 t0, timed, paces = time.time(), -1, deque(maxlen=11)
 while iter_num < max_iters:
     lr = get_lr(iter_num)
-    for group in optimizer.param_groups:
+    for group in (g for opt in optimizers for g in opt.param_groups):
         group['lr'] = lr
     windows, next_pos = ds.next_windows(pos, windows_per_iter, n_windows, seed)
     iter_loss = torch.zeros((), device=device)
@@ -528,12 +581,14 @@ while iter_num < max_iters:
         scaler.scale(loss).backward()
         iter_loss += loss.detach()
     window.append(iter_loss)
-    if grad_clip:
-        scaler.unscale_(optimizer)
+    if grad_clip:  # the norm of all the gradients, each optimizer's unscaled first
+        for opt in optimizers:
+            scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-    scaler.step(optimizer)
+    for opt in optimizers:  # float16: each skips its step when its own gradients overflowed (torch's amp docs)
+        scaler.step(opt)
+        opt.zero_grad(set_to_none=True)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
     epoch_done = next_pos[0] > pos[0]
     iter_num, pos = iter_num + 1, next_pos
     timed += 1
@@ -584,7 +639,7 @@ while iter_num < max_iters:
     tiers = []  # the checkpoint tiers due now: one file, linked under each name
     if stop or (ckpt_interval and iter_num % ckpt_interval == 0) or iter_num == max_iters:
         tiers.append('latest')
-    if rolling_interval and iter_num % rolling_interval == 0:
+    if rolling_interval and (iter_num % rolling_interval == 0 or iter_num == wsd_start):
         tiers.append(f'step_{iter_num:07d}')
     # epoch_ files at most once per rolling_interval: on a small corpus an epoch is a few iterations
     if epoch_done and save_epochs and (last_epoch_ckpt is None or iter_num - last_epoch_ckpt >= rolling_interval):

@@ -44,7 +44,7 @@ def profile(cfg, vocab_size, steps=3):
     from torch.profiler import ProfilerActivity, profile as torch_profile
     model = GPT(GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
                           block_size=cfg['block_size'], vocab_size=vocab_size, bias=cfg['bias']))
-    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.99), 'cpu')
+    [opt] = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), 'cpu')
     x = torch.randint(0, vocab_size, (cfg['batch_size'], cfg['block_size']))
 
     def step():

@@ -13,6 +13,11 @@ lora_alpha = 16.0  # the update is scaled by alpha / rank = 2
 lora_dropout = 0.05  # on the adapters' input
 lora_targets = 'attn.c_attn,attn.c_proj'  # the attention's projections; add mlp.c_fc,mlp.c_proj for more capacity
 trainable = 'new_tokens'  # the rows --extend_vocab added (the old rows stay bit-identical); '' without an extension
+# AdamW with cosine, as tuned for LoRA: the adapters train on AdamW whatever `optimizer` says
+# (model.configure_optimizers); Muon would take only the base's matrices, with trainable=all
+optimizer = 'adamw'
+lr_schedule = 'cosine'
+batch_size = 16
 learning_rate = 1e-3  # adapters start at zero and take larger steps than a full fine-tune
 min_lr = 1e-4
 warmup_iters = 50

@@ -9,6 +9,9 @@ block_size = 1024
 batch_size = 8
 gradient_accumulation_steps = 64
 max_iters = 60000
+# AdamW and cosine, as GPT-2 was tuned (Muon at this size: measured for speed, bench/bench_gpu.py, not yet for loss)
+optimizer = 'adamw'
+lr_schedule = 'cosine'
 warmup_iters = 2000
 learning_rate = 3e-4
 min_lr = 3e-5

@@ -13,6 +13,9 @@ bias = True
 batch_size = 12
 gradient_accumulation_steps = 40
 max_iters = 60000
+# AdamW and cosine, as GPT-2 was tuned (Muon at this size: measured for speed, bench/bench_gpu.py, not yet for loss)
+optimizer = 'adamw'
+lr_schedule = 'cosine'
 warmup_iters = 2000
 learning_rate = 6e-4
 min_lr = 6e-5

@@ -83,20 +83,24 @@ def test_adapter_checkpoint_holds_only_what_trains(work, lora):
     assert 'latest ' in listing and 'BAD' not in listing
 
 
-def test_lora_resume_is_exact(work, tmp_path):
+# muon: the base's matrices train on Muon (trainable=all), the adapters and the rest on AdamW
+@pytest.mark.parametrize('optimizer, trainable', [('adamw', 'new_tokens'), ('muon', 'all')])
+def test_lora_resume_is_exact(work, tmp_path, optimizer, trainable):
     straight, stopped = str(tmp_path / 'straight'), str(tmp_path / 'stopped')
-    run('train.py', *finetune_args(work, straight, '--eval_interval=1'))
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *finetune_args(work, stopped, '--eval_interval=1')],
+    extra = ['--eval_interval=1', f'--optimizer={optimizer}', f'--trainable={trainable}']
+    run('train.py', *finetune_args(work, straight, *extra))
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *finetune_args(work, stopped, *extra)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'})
     wait_for_iter(stopped, 7, p)
     p.send_signal(signal.SIGTERM)
     p.communicate(timeout=120)
-    r = run('train.py', *finetune_args(work, stopped, '--eval_interval=1'))  # the same command continues it
+    r = run('train.py', *finetune_args(work, stopped, *extra))  # the same command continues it
     assert 'holds the run this command started' in r.stdout and 'resumed from' in r.stdout
     assert losses(stopped) == losses(straight)
-    a = runs.load(os.path.join(stopped, 'latest.safetensors'))['model']
-    b = runs.load(os.path.join(straight, 'latest.safetensors'))['model']
+    state = runs.load(os.path.join(stopped, 'latest.safetensors'))
+    assert bool(state.get('muon', {}).get('state')) == (optimizer == 'muon')  # Muon's momenta, resumed too
+    a, b = state['model'], runs.load(os.path.join(straight, 'latest.safetensors'))['model']
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

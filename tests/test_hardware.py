@@ -90,7 +90,7 @@ def test_padded_vocabulary_is_exact_and_never_sampled():
     with torch.no_grad():
         padded.transformer.wte.weight[257:] = 0.0
     padded.train()
-    opt = padded.configure_optimizer(0.1, 1e-2, (0.9, 0.99), 'cpu')
+    [opt] = padded.configure_optimizers(0.1, 1e-2, (0.9, 0.99), 'cpu')
     for _ in range(3):
         padded(x, x)[1].backward()
         opt.step()

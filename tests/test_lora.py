@@ -80,7 +80,7 @@ def test_merged_equals_unmerged():
 
 
 def steps(model, vocab_size=64, n=4):
-    opt = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), 'cpu')
+    [opt] = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
     for i in range(n):
         x, y = batch(vocab_size, seed=i)
         _, loss = model(x, y)
