@@ -30,6 +30,9 @@ args, given = ap.parse_known_args()  # the rest goes to train.py, for every run
 CONFIG = os.path.join(ROOT, 'config', 'python_code.py')
 QUIET = ['--eval_interval=1000000', '--eval_iters=1', '--ckpt_interval=0', '--rolling_interval=0',
          '--save_best=False', '--save_epochs=False', '--log_interval=5', '--compile=False']
+# AdamW in both modes, as when the figures in docs/checkpoints.md were measured: LoRA's adapters train
+# on AdamW whatever `optimizer` says, so a full fine-tune on train.py's default (Muon) would compare optimizers
+ADAMW = ['--optimizer=adamw']
 MODES = {'full fine-tune': [], 'LoRA (rank 8, attn.c_attn + attn.c_proj)': ['--lora_rank=8']}
 
 
@@ -50,13 +53,13 @@ if (cfg['data_dir'], cfg['dataset']) == ('data', 'stdlib'):  # the default corpu
 work = tempfile.mkdtemp(prefix='bench_lora_')
 try:
     base = os.path.join(work, 'base')
-    train([CONFIG, *QUIET, *given, f'--out_dir={base}', '--max_iters=1'])  # any weights will do
+    train([CONFIG, *ADAMW, *QUIET, *given, f'--out_dir={base}', '--max_iters=1'])  # any weights will do
     base_file = os.path.join(base, 'latest.safetensors')
     results = {m: {'tok_s': [], 'rss': []} for m in MODES}
     for r in range(args.rounds):
         for mode, extra in MODES.items():
             out = os.path.join(work, f'{r}-{len(extra)}')
-            rss, stdout = train([CONFIG, *QUIET, *given, f'--out_dir={out}', f'--init_from={base_file}',
+            rss, stdout = train([CONFIG, *ADAMW, *QUIET, *given, f'--out_dir={out}', f'--init_from={base_file}',
                                  '--reset_state=True', f'--max_iters={args.iters}', *extra])
             log = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
             rates = [e['tokens_per_sec'] for e in log if e.get('tokens_per_sec')][1:]  # past the warm-up

@@ -83,8 +83,11 @@ def reached(out):
 
 def final_state(out):
     s = checkpoint.load(os.path.join(out, 'latest.safetensors'))
-    return s['iter_num'], {**{f'm/{k}': v for k, v in s['model'].items()},
-                           **{f'o/{i}/{k}': v for i, st in s['optimizer']['state'].items() for k, v in st.items()}}
+    tensors = {f'm/{k}': v for k, v in s['model'].items()}
+    for opt in ('optimizer', 'muon'):  # AdamW's, and Muon's when train.py's optimizer is muon (the default)
+        for i, st in s.get(opt, {'state': {}})['state'].items():
+            tensors.update({f'{opt}/{i}/{k}': v for k, v in st.items()})
+    return s['iter_num'], tensors
 
 
 def damage(path):
@@ -174,7 +177,7 @@ for name, kills, corrupt in (('kills', args.kills, False), ('corrupt', args.corr
     print(f"{name}: {kills} SIGKILLs{damaged if corrupt else ''} ({mode} saves, {args.slow}s per fsync), "
           f"{r['mid_save']} during a save; {r['resumed']} restarts resumed from a checkpoint, {r['fresh']} started "
           f"fresh before any save existed; iterations lost per kill: max {max(lost) if lost else 0}, "
-          f"mean {sum(lost) / max(1, len(lost)):.1f} (ckpt_interval {CKPT}); final weights and AdamW state "
+          f"mean {sum(lost) / max(1, len(lost)):.1f} (ckpt_interval {CKPT}); final weights and optimizer state "
           f"bit-identical to an uninterrupted run: {exact}; log holds each iteration once: {once}; "
           f"{r['wall']:.0f} s", flush=True)
 shutil.rmtree(work, ignore_errors=True)
