@@ -5,14 +5,18 @@ for the states train.py saves (model + AdamW, built here, no training needed):
     python bench/bench_ckpt.py                       # default config, python_code, GPT-2 small
     python bench/bench_ckpt.py --states=gpt2_medium --rounds=2
     python bench/bench_ckpt.py --resume_rss          # + peak RSS of train.py resuming a GPT-2-small state
+    python bench/bench_ckpt.py --states=default --rounds=1 --dir=/tmp   # quick; another disk
 
 For each state: the seconds training is blocked per save, sync and background alternated for
 --rounds rounds (median and range; the first background save also pays for its buffers, reported
 apart), and the overhead as a share of training time at the config's ckpt_interval. Iteration
 times: measured on this machine for the CPU configs; for slm / gpt2_medium estimated from their
-GPU setup (stated), since this machine has no GPU. Writes into a temporary folder.
+GPU setup (stated), since this machine has no GPU. Writes into a temporary folder inside --dir
+(default: the repository, on the disk that out/ checkpoints go to).
 """
 import argparse
+import contextlib
+import io
 import os
 import shutil
 import statistics
@@ -25,7 +29,6 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, 'bench'))
 import checkpoint  # noqa: E402
 import runs  # noqa: E402
 from configurator import script_defaults  # noqa: E402
@@ -45,7 +48,7 @@ STATES = {
 def build(name):
     """(train.py-shaped state, config, measured seconds per iteration or None)."""
     cfg_file, vocab, _ = STATES[name]
-    cfg = script_defaults(os.path.join(ROOT, 'train.py'), [cfg_file] if cfg_file else [])
+    cfg = script_defaults(os.path.join(ROOT, 'train.py'), [os.path.join(ROOT, cfg_file)] if cfg_file else [])
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'], vocab_size=vocab,
                           block_size=cfg['block_size'], padded_vocab_size=pad_vocab(vocab)))
@@ -71,18 +74,19 @@ def build(name):
 
 
 def blocked(writer, out, state):
-    t0 = time.perf_counter()
-    writer.save(out, state, ['latest'])
-    b = time.perf_counter() - t0
-    writer.wait()
+    with contextlib.redirect_stdout(io.StringIO()):  # the writer's own "saved ..." line
+        t0 = time.perf_counter()
+        writer.save(out, state, ['latest'])
+        b = time.perf_counter() - t0
+        writer.wait()
     return b, time.perf_counter() - t0
 
 
-def bench_state(name, rounds):
+def bench_state(name, rounds, folder):
     state, cfg, measured = build(name)
     size = sum(t.numel() * t.element_size() for t in state['model'].values()) + sum(
         t.numel() * t.element_size() for s in state['optimizer']['state'].values() for t in s.values())
-    out = tempfile.mkdtemp(prefix='bench_ckpt_', dir=ROOT)  # the disk checkpoints really go to
+    out = tempfile.mkdtemp(prefix='bench_ckpt_', dir=folder)
     sync, background = checkpoint.Writer(background=False), checkpoint.Writer()
     try:
         first = blocked(background, out, state)  # allocates and first touches the snapshot buffers
@@ -106,11 +110,11 @@ def bench_state(name, rounds):
           f"{100 * statistics.median(a) / every:.3f}% (blocked times measured on this CPU)", flush=True)
 
 
-def resume_rss():
+def resume_rss(folder):
     """Peak RSS of train.py on a GPT-2-small-size model: a fresh start against a resume of its state."""
     subprocess.run([sys.executable, 'prepare.py', '--tokenizer=bpe', '--vocab_size=50257',
                     '--dataset=stdlib_bpe50k'], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    out = tempfile.mkdtemp(prefix='bench_rss_', dir=ROOT)
+    out = tempfile.mkdtemp(prefix='bench_rss_', dir=folder)
     common = ['--dataset=stdlib_bpe50k', '--n_layer=12', '--n_head=12', '--n_embd=768', '--block_size=1024',
               '--batch_size=1', '--eval_iters=1', '--eval_interval=1000', '--rolling_interval=0',
               '--save_epochs=False', '--save_best=False', f'--out_dir={out}']
@@ -134,9 +138,10 @@ if __name__ == '__main__':
     ap.add_argument('--states', default='default,python_code,slm')
     ap.add_argument('--rounds', type=int, default=3)
     ap.add_argument('--resume_rss', action='store_true')
+    ap.add_argument('--dir', default=ROOT, help='where the checkpoints are written (a temporary folder inside it)')
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}; {torch.get_num_threads()} threads")
     if args.resume_rss:  # first: a child's peak RSS counts what it shares with this process before exec
-        resume_rss()
+        resume_rss(args.dir)
     for name in filter(None, args.states.split(',')):
-        bench_state(name, args.rounds)
+        bench_state(name, args.rounds, args.dir)

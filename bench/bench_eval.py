@@ -34,11 +34,14 @@ parser.add_argument('--rounds', type=int, default=5)
 parser.add_argument('--batch_sizes', default='16,64', help='batched sizes to time against batch_size=1')
 args = parser.parse_args()
 
-tokenizer = ds.load_tokenizer(ds.tokenizer_state(args.data))
+data_tokenizer = ds.load_tokenizer(ds.tokenizer_state(args.data))  # reads the items' lines
 if args.ckpt:
-    model = from_state(runs.load(args.ckpt))
+    state = runs.load(args.ckpt)
+    model = from_state(state)
+    tokenizer = ds.load_tokenizer(state['tokenizer'])  # scores them: the model's own, whatever --data holds
     name = args.ckpt
 else:
+    tokenizer = data_tokenizer
     cfg = script_defaults(os.path.join(ROOT, 'train.py'))
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
@@ -48,7 +51,7 @@ else:
 model.eval()
 
 val = ds.open_split(args.data, 'val')
-lines = [l.strip() for l in tokenizer.decode(val[:200_000]).split('\n') if 8 <= len(l.strip()) <= 120]
+lines = [l.strip() for l in data_tokenizer.decode(val[:200_000]).split('\n') if 8 <= len(l.strip()) <= 120]
 rng = np.random.default_rng(0)
 items = []
 for _ in range(args.items):

@@ -4,6 +4,7 @@ vocabulary 8192), each a real train.py run from the same base checkpoint, altern
 
     python bench/bench_lora.py                  # 2 rounds of 30 iterations each
     python bench/bench_lora.py --rounds=3 --iters=40
+    python bench/bench_lora.py --n_layer=2 --dataset=mine    # any other train.py --key=value, for every run
 
 Reports per mode: trained parameters, AdamW state bytes, checkpoint size, peak RSS (the process's,
 from wait4) and tokens/s (median over the rounds, range in brackets), then LoRA's speed-up.
@@ -20,13 +21,18 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
+from configurator import script_defaults  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument('--rounds', type=int, default=2)
 ap.add_argument('--iters', type=int, default=30)
-args = ap.parse_args()
+args, given = ap.parse_known_args()  # the rest goes to train.py, for every run
+CONFIG = os.path.join(ROOT, 'config', 'python_code.py')
 QUIET = ['--eval_interval=1000000', '--eval_iters=1', '--ckpt_interval=0', '--rolling_interval=0',
          '--save_best=False', '--save_epochs=False', '--log_interval=5', '--compile=False']
+# AdamW in both modes, as when the figures in docs/checkpoints.md were measured: LoRA's adapters train
+# on AdamW whatever `optimizer` says, so a full fine-tune on train.py's default (Muon) would compare optimizers
+ADAMW = ['--optimizer=adamw']
 MODES = {'full fine-tune': [], 'LoRA (rank 8, attn.c_attn + attn.c_proj)': ['--lora_rank=8']}
 
 
@@ -37,21 +43,23 @@ def train(argv):
     out = p.stdout.read()
     _, status, usage = os.wait4(p.pid, 0)
     if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"bench_lora: train.py failed:\n{out[-2000:]}")
+        raise SystemExit(f"bench_lora: train.py {' '.join(argv)} failed:\n{out[-2000:]}")
     return usage.ru_maxrss / 1024, out
 
 
-subprocess.run([sys.executable, 'prepare.py'], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-work = tempfile.mkdtemp(prefix='bench_lora_', dir=ROOT)
+cfg = script_defaults(os.path.join(ROOT, 'train.py'), [CONFIG, *given])
+if (cfg['data_dir'], cfg['dataset']) == ('data', 'stdlib'):  # the default corpus, cached after the first time
+    subprocess.run([sys.executable, os.path.join(ROOT, 'prepare.py')], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+work = tempfile.mkdtemp(prefix='bench_lora_')
 try:
     base = os.path.join(work, 'base')
-    train(['config/python_code.py', *QUIET, f'--out_dir={base}', '--max_iters=1'])  # any weights will do
+    train([CONFIG, *ADAMW, *QUIET, *given, f'--out_dir={base}', '--max_iters=1'])  # any weights will do
     base_file = os.path.join(base, 'latest.safetensors')
     results = {m: {'tok_s': [], 'rss': []} for m in MODES}
     for r in range(args.rounds):
         for mode, extra in MODES.items():
             out = os.path.join(work, f'{r}-{len(extra)}')
-            rss, stdout = train(['config/python_code.py', *QUIET, f'--out_dir={out}', f'--init_from={base_file}',
+            rss, stdout = train([CONFIG, *ADAMW, *QUIET, *given, f'--out_dir={out}', f'--init_from={base_file}',
                                  '--reset_state=True', f'--max_iters={args.iters}', *extra])
             log = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
             rates = [e['tokens_per_sec'] for e in log if e.get('tokens_per_sec')][1:]  # past the warm-up

@@ -87,6 +87,8 @@ ap.add_argument('--dataset', default='stdlib')
 ap.add_argument('--out_dir', default=os.path.join(ROOT, 'out-recipe'))
 ap.add_argument('--smoke', action='store_true', help='a tiny model, 1 round, 1 seed, a few iterations')
 args = ap.parse_args()
+# train.py runs in the repository: folders named relative to where this was started
+args.data_dir, args.out_dir = os.path.abspath(args.data_dir), os.path.abspath(args.out_dir)
 if args.smoke:
     args.scale, args.rounds, args.timing_iters, args.seeds = 4 / 1000, 1, 6, args.seeds.split(',')[0]
     args.only = args.only or 'nanogpt,default'

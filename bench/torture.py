@@ -4,6 +4,7 @@ command line, and check that nothing is ever lost:
 
     python bench/torture.py                    # 100 kills, then 30 kills each followed by a damaged latest
     python bench/torture.py --kills=20 --corrupt=5 --sync
+    python bench/torture.py --kills=2 --corrupt=1 --iters=100     # a quick check
 
 A tiny model on a generated corpus; saves are slowed down on purpose (a sleep before each fsync,
 patched in by the launcher, not in train.py), so that many kills land in the middle of a save.
@@ -47,10 +48,11 @@ ap.add_argument('--corrupt', type=int, default=30, help='kills each followed by 
 ap.add_argument('--sync', action='store_true', help='async_save=False (then at most ckpt_interval is lost)')
 ap.add_argument('--slow', type=float, default=0.15, help='seconds of sleep before each fsync of a save')
 ap.add_argument('--seed', type=int, default=0)
+ap.add_argument('--iters', type=int, default=400, help='iterations of each training run')
 args = ap.parse_args()
 rng = random.Random(args.seed)
 work = tempfile.mkdtemp(prefix='torture_')
-ITERS, CKPT = 400, 10
+ITERS, CKPT = args.iters, 10
 corpus = os.path.join(work, 'corpus')
 os.makedirs(corpus)
 for i in range(60):
@@ -81,11 +83,15 @@ def reached(out):
 
 def final_state(out):
     s = checkpoint.load(os.path.join(out, 'latest.safetensors'))
-    return s['iter_num'], {**{f'm/{k}': v for k, v in s['model'].items()},
-                           **{f'o/{i}/{k}': v for i, st in s['optimizer']['state'].items() for k, v in st.items()}}
+    tensors = {f'm/{k}': v for k, v in s['model'].items()}
+    for opt in ('optimizer', 'muon'):  # AdamW's, and Muon's when train.py's optimizer is muon (the default)
+        for i, st in s.get(opt, {'state': {}})['state'].items():
+            tensors.update({f'{opt}/{i}/{k}': v for k, v in st.items()})
+    return s['iter_num'], tensors
 
 
 def damage(path):
+    """Truncate path or flip one of its bits, in place (so a hard link to it is damaged too)."""
     size = os.path.getsize(path)
     if rng.random() < 0.5:
         with open(path, 'r+b') as f:
@@ -102,10 +108,12 @@ def damage(path):
 
 def torture(name, kills, corrupt):
     """Each process is the restart after the previous kill: its output (read after it is killed in
-    turn) says where it resumed, hence how much the previous kill cost."""
+    turn) says where it resumed, hence how much the previous kill cost. With corrupt, each kill is
+    followed by damaging latest, unless no other valid checkpoint would be left (spared): then a
+    restart must refuse to start, as train.py does, rather than resume."""
     out = os.path.join(work, name)
     t0 = time.time()
-    lost, mid_save, fresh, resumed, pending = [], 0, 0, 0, None
+    lost, mid_save, fresh, resumed, pending, spared = [], 0, 0, 0, None, 0
     for k in range(kills + 1):
         had_run = runs.has_run(out)
         p = start(out, args.slow if k < kills else 0.0)
@@ -117,7 +125,10 @@ def torture(name, kills, corrupt):
                 while reached(out) < target and p.poll() is None:
                     time.sleep(0.01)
                 time.sleep(rng.uniform(0.0, 0.3))
-            mid_save += any(n.startswith('.ckpt-tmp-') for n in os.listdir(out)) if os.path.isdir(out) else 0
+            if p.poll() is not None and p.returncode != 0:  # a restart that refused to run, or crashed
+                raise SystemExit(f"torture: process {k} failed before its kill:\n{p.communicate()[0][-2000:]}")
+            # its own scratch dir (that of an earlier killed process stays until the next save clears it)
+            mid_save += os.path.isdir(os.path.join(out, f'.ckpt-tmp-{p.pid}'))
             p.send_signal(signal.SIGKILL)
         output = p.communicate()[0]
         if k == kills and p.returncode != 0:
@@ -130,13 +141,23 @@ def torture(name, kills, corrupt):
             pending = None
         elif 'eval 0:' in output:
             fresh += 1
-            assert not had_run or corrupt, f"process {k} started fresh although {out} held checkpoints"
+            assert not had_run, f"process {k} started fresh although {out} held checkpoints"
         if k < kills:
             pending = max(pending or 0, reached(out))
-            if corrupt and os.path.exists(os.path.join(out, 'latest.safetensors')):
-                damage(os.path.join(out, 'latest.safetensors'))
+            latest = os.path.join(out, 'latest.safetensors')
+            if corrupt and os.path.exists(latest):
+                with open(latest, 'rb') as f:
+                    intact = f.read()
+                damage(latest)
+                try:
+                    runs.find('resume', out)  # what the restart will resume from
+                except checkpoint.CheckpointError:  # nothing valid left: train.py would rightly refuse to start
+                    with open(latest, 'r+b') as f:
+                        f.write(intact)
+                    spared += 1
     steps = [json.loads(line)['step'] for line in open(os.path.join(out, 'log.jsonl')) if '"loss"' in line]
-    return out, lost, mid_save, fresh, resumed, steps, time.time() - t0
+    return dict(out=out, lost=lost, mid_save=mid_save, fresh=fresh, resumed=resumed, spared=spared, steps=steps,
+                wall=time.time() - t0)
 
 
 reference = os.path.join(work, 'reference')
@@ -147,14 +168,16 @@ mode = 'sync' if args.sync else 'background'
 for name, kills, corrupt in (('kills', args.kills, False), ('corrupt', args.corrupt, True)):
     if not kills:
         continue
-    out, lost, mid_save, fresh, resumed, steps, wall = torture(name, kills, corrupt)
-    it, got = final_state(out)
+    r = torture(name, kills, corrupt)
+    it, got = final_state(r['out'])
     exact = it == it_ref and got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
-    once = steps == list(range(1, ITERS + 1))
-    print(f"{name}: {kills} SIGKILLs ({mode} saves, {args.slow}s per fsync), {mid_save} during a save; "
-          f"{resumed} restarts resumed from a checkpoint, {fresh} started fresh before any save existed"
-          f"{' (or with every file damaged)' if corrupt else ''}; iterations lost per kill: "
-          f"max {max(lost) if lost else 0}, mean {sum(lost) / max(1, len(lost)):.1f} (ckpt_interval {CKPT}); "
-          f"final weights and AdamW state bit-identical to an uninterrupted run: {exact}; "
-          f"log holds each iteration once: {once}; {wall:.0f} s", flush=True)
+    once = r['steps'] == list(range(1, ITERS + 1))
+    lost = r['lost']
+    damaged = f" ({kills - r['spared']} followed by damaging latest, {r['spared']} spared: no other valid file)"
+    print(f"{name}: {kills} SIGKILLs{damaged if corrupt else ''} ({mode} saves, {args.slow}s per fsync), "
+          f"{r['mid_save']} during a save; {r['resumed']} restarts resumed from a checkpoint, {r['fresh']} started "
+          f"fresh before any save existed; iterations lost per kill: max {max(lost) if lost else 0}, "
+          f"mean {sum(lost) / max(1, len(lost)):.1f} (ckpt_interval {CKPT}); final weights and optimizer state "
+          f"bit-identical to an uninterrupted run: {exact}; log holds each iteration once: {once}; "
+          f"{r['wall']:.0f} s", flush=True)
 shutil.rmtree(work, ignore_errors=True)

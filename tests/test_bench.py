@@ -1,0 +1,117 @@
+"""Every bench/ script runs at its smallest settings and prints its figures: benchmarks that cannot
+rot silently. The figures are matched, never judged (speed on a shared machine is no test); the
+checks a script makes itself (same scores, bit-identical, each iteration once) must hold. Each
+runs in its own folder on the tiny corpus, so nothing is written into the repository but
+bench_gpu.py's own data/bench_gpu_small (it takes no data flag; prepared once, then reused)."""
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import ROOT, make_corpus, run
+
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--log_interval=1']
+
+# script: the lines its output must hold. The slowest first: they start first.
+FIGURES = {
+    'bench_gpu.py': [r'^\[train_compiled\] [\d,]+ tokens/s, \d+ ms/iter, MFU .*% of measured',
+                     r'^\[train_eager\] [\d,]+ tokens/s, \d+ ms/iter',
+                     r'^\[sample\] \d+ new tokens .*: KV cache [\d,]+ tokens/s, full recompute [\d,]+',
+                     r"^\[ddp\] torchrun --nproc_per_node=1 \(gloo\) exit 0, '1 process\(es\)' logged: True",
+                     r'^\[ckpt\] [\d.]+ GiB state: blocked [\d.]+ s per save',
+                     r"^\[muon\] [\d,]+ tokens/s.*; [\d.]+x adamw's tokens/s",
+                     r'^\[fp8\] (fp8 vs float32: tiny [\d,]+ vs [\d,]+ tokens/s|skipped: .*torchao)',  # optional
+                     r'^\[headloss\] \d+ rows x \d+ -> \d+: (\w+ [\d.]+ ms, ){3}\w+ [\d.]+ ms',
+                     r'^\[pad\] one step of \d+x\d+ tokens: vocabulary \d+ [\d.]+ ms, \d+ [\d.]+ ms',
+                     r'^\[resume\] two uninterrupted runs: .* weights bit-identical; SIGKILL at iteration \d+ and '
+                     r'resumed: .* weights bit-identical',
+                     r'^\[float16\] \d+ steps: .* finite: True; stopped at \d+ and resumed: scaler state equal'],
+    'torture.py': [rf'^{phase}: 1 SIGKILLs.*bit-identical to an uninterrupted run: True; log holds each iteration '
+                   rf'once: True' for phase in ('kills', 'corrupt')],
+    'bench_lora.py': [r'^full fine-tune: .* parameters; AdamW state [\d.]+ MiB; checkpoint [\d.]+ MiB; .* tokens/s',
+                      r'^LoRA \(rank 8, .*\): .* trained: [\d.]+%\); .* tokens/s',
+                      r"^LoRA: [\d.]+x the full fine-tune's tokens/s; its checkpoint is [\d.]+% of the full one's"],
+    'bench.py': [r'^train default config: [\d,]+ tokens/s, [\d.]+ ms/iter; checkpoint [\d.]+ MB written in \d+ ms',
+                 r'^train config/python_code.py: [\d,]+ tokens/s',
+                 r'^sample: 10 new tokens .*: KV cache \d+ tok/s, full recompute \d+ tok/s, ratio [\d.]+x'],
+    'bench_recipe.py': [r'^timing round 1/1: .* \d+ ms, default \d+ ms$', r'^nanogpt-s1337-i\d+: whole-val loss [\d.]+',
+                        r"^\| nanogpt \| nanoGPT's CPU recipe \| \d+ x nanogpt \| 1.00 \[",
+                        r'^\| default \| our default \(train.py\) \| .* \| [+-][\d.]+ vs nanogpt \|$'],
+    'bench_train.py': [r'MFLOP/token; given float32 matmul peak 100 GFLOP/s',
+                       r'^compile=False: [\d,]+ tokens/s, MFU [\d.]+% of the given peak',
+                       r"^where an eager iteration's time goes", r'^  aten::\S+ +[\d.]+%'],
+    'bench_ckpt.py': [r'^default: state [\d.]+ GB; blocked per save: sync [\d.]+ s \(.*\), background [\d.]+ s',
+                      r'ckpt_interval 200 x [\d.]+ s/iter \(measured here\) .* overhead sync [\d.]+%, '
+                      r'background [\d.]+%'],
+    'bench_eval.py': [r'^batch_size=1 +[\d.]+ items/s',
+                      r'^batch_size=4 +[\d.]+ items/s \(range .*\), [\d.]+x one forward per choice; same scores'],
+    'bench_prepare.py': [r'^corpus: 40 files',
+                         r'^bpe 300 *: +[\d.]+s wall, end to end +[\d.]+ MB/s, peak RSS +\d+ MB, [\d,]+ tokens',
+                         r'^byte +: +[\d.]+s wall', r'^cache hit: [\d.]+s wall',
+                         r'^encode only: tiktoken [\d.]+ MB/s, HF encode_batch [\d.]+ MB/s .* identical ids in '
+                         r'(\d+)/\1 pieces'],
+}
+
+
+def smallest(script, data, folder):
+    """The script's arguments at its smallest settings; folder is its own."""
+    model = [*TINY, f'--data_dir={data}', '--dataset=tiny']
+    if script == 'bench_gpu.py':  # every section on a tiny model, eager; it prepares its own data (below)
+        return ['--small', '--device=cpu', f'--out={folder / "out"}']
+    if script == 'torture.py':
+        return ['--kills=1', '--corrupt=1', '--iters=40', '--slow=0.05']
+    if script == 'bench_lora.py':
+        return ['--rounds=1', '--iters=4', *model]
+    if script == 'bench.py':  # its prepare section is bench_prepare.py, run below
+        return ['--only=train,sample', '--iters=4', '--new_tokens=10', *model]
+    if script == 'bench_recipe.py':  # --smoke: two rows, one seed, a few iterations
+        return ['--smoke', '--threads=1', f'--data_dir={data}', '--dataset=tiny', f'--out_dir={folder / "out"}']
+    if script == 'bench_train.py':  # --peak_flops given: nothing measured, or written to the peak cache
+        return ['--iters=4', '--compile=off', '--peak_flops=1e11', *model]
+    if script == 'bench_ckpt.py':
+        (folder / 'ckpt').mkdir()
+        return ['--states=default', '--rounds=1', f'--dir={folder / "ckpt"}']
+    if script == 'bench_eval.py':
+        return [f'--data={data}/tiny', '--items=8', '--rounds=1', '--batch_sizes=4']
+    if script == 'bench_prepare.py':
+        make_corpus(folder / 'corpus')
+        return [f'--input={folder / "corpus"}', '--vocab_size=300', '--min_split_tokens=33']
+    raise ValueError(script)
+
+
+@pytest.fixture(scope='module')
+def outputs(request, tiny_data, tmp_path_factory):
+    """script -> (future of its run, its folder) for the scripts of the selected tests, started at
+    once, as many at a time as there are cores (two at least): each keeps about one core busy
+    (OMP_NUM_THREADS=1), and one after the other they would take minutes."""
+    selected = [item.callspec.params['script'] for item in request.session.items
+                if item.module is request.module and hasattr(item, 'callspec')]
+    with ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
+        started = {}
+        for script in [s for s in FIGURES if s in selected]:
+            folder = tmp_path_factory.mktemp(script.removesuffix('.py'))
+            args = smallest(script, tiny_data, folder)
+            started[script] = pool.submit(run, os.path.join('bench', script), *args, cwd=folder), folder
+        yield started
+
+
+@pytest.mark.parametrize('script', FIGURES)
+def test_smoke(script, outputs):
+    future, folder = outputs[script]
+    out = future.result().stdout  # run() raises if the script exits non-zero
+    for pattern in FIGURES[script]:
+        assert re.search(pattern, out, re.M), f"{script}: no line matching {pattern!r} in:\n{out}"
+    assert 'FAILED' not in out, out
+    if script == 'bench_ckpt.py':
+        assert os.listdir(folder / 'ckpt') == [], "bench_ckpt.py removes its checkpoints"
+    if script == 'bench_gpu.py':  # a failed section is reported in its JSON, not by the exit status
+        with open(folder / 'out' / 'bench_gpu.json') as f:
+            sections = json.load(f)['sections']
+        assert not [s for s in sections.values() if s['status'].startswith('failed')], sections
+
+
+def test_every_script_is_covered():
+    scripts = sorted(f for f in os.listdir(os.path.join(ROOT, 'bench')) if f.endswith('.py'))
+    assert scripts == sorted(FIGURES), "a bench/ script without a smoke run here (or one that is gone)"
