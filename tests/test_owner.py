@@ -142,7 +142,7 @@ def test_ranks_that_start_from_different_points_stop(tiny_data, reference, tmp_p
     p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                         os.path.join(ROOT, 'train.py'), str(cfg), *TINY, '--dataset=tiny', f'--data_dir={tiny_data}',
                         '--gradient_accumulation_steps=2',
-                        f'--max_iters={N + 5}'], capture_output=True, text=True, env=env, timeout=240)
+                        f'--max_iters={N + 5}', '--lr_schedule=cosine'], capture_output=True, text=True, env=env, timeout=240)
     assert p.returncode != 0 and time.time() - t0 < 200
     errors = [line for line in p.stderr.splitlines() if 'train.py: error' in line]
     assert len(errors) == 1 and 'ranks start from different points' in errors[0], p.stderr
