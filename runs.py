@@ -8,6 +8,7 @@ its logs (logs.py).
     listing(out_dir)                              train.py --list: who trains there, and each checkpoint
     start_point(config, explicit, defaults)       train.py: continue the run in out_dir, start a new
                                                    one, or refuse; and the config it runs with
+    before_decay(...) / decay_start(...)          a longer wsd run continues from where its decay began
     lock(out_dir) / owner(out_dir)                one training process per out_dir
     prepare_out_dir(...) / keep_base(...)         before a run's first write
     identify(path) / command_line()               what ranks compare; the command that continues a run
@@ -281,6 +282,44 @@ def start_point(config, explicit, defaults) -> dict:
     return dict(init_from=init_from, path=path, state=state, continuing=continuing,
                 origin=state.get("origin") if continuing else origin,
                 config=dict(config, init_from=init_from, reset_state=reset_state))
+
+
+# a wsd run's rate is constant until its decay begins, whatever max_iters is: a finished run given a
+# higher max_iters continues from the step_ checkpoint train.py saved there, exactly the run planned
+# that long from the start, where continuing from its end would re-warm annealed weights (Hagele et
+# al. 2024, https://arxiv.org/abs/2405.18392, sec. 3)
+def decay_start(c, n_windows):
+    """The iteration where the wsd decay of a run with config c begins (n_windows: per epoch, for
+    max_epochs); None for cosine."""
+    if c["lr_schedule"] != "wsd":
+        return None
+    iters = c["max_iters"]
+    if c["max_epochs"] is not None:
+        iters = min(iters, math.ceil(c["max_epochs"] * n_windows / (c["batch_size"] * c["gradient_accumulation_steps"])))
+    end = c["lr_decay_iters"] or iters
+    return end - round(c["decay_frac"] * end)
+
+
+def before_decay(path, state, config, n_windows, defaults, verbose=True):
+    """(path, state) to continue a run from: the step_ checkpoint where its decay began when config
+    moves the decay later than where the run is (a longer run), else the given ones. Without that
+    file it warns and continues from the given state."""
+    began, start = decay_start(state["config"], n_windows), decay_start(config, n_windows)
+    if began is None or start is None or began >= min(start, state["iter_num"]):
+        return path, state
+    try:
+        step_path, step, _ = find(f"step_{began}", os.path.dirname(path), defaults)
+    except CheckpointError as e:
+        if verbose:
+            print(f"warning: the decay of {path} began at iter {began} and no checkpoint from there is usable "
+                  f"({e}); continuing from iter {state['iter_num']}, the learning rate back up", file=sys.stderr)
+        return path, state
+    if verbose:
+        print(f"extending a run whose decay began at iter {began}: continuing from {step_path}, saved there "
+              f"(best keeps the decayed weights until this run beats them)")
+    # the decay's weights are dropped, not its time or its best
+    return step_path, dict(step, best_val_loss=min(step["best_val_loss"], state["best_val_loss"]),
+                           wall_seconds=state.get("wall_seconds", 0.0))
 
 # -----------------------------------------------------------------------------
 # one owner per out_dir: two processes training into one folder would each rotate, prune and

@@ -50,7 +50,7 @@ reset_state = False  # with init_from: keep only the weights, start a new run (e
 overwrite = False  # start a new run in an out_dir that holds one, moving the old run to out_dir/previous-<time>/
 log_interval = 10  # iterations per log line
 eval_interval = 200  # iterations between evals (train and val loss)
-eval_iters = 20  # batches per split in an eval
+eval_iters = 40  # batches per split in an eval (40 x 8 = 320 windows)
 # checkpoint tiers (iterations); 0 disables a tier
 ckpt_interval = 200  # `latest` (the previous one becomes `latest_backup`)
 rolling_interval = 600  # `step_NNNNNNN`, the newest keep_last are kept
@@ -236,6 +236,9 @@ windows_per_iter = batch_size * gradient_accumulation_steps
 tokens_per_iter = windows_per_iter * block_size
 if max_epochs is not None:
     max_iters = min(max_iters, math.ceil(max_epochs * n_windows / windows_per_iter))
+wsd_start = runs.decay_start(config, n_windows)  # None for cosine
+if continuing:  # a longer wsd run continues from where its decay began
+    ckpt_path, ckpt = runs.before_decay(ckpt_path, ckpt, config, n_windows, defaults, verbose=master_process)
 if master_process:  # the loggers asked for import now: a missing one stops the run before anything is written
     try:
         logs.check(config)
@@ -266,40 +269,6 @@ def get_batch(data, windows):
         xy = xy.pin_memory().to(device, non_blocking=True)
     return xy[:, :-1], xy[:, 1:]
 
-
-# -----------------------------------------------------------------------------
-# a finished wsd run given a higher max_iters continues from where its decay began: the rate is
-# constant until then whatever max_iters is, so that is exactly the run planned this long from the
-# start, where continuing from the end would re-warm annealed weights (Hagele et al. 2024,
-# https://arxiv.org/abs/2405.18392, sec. 3). A step_ checkpoint is saved where a decay begins.
-def decay_start(c):
-    """The iteration where the wsd decay of a run with config c begins; None for cosine."""
-    if c['lr_schedule'] != 'wsd':
-        return None
-    iters = c['max_iters']
-    if c['max_epochs'] is not None:
-        iters = min(iters, math.ceil(c['max_epochs'] * n_windows / (c['batch_size'] * c['gradient_accumulation_steps'])))
-    end = c['lr_decay_iters'] or iters
-    return end - round(c['decay_frac'] * end)
-
-
-wsd_start = decay_start(config)
-began = decay_start(ckpt['config']) if continuing else None
-if wsd_start is not None and began is not None and began < min(wsd_start, ckpt['iter_num']):
-    try:
-        path, state, _ = runs.find(f'step_{began}', out_dir, defaults)
-    except checkpoint.CheckpointError as e:
-        if master_process:
-            print(f"warning: the decay of {ckpt_path} began at iter {began} and no checkpoint from there is usable "
-                  f"({e}); continuing from iter {ckpt['iter_num']}, the learning rate back up", file=sys.stderr)
-    else:
-        if master_process:
-            print(f"extending a run whose decay began at iter {began}: continuing from {path}, saved there "
-                  f"(best keeps the decayed weights until this run beats them)")
-        # the decay's weights are dropped, not its time or its best
-        state.update(best_val_loss=min(state['best_val_loss'], ckpt['best_val_loss']),
-                     wall_seconds=ckpt.get('wall_seconds', 0.0))
-        ckpt_path, ckpt = path, state
 
 # -----------------------------------------------------------------------------
 # model and optimizer: from scratch, or the checkpoint's weights (and, continuing its run, its
