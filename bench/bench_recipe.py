@@ -65,9 +65,9 @@ ROWS = {  # name: (what it is, train.py settings ({}: train.py's defaults), time
     'default-b4': ("our default with batch 4", dict(batch_size=4), EQUAL),
     'old-main': ("the main job until now: old default, 2,000 iterations", OLD, MAIN),
     'default-half': ("our default in half of that time", {}, (MAIN[0], MAIN[1] // 2)),
-    'default-main': ("our default in the main job's time", {}, MAIN),
+    'default-main': ("our default: the main job, 3,300 iterations", {}, ('default', 3300)),
 }
-RECIPES = {'nanogpt': NANOGPT, 'old': OLD}  # the references of the time budgets
+RECIPES = {'nanogpt': NANOGPT, 'old': OLD, 'default': {}}  # the references of the time budgets
 SPEED = ('optimizer', 'block_size', 'batch_size', 'gradient_accumulation_steps', 'n_layer', 'n_head', 'n_embd')
 QUIET = ['--eval_interval=100000000', '--ckpt_interval=200', '--rolling_interval=0', '--save_best=False',
          '--save_epochs=False', '--compile=False', '--device=cpu', '--dtype=float32']
