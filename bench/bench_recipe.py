@@ -2,10 +2,13 @@
 Training recipes at equal wall time on the same prepared data: nanoGPT's CPU recipe, our old
 default, our default (train.py's) and the candidates it was chosen from, each a real train.py run,
 two seeds each, scored by the loss over the whole val split (metrics.perplexity, as evaluate.py).
-Then the main job: the old default's 2,000 iterations against our default in half and all of that time.
+Then the main job: the old default's 2,000 iterations against our default in half of that time,
+and our default's own 3,300 iterations (the same time).
 
-    python prepare.py && python bench/bench_recipe.py     # the study: a few hours of 2 cores
+    python prepare.py && python bench/bench_recipe.py     # the study's rows: ~2.5 hours of 2 cores
     python bench/bench_recipe.py --only=nanogpt,default   # some rows (kept in out_dir: rerun to resume)
+    python bench/bench_recipe.py --only=probe --scale=0.5 --seeds=1337 --threads=1 --out_dir=out-probe
+                                                          # the probe that chose the candidates
     python bench/bench_recipe.py --smoke                  # seconds: a tiny model, a few iterations
 
 Equal time on a shared machine: timings of long runs swing 10-50% with other load, so each recipe's
@@ -56,17 +59,15 @@ ROWS = {  # name: (what it is, train.py settings ({}: train.py's defaults), time
     'p-lr4-b8': ("Muon, lr 4e-3, batch 8", dict(MUON, learning_rate=4e-3, batch_size=8), EQUAL),
     'p-lr16': ("Muon, lr 1.6e-2", dict(MUON, learning_rate=1.6e-2), EQUAL),
     'p-adamw-lr4': ("AdamW, lr 4e-3, wsd 0.4 to 0, warmup 20", dict(MUON, optimizer='adamw', learning_rate=4e-3), EQUAL),
-    'p-lr8-b4': ("Muon, lr 8e-3, batch 4", dict(MUON, learning_rate=8e-3, batch_size=4), EQUAL),
-    'p-lr8-w100': ("Muon, lr 8e-3, warmup 100", dict(MUON, learning_rate=8e-3, warmup_iters=100), EQUAL),
-    'p-lr8-d2': ("Muon, lr 8e-3, decay_frac 0.2", dict(MUON, learning_rate=8e-3, decay_frac=0.2), EQUAL),
-    'p-lr8-wd0': ("Muon, lr 8e-3, weight decay 0", dict(MUON, learning_rate=8e-3, weight_decay=0.0), EQUAL),
-    'default-lr4': ("our default with lr 4e-3", dict(learning_rate=4e-3), EQUAL),
     'default-b16': ("our default with batch 16", dict(batch_size=16), EQUAL),
     'default-b4': ("our default with batch 4", dict(batch_size=4), EQUAL),
     'old-main': ("the main job until now: old default, 2,000 iterations", OLD, MAIN),
     'default-half': ("our default in half of that time", {}, (MAIN[0], MAIN[1] // 2)),
     'default-main': ("our default: the main job, 3,300 iterations", {}, ('default', 3300)),
 }
+STUDY = ('nanogpt', 'old', 'default', 'default-b4', 'default-b16', 'old-main', 'default-half', 'default-main')
+PROBE = ('nanogpt', 'old', 'muon', 'muon-lr4', 'muon-lr8', 'p-lr16', 'muon-cos', 'muon-w100', 'muon-t64', 'muon-b8',
+         'p-lr4-b8', 'p-lr8-b8', 'p-adamw-lr4')
 RECIPES = {'nanogpt': NANOGPT, 'old': OLD, 'default': {}}  # the references of the time budgets
 SPEED = ('optimizer', 'block_size', 'batch_size', 'gradient_accumulation_steps', 'n_layer', 'n_head', 'n_embd')
 QUIET = ['--eval_interval=100000000', '--ckpt_interval=200', '--rolling_interval=0', '--save_best=False',
@@ -74,7 +75,7 @@ QUIET = ['--eval_interval=100000000', '--ckpt_interval=200', '--rolling_interval
 TINY = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--eval_iters=2']  # --smoke
 
 ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-ap.add_argument('--only', default='', help='comma-separated row names')
+ap.add_argument('--only', help="comma-separated row names, or 'probe' (default: the study's rows; --smoke: two)")
 ap.add_argument('--scale', type=float, default=1.0, help='every time budget times this')
 ap.add_argument('--seeds', default='1337,1338')
 ap.add_argument('--rounds', type=int, default=5, help='alternating timing rounds')
@@ -91,8 +92,9 @@ args = ap.parse_args()
 args.data_dir, args.out_dir = os.path.abspath(args.data_dir), os.path.abspath(args.out_dir)
 if args.smoke:
     args.scale, args.rounds, args.timing_iters, args.seeds = 4 / 1000, 1, 6, args.seeds.split(',')[0]
-    args.only = args.only or 'nanogpt,default'
-names = [n for n in ROWS if not args.only or n in args.only.split(',')]
+args.only = args.only or ('nanogpt,default' if args.smoke else ','.join(STUDY))
+args.only = ','.join(PROBE) if args.only == 'probe' else args.only
+names = [n for n in ROWS if n in args.only.split(',')]
 unknown = set(args.only.split(',')) - set(ROWS) - {''}
 if unknown:
     raise SystemExit(f"bench_recipe: error: unknown row {', '.join(sorted(unknown))}; have {', '.join(ROWS)}")
@@ -208,7 +210,7 @@ for run in running:
 # -----------------------------------------------------------------------------
 # one table: rows compare to the first row whose budget counts the same recipe's iterations
 print(f"\nloss over the whole val split of {args.dataset} (nats/token), seeds {', '.join(map(str, seeds))}; time per "
-      f"iteration against nanoGPT's recipe: median [range] of {args.rounds} alternating rounds, {args.threads} threads\n")
+      f"iteration against nanoGPT's recipe: median [range] of {len(results['timing'][speed_class(NANOGPT)]['ms'])} alternating rounds, {args.threads} threads\n")
 print("| row | recipe | time budget | time/iter | iterations | val loss per seed | mean | difference |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- |")
 first = {}

@@ -1,6 +1,6 @@
 """optimizer='adamw' | 'muon' and lr_schedule='wsd' through train.py: the optimizer split, exact resume
 after SIGTERM and kill -9 with either optimizer, the other optimizer refused, DDP and float16 with
-Muon, wsd's learning rate at its boundaries, a finished wsd run extended exactly, the recipe study."""
+Muon, wsd's learning rate at its boundaries, a finished wsd run extended exactly, a run from before these keys."""
 import math
 import os
 import signal
@@ -145,11 +145,6 @@ def test_wsd_boundaries_and_extending_a_finished_run(tiny_data, tmp_path):
     r = run('train.py', *wsd, f'--out_dir={extended}', '--max_iters=24')  # the same command, more iterations
     assert 'extending a run whose decay began at iter 12' in r.stdout
     assert losses(extended) == losses(longer) and same_weights(extended, longer)
-
-
-def test_bench_recipe_smoke(tiny_data, tmp_path):
-    r = run('bench/bench_recipe.py', '--smoke', f'--data_dir={tiny_data}', '--dataset=tiny', f'--out_dir={tmp_path}')
-    assert '| nanogpt |' in r.stdout and '| default |' in r.stdout and 'whole val split' in r.stdout
 
 
 def test_a_run_from_before_the_optimizer_key_resumes_with_adamw(tiny_data, tmp_path):
