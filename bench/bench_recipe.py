@@ -3,7 +3,7 @@ Training recipes at equal wall time on the same prepared data: nanoGPT's CPU rec
 default, our default (train.py's) and the candidates it was chosen from, each a real train.py run,
 two seeds each, scored by the loss over the whole val split (metrics.perplexity, as evaluate.py).
 Then the main job: the old default's 2,000 iterations against our default in half of that time,
-and our default's own 3,300 iterations (the same time).
+and our default's own 1,850 iterations (about the same time).
 
     python prepare.py && python bench/bench_recipe.py     # the study's rows: ~2.5 hours of 2 cores
     python bench/bench_recipe.py --only=nanogpt,default   # some rows (kept in out_dir: rerun to resume)
@@ -59,13 +59,14 @@ ROWS = {  # name: (what it is, train.py settings ({}: train.py's defaults), time
     'p-lr4-b8': ("Muon, lr 4e-3, batch 8", dict(MUON, learning_rate=4e-3, batch_size=8), EQUAL),
     'p-lr16': ("Muon, lr 1.6e-2", dict(MUON, learning_rate=1.6e-2), EQUAL),
     'p-adamw-lr4': ("AdamW, lr 4e-3, wsd 0.4 to 0, warmup 20", dict(MUON, optimizer='adamw', learning_rate=4e-3), EQUAL),
-    'default-b16': ("our default with batch 16", dict(batch_size=16), EQUAL),
     'default-b4': ("our default with batch 4", dict(batch_size=4), EQUAL),
+    'default-b8': ("our default with batch 8", dict(batch_size=8), EQUAL),
+    'default-b32': ("our default with batch 32", dict(batch_size=32), EQUAL),
     'old-main': ("the main job until now: old default, 2,000 iterations", OLD, MAIN),
     'default-half': ("our default in half of that time", {}, (MAIN[0], MAIN[1] // 2)),
-    'default-main': ("our default: the main job, 3,300 iterations", {}, ('default', 3300)),
+    'default-main': ("our default: the main job, 1,850 iterations", {}, ('default', 1850)),
 }
-STUDY = ('nanogpt', 'old', 'default', 'default-b4', 'default-b16', 'old-main', 'default-half', 'default-main')
+STUDY = ('nanogpt', 'old', 'default', 'default-b4', 'default-b8', 'default-b32', 'old-main', 'default-half', 'default-main')
 PROBE = ('nanogpt', 'old', 'muon', 'muon-lr4', 'muon-lr8', 'p-lr16', 'muon-cos', 'muon-w100', 'muon-t64', 'muon-b8',
          'p-lr4-b8', 'p-lr8-b8', 'p-adamw-lr4')
 RECIPES = {'nanogpt': NANOGPT, 'old': OLD, 'default': {}}  # the references of the time budgets
