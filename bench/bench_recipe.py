@@ -47,7 +47,7 @@ EQUAL, MAIN = ('nanogpt', 3138), ('old', 2000)  # time budgets: iterations of a 
 ROWS = {  # name: (what it is, train.py settings ({}: train.py's defaults), time budget)
     'nanogpt': ("nanoGPT's CPU recipe", NANOGPT, EQUAL),
     'old': ("our old default: AdamW 2e-3 cosine, block 128, batch 16", OLD, EQUAL),
-    'default': ("our default (train.py)", {}, EQUAL),
+    'default': ("our default (train.py): Muon lr 8e-3, wsd 0.4 to 0, warmup 20, block 128, batch 16", {}, EQUAL),
     'muon': ("Muon, lr 2e-3, wsd 0.4 to 0, warmup 20", MUON, EQUAL),
     'muon-lr4': ("Muon, lr 4e-3", dict(MUON, learning_rate=4e-3), EQUAL),
     'muon-lr8': ("Muon, lr 8e-3", dict(MUON, learning_rate=8e-3), EQUAL),
