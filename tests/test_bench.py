@@ -38,7 +38,7 @@ FIGURES = {
                  r'^sample: 10 new tokens .*: KV cache \d+ tok/s, full recompute \d+ tok/s, ratio [\d.]+x'],
     'bench_recipe.py': [r'^timing round 1/1: .* \d+ ms, default \d+ ms$', r'^nanogpt-s1337-i\d+: whole-val loss [\d.]+',
                         r"^\| nanogpt \| nanoGPT's CPU recipe \| \d+ x nanogpt \| 1.00 \[",
-                        r'^\| default \| our default \(train.py\) \| .* \| [+-][\d.]+ vs nanogpt \|$'],
+                        r'^\| default \| our default \(train.py\).* \| [+-][\d.]+ vs nanogpt \|$'],
     'bench_train.py': [r'MFLOP/token; given float32 matmul peak 100 GFLOP/s',
                        r'^compile=False: [\d,]+ tokens/s, MFU [\d.]+% of the given peak',
                        r"^where an eager iteration's time goes", r'^  aten::\S+ +[\d.]+%'],
