@@ -36,7 +36,8 @@ import metrics
 import runs
 from configurator import check_ranges, configure
 from model import (GPT, GPTConfig, check_args, convert_to_fp8, count_params, fp8_problem, load_base,
-                   load_optimizer_state, mark_trainable, pad_vocab, resize_vocab, trained_weights, wte_moments)
+                   mark_trainable, pad_vocab, resize_vocab, trained_weights)
+from optim import configure_optimizers, load_optimizer_state, wte_moments
 
 # -----------------------------------------------------------------------------
 # default config: a small model that trains on the stdlib corpus on 2 CPU cores in ~10 minutes
@@ -78,7 +79,7 @@ gradient_accumulation_steps = 1
 max_iters = 1850  # ~7.5 min on 2 CPU cores: the time of the 2,000 AdamW iterations before bench_recipe.py
 max_epochs = None  # stop at the end of this epoch instead (max_iters still caps)
 # optimizer: Muon for the weight matrices inside the blocks, AdamW for the rest; or AdamW for all
-# (model.configure_optimizers). The defaults are bench/bench_recipe.py's choice (docs/training.md)
+# (optim.py). The defaults are bench/bench_recipe.py's choice (docs/training.md)
 optimizer = 'muon'  # 'muon' or 'adamw'
 learning_rate = 8e-3  # both optimizers' peak (Muon's update is scaled to AdamW's RMS)
 weight_decay = 0.1
@@ -305,7 +306,7 @@ if fp8:  # before the optimizer and compile see the layers
     if fp8_problem(device):
         fail(fp8_problem(device))
     convert_to_fp8(model)
-optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
+optimizers = configure_optimizers(model, weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 iter_num, pos, best_val_loss, wandb_id, last_eval, run_seconds = 0, (0, 0), float('inf'), None, {}, 0.0
 last_epoch_ckpt = None  # iteration of the newest epoch_ checkpoint

@@ -33,6 +33,7 @@ import checkpoint  # noqa: E402
 import runs  # noqa: E402
 from configurator import script_defaults  # noqa: E402
 from model import GPT, GPTConfig, pad_vocab  # noqa: E402
+from optim import configure_optimizers  # noqa: E402
 
 # name: (config file, vocabulary, estimated seconds per iteration on a GPU setup or None: measure here)
 STATES = {
@@ -52,7 +53,7 @@ def build(name):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'], vocab_size=vocab,
                           block_size=cfg['block_size'], padded_vocab_size=pad_vocab(vocab)))
-    [opt] = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), 'cpu')
+    [opt] = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.99), 'cpu')
     sec_per_iter = None
     if STATES[name][2] is None:  # a few real steps at the config's batch: its iteration time here
         x = torch.randint(0, vocab, (cfg['batch_size'], cfg['block_size']))

@@ -24,6 +24,7 @@ sys.path.insert(0, ROOT)
 import hardware  # noqa: E402
 from configurator import script_defaults  # noqa: E402
 from model import GPT, GPTConfig, pad_vocab  # noqa: E402
+from optim import configure_optimizers  # noqa: E402
 
 QUIET = ['--eval_interval=1000000', '--ckpt_interval=0', '--rolling_interval=0', '--save_best=False',
          '--save_epochs=False', '--log_interval=5']
@@ -55,7 +56,7 @@ def profile(cfg, vocab_size, steps=3):
     """Top ops of a few eager training steps, by self CPU time."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     model = build(cfg, vocab_size)
-    [opt] = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), 'cpu')
+    [opt] = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.99), 'cpu')
     x = torch.randint(0, vocab_size, (cfg['batch_size'], cfg['block_size']))
 
     def step():

@@ -14,7 +14,7 @@ lora_dropout = 0.05  # on the adapters' input
 lora_targets = 'attn.c_attn,attn.c_proj'  # the attention's projections; add mlp.c_fc,mlp.c_proj for more capacity
 trainable = 'new_tokens'  # the rows --extend_vocab added (the old rows stay bit-identical); '' without an extension
 # AdamW with cosine, as tuned for LoRA: the adapters train on AdamW whatever `optimizer` says
-# (model.configure_optimizers); Muon would take only the base's matrices, with trainable=all
+# (optim.configure_optimizers); Muon would take only the base's matrices, with trainable=all
 optimizer = 'adamw'
 lr_schedule = 'cosine'
 batch_size = 16

@@ -11,12 +11,13 @@ import torch
 import checkpoint
 from conftest import ROOT, TINY
 from model import GPT, GPTConfig
+from optim import configure_optimizers
 
 
 def test_snapshot_is_one_buffer_the_size_of_the_state(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=48, block_size=32, vocab_size=100, padded_vocab_size=128))
-    [opt] = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), 'cpu')
+    [opt] = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.99), 'cpu')
     model(torch.randint(0, 100, (2, 32)), torch.randint(0, 100, (2, 32)))[1].backward()
     opt.step()
     state = {'model': model.state_dict(), 'optimizer': opt.state_dict(), 'iter_num': 1}

@@ -10,7 +10,8 @@ import checkpoint
 import hardware
 import runs
 from conftest import TINY, read_log, run
-from model import GPT, GPTConfig, load_optimizer_state, pad_vocab
+from model import GPT, GPTConfig, pad_vocab
+from optim import configure_optimizers, load_optimizer_state
 
 # real torch.cuda.get_device_name() strings -> bfloat16 dense TFLOP/s (None: MFU unknown)
 NAMES = [
@@ -90,7 +91,7 @@ def test_padded_vocabulary_is_exact_and_never_sampled():
     with torch.no_grad():
         padded.transformer.wte.weight[257:] = 0.0
     padded.train()
-    [opt] = padded.configure_optimizers(0.1, 1e-2, (0.9, 0.99), 'cpu')
+    [opt] = configure_optimizers(padded, 0.1, 1e-2, (0.9, 0.99), 'cpu')
     for _ in range(3):
         padded(x, x)[1].backward()
         opt.step()

@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import (GPT, GPTConfig, LORA_TARGETS, LoRALinear, count_params, from_state, load_base,  # noqa: E402
                    mark_trainable, pad_vocab, resize_vocab)
+from optim import configure_optimizers  # noqa: E402
 
 ALL = ','.join(LORA_TARGETS)
 
@@ -80,7 +81,7 @@ def test_merged_equals_unmerged():
 
 
 def steps(model, vocab_size=64, n=4):
-    [opt] = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+    [opt] = configure_optimizers(model, 0.1, 1e-2, (0.9, 0.95), 'cpu')
     for i in range(n):
         x, y = batch(vocab_size, seed=i)
         _, loss = model(x, y)

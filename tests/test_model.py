@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPT, GPTConfig, sample  # noqa: E402
+from optim import configure_optimizers  # noqa: E402
 
 
 def tiny(block_size=16, **kw):
@@ -97,7 +98,7 @@ def test_initial_loss_and_training_reduces_it():
     y = torch.randint(0, 64, (4, 16), generator=g)
     _, loss0 = model(x, y)
     assert abs(loss0.item() - math.log(64)) < 0.1  # near-uniform predictions at init
-    [opt] = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+    [opt] = configure_optimizers(model, 0.1, 1e-2, (0.9, 0.95), 'cpu')
     for _ in range(10):
         _, loss = model(x, y)
         opt.zero_grad(set_to_none=True)
@@ -146,7 +147,7 @@ def test_gradient_checkpointing_matches():
 
 def test_optimizer_groups():
     model = tiny()
-    [opt] = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    [opt] = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 'cpu')
     decay, no_decay = opt.param_groups
     assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
