@@ -1,7 +1,7 @@
 """
 Train a GPT on a dataset made by prepare.py, on one CPU, one GPU or many GPUs.
 
-    python prepare.py && python train.py                 # small model on the stdlib corpus (CPU, ~10 min)
+    python prepare.py && python train.py                 # small model on the stdlib corpus (CPU, 7-9 min)
     python train.py config/python_code.py --max_iters=5000
     python train.py --init_from=best                     # or latest_backup, step_0001000, epoch_0002, a path
     python train.py --overwrite=True                     # start over: the old run moves to out/previous-*/
@@ -40,7 +40,7 @@ from model import (GPT, GPTConfig, check_args, convert_to_fp8, count_params, fp8
 from optim import configure_optimizers, load_optimizer_state, wte_moments
 
 # -----------------------------------------------------------------------------
-# default config: a small model that trains on the stdlib corpus on 2 CPU cores in ~10 minutes
+# default config: a small model that trains on the stdlib corpus on 2 CPU cores in 7-9 minutes
 # I/O
 out_dir = 'out'
 data_dir = 'data'
@@ -76,7 +76,7 @@ trainable = ''  # besides adapters, comma-separated: wte, wpe, ln, new_tokens (a
 # batch: the global batch is batch_size * gradient_accumulation_steps sequences on any number of processes
 batch_size = 16
 gradient_accumulation_steps = 1
-max_iters = 1850  # ~7.5 min on 2 CPU cores: the time of the 2,000 AdamW iterations before bench_recipe.py
+max_iters = 1850  # 7-9 min on 2 CPU cores: the time of the 2,000 AdamW iterations before bench_recipe.py
 max_epochs = None  # stop at the end of this epoch instead (max_iters still caps)
 # optimizer: Muon for the weight matrices inside the blocks, AdamW for the rest; or AdamW for all
 # (optim.py). The defaults are bench/bench_recipe.py's choice (docs/training.md)
