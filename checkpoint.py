@@ -31,6 +31,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import files
+from errors import Error, oneline
+
 FORMAT = "sturdygpt-checkpoint-2"  # -1: the same, with its metadata under four keys (read, never written)
 READS = (FORMAT, "sturdygpt-checkpoint-1")
 INFO_KEYS = ("iter_num", "epoch", "val_loss", "best_val_loss", "time")  # what read_info() returns
@@ -39,14 +42,6 @@ NAME = re.compile(rf"(latest|latest_backup|best)|({'|'.join(TIERS)})_(\d+)")
 TMP = re.compile(r"\.ckpt-tmp-(\d+)")  # a saving process's scratch dir
 TENSOR, TUPLE, DICT = "__tensor__", "__tuple__", "__dict__"  # tags in the JSON tree
 
-
-class CheckpointError(Exception):
-    """str() is a one-line reason, fit to print as is."""
-
-
-def oneline(e) -> str:
-    """An exception as one line: an OSError's own words (its strerror), else its message."""
-    return " ".join((e.strerror if isinstance(e, OSError) and e.strerror else str(e)).split()) or type(e).__name__
 
 # -----------------------------------------------------------------------------
 # one file
@@ -58,7 +53,7 @@ def flatten(state):
         sub = lambda k: f"{path}/{k}" if path else str(k)
         if isinstance(x, torch.Tensor):
             if x.layout != torch.strided or x.is_quantized:
-                raise CheckpointError(f"cannot save {path}: only dense tensors are supported")
+                raise Error(f"cannot save {path}: only dense tensors are supported")
             x = x.detach()
             storage = (x.device, x.untyped_storage().data_ptr())
             view = storage + (x.storage_offset(), x.shape, x.stride(), x.dtype)
@@ -87,7 +82,7 @@ def flatten(state):
             return x
         if isinstance(x, np.generic):
             return x.item()
-        raise CheckpointError(f"cannot save {path or 'state'}: unsupported type {type(x).__name__} "
+        raise Error(f"cannot save {path or 'state'}: unsupported type {type(x).__name__} "
                               "(use tensors, dicts, lists, tuples, str/int/float/bool/None)")
     tree = walk(state, "")
     return tree, {k: t.cpu().contiguous() for k, t in tensors.items()}
@@ -117,18 +112,10 @@ def digest(meta, tensors) -> str:
         h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
-def fsync(path) -> None:
-    """Flush a file or a folder (a rename is durable once its folder is flushed) to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 def _write(path, state):
     """Serialize state into path (a scratch name that callers rename) and fsync it."""
     if not isinstance(state, dict):
-        raise CheckpointError(f"cannot save: state must be a dict, not {type(state).__name__}")
+        raise Error(f"cannot save: state must be a dict, not {type(state).__name__}")
     tree, tensors = flatten(state)
     info = {k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for k, v in state.items()
             if k in INFO_KEYS}  # nanoGPT's best_val_loss is a 0-dim tensor
@@ -138,10 +125,8 @@ def _write(path, state):
     # one metadata key: safetensors writes several in a random order, and a checkpoint's bytes
     # should depend on its state alone (a background save writes the same file as a direct one)
     save_file(tensors, path, metadata={"sturdygpt": json.dumps(meta)})
-    umask = os.umask(0o22)  # read the umask: os.umask is its only getter
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)  # safetensors' own temp file is 0600
-    fsync(path)
+    files.new_file_mode(path)
+    files.fsync(path)
     read_header(path)  # the size matches the header, in case a write error went unreported
 
 def _scratch(d):
@@ -149,13 +134,8 @@ def _scratch(d):
     safetensors' own .tmpXXXXXX file; scratch dirs of dead processes (kill -9 mid-save) go."""
     for name in os.listdir(d):
         m = TMP.fullmatch(name)
-        try:
-            if m and int(m[1]) != os.getpid():
-                os.kill(int(m[1]), 0)
-        except ProcessLookupError:
+        if m and not files.alive(int(m[1])):
             shutil.rmtree(os.path.join(d, name), ignore_errors=True)
-        except OSError:
-            pass
     tmp = os.path.join(d, f".ckpt-tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.mkdir(tmp)
@@ -174,18 +154,18 @@ def _publish(d, state, names, what, rotate=False):
                 os.link(src, os.path.join(tmp, name))
             except OSError:  # a filesystem without hard links: copy
                 shutil.copyfile(src, os.path.join(tmp, name))
-                fsync(os.path.join(tmp, name))
+                files.fsync(os.path.join(tmp, name))
         for name in names:
             dst = os.path.join(d, name)
             if rotate and name == "latest.safetensors" and os.path.exists(dst):
                 # a crash right after this leaves latest_backup complete and latest missing
                 os.replace(dst, os.path.join(d, "latest_backup.safetensors"))
             os.replace(os.path.join(tmp, name), dst)
-        fsync(d)
-    except CheckpointError:
+        files.fsync(d)
+    except Error:
         raise
     except Exception as e:
-        raise CheckpointError(f"cannot save {what}: {oneline(e)}") from None
+        raise Error(f"cannot save {what}: {oneline(e)}") from None
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -204,66 +184,66 @@ def read_header(path):
             if n == 0 or n > 100_000_000 or 8 + n > size:
                 # never unpickled: loading a pickle (or torch.save's zip of one) can run arbitrary code
                 if head[:1] == b"\x80":
-                    raise CheckpointError("is a pickle file, not a .safetensors checkpoint (refused)")
+                    raise Error("is a pickle file, not a .safetensors checkpoint (refused)")
                 if head[:4] == b"PK\x03\x04":
-                    raise CheckpointError("is a zip file (torch.save?), not a .safetensors checkpoint (refused)")
-                raise CheckpointError("not a safetensors file (bad header length)" if n > 100_000_000
+                    raise Error("is a zip file (torch.save?), not a .safetensors checkpoint (refused)")
+                raise Error("not a safetensors file (bad header length)" if n > 100_000_000
                                       else f"truncated ({size} bytes)")
             header = json.loads(f.read(n))
-    except CheckpointError:
+    except Error:
         raise
     except OSError as e:
-        raise CheckpointError(oneline(e)) from None
+        raise Error(oneline(e)) from None
     except (ValueError, RecursionError):  # bad JSON or UTF-8, or JSON nested beyond Python's stack
-        raise CheckpointError("not a safetensors file (unreadable header)") from None
+        raise Error("not a safetensors file (unreadable header)") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if isinstance(meta, dict) and "sturdygpt" in meta:
         try:
             meta = json.loads(meta["sturdygpt"])
         except (TypeError, ValueError, RecursionError):
-            raise CheckpointError("corrupt checkpoint (unreadable sturdygpt metadata)") from None
+            raise Error("corrupt checkpoint (unreadable sturdygpt metadata)") from None
     if not isinstance(meta, dict) or "format" not in meta:
-        raise CheckpointError("not a sturdygpt checkpoint (safetensors file without sturdygpt metadata)")
+        raise Error("not a sturdygpt checkpoint (safetensors file without sturdygpt metadata)")
     if meta["format"] not in READS:
-        raise CheckpointError(f"unsupported checkpoint format {meta['format']!r} (this code reads {FORMAT!r})")
+        raise Error(f"unsupported checkpoint format {meta['format']!r} (this code reads {FORMAT!r})")
     try:
         end = 8 + n + max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"] + [0])
     except (TypeError, KeyError, IndexError):
-        raise CheckpointError("not a safetensors file (bad tensor table)") from None
+        raise Error("not a safetensors file (bad tensor table)") from None
     if end != size:
-        raise CheckpointError(f"truncated ({size} of {end} bytes)" if end > size
+        raise Error(f"truncated ({size} of {end} bytes)" if end > size
                               else f"corrupt ({size - end} trailing bytes)")
     return meta
 
 def _read(path):
-    """The verified state tree of path; CheckpointError(reason) if it is bad."""
+    """The verified state tree of path; Error(reason) if it is bad."""
     meta = read_header(path)
     try:
         with safe_open(path, framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         if digest(meta, tensors) != meta["checksum"]:
-            raise CheckpointError("checksum mismatch (file is corrupted)")
+            raise Error("checksum mismatch (file is corrupted)")
         return _unflatten(json.loads(meta["state"]), tensors)
-    except CheckpointError:
+    except Error:
         raise
     except Exception as e:  # a crafted header that still checksums; never a traceback
-        raise CheckpointError(f"corrupt checkpoint ({type(e).__name__}: {oneline(e)})") from None
+        raise Error(f"corrupt checkpoint ({type(e).__name__}: {oneline(e)})") from None
 
 
 def load(path) -> dict:
     """The state tree saved in path, every byte checked against its checksum."""
     try:
         return _read(os.fspath(path))
-    except CheckpointError as e:
-        raise CheckpointError(f"cannot load {path}: {e}") from None
+    except Error as e:
+        raise Error(f"cannot load {path}: {e}") from None
 
 
 def read_info(path) -> dict:
     """iter_num, epoch, val_loss, best_val_loss, time as saved: header only, not verified."""
     try:
         info = json.loads(read_header(path).get("info", "{}"))
-    except (CheckpointError, ValueError, RecursionError, AttributeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
+    except (Error, ValueError, RecursionError, AttributeError) as e:
+        raise Error(f"cannot read {path}: {e}") from None
     return info if isinstance(info, dict) else {}
 
 # -----------------------------------------------------------------------------
@@ -315,7 +295,7 @@ def save_tiers(out_dir, state, names, keep=None, protect=()):
 
 # -----------------------------------------------------------------------------
 # finding and listing. `check(state, path) -> state` is the caller's: it may complete a state and
-# raises CheckpointError for one it cannot use, which is then skipped like a damaged file
+# raises Error for one it cannot use, which is then skipped like a damaged file
 
 def find_resume(out_dir, check=None):
     """(path, state, skipped) of the newest usable checkpoint: latest -> latest_backup -> numbered
@@ -325,7 +305,7 @@ def find_resume(out_dir, check=None):
     def newest(name):
         try:
             it = read_info(files[name]).get("iter_num")
-        except CheckpointError:
+        except Error:
             it = None
         return (it if isinstance(it, int) else int(NAME.fullmatch(name)[3]), os.path.getmtime(files[name]))
     order = [n for n in ("latest", "latest_backup") if n in files]
@@ -345,12 +325,12 @@ def find_resume(out_dir, check=None):
         try:
             state = _read(path)
             return path, check(state, path) if check else state, skipped
-        except CheckpointError as e:
+        except Error as e:
             failed[ino] = fname
             skipped.append(f"{fname}: {e}, falling back")
     if not skipped:
-        raise CheckpointError(f"no checkpoint in {out_dir} (looked for latest, latest_backup, step_*, epoch_*, best)")
-    raise CheckpointError(f"no valid checkpoint in {out_dir}: " + "; ".join(skipped))
+        raise Error(f"no checkpoint in {out_dir} (looked for latest, latest_backup, step_*, epoch_*, best)")
+    raise Error(f"no valid checkpoint in {out_dir}: " + "; ".join(skipped))
 
 
 def resolve(name, out_dir) -> str:
@@ -368,7 +348,7 @@ def resolve(name, out_dir) -> str:
     if os.path.isdir(name):
         return find_resume(name)[0]
     have = ", ".join(tier_files(out_dir)) or "none"
-    raise CheckpointError(f"checkpoint {name!r} not found in {out_dir} (have: {have}); use latest, "
+    raise Error(f"checkpoint {name!r} not found in {out_dir} (have: {have}); use latest, "
                           "latest_backup, best, step_NNNNNNN, epoch_NNNN, a file or a directory")
 
 
@@ -390,7 +370,7 @@ def list_checkpoints(out_dir, verify=True, check=None) -> list:
                 if check:
                     check(state, path)
                 errors[ino] = None
-        except (CheckpointError, ValueError, RecursionError, AttributeError) as e:
+        except (Error, ValueError, RecursionError, AttributeError) as e:
             errors[ino] = str(e)
         rows.append(dict(row, ok=errors[ino] is None if ino in errors else None, error=errors.get(ino)))
     first = ["latest", "latest_backup", "best"]  # then the numbered tiers, by name
@@ -423,7 +403,7 @@ class Writer:
     GPU, pinned host memory the copy is queued into; fresh memory each time would cost more in page
     faults than the copy).
     At most one save is in flight: the next one first waits for it. A failed write surfaces as
-    CheckpointError at the next save() or wait(); the files it would have replaced are intact.
+    Error at the next save() or wait(); the files it would have replaced are intact.
     With background=False save() writes in the calling thread, as save_tiers does."""
 
     def __init__(self, background=True):
@@ -465,7 +445,8 @@ class Writer:
             print(f"saved {', '.join(names)}{where} in {self.done[2]:.2f}s; checkpoints use {disk / 2**20:.1f} MB",
                   flush=True)
         except Exception as e:  # reported by the next save() or wait(), in the training thread
-            self.error = e if isinstance(e, CheckpointError) else CheckpointError(f"cannot save: {oneline(e)}")
+            why = e if isinstance(e, Error) else f"cannot save: {oneline(e)}"
+            self.error = Error(f"{why} (earlier checkpoints are intact)")
 
     def _snapshot(self, tree):
         """A copy of tree whose tensors are views into one flat buffer of this writer, kept between

@@ -3,73 +3,33 @@ nanoGPT-style configuration: module-level defaults in the script, then Python ov
 (config/*.py, exec'd in order), then --key=value (or --key value) arguments. Used by the top-level
 scripts:
 
-    config, explicit = configure(defaults, sys.argv[1:], prog='train.py', source=__file__)
+    config, explicit = configure(defaults, sys.argv[1:], source=__file__)
     globals().update(config)
-    check_ranges(config, {'batch_size': '[1, inf)', 'dropout': '[0, 1)'}, prog='train.py')
+    check_ranges(config, {'batch_size': '[1, inf)', 'dropout': '[0, 1)'})
 
 Fixes nanoGPT's known gaps: keys set by a config file are checked too (a typo is an error naming
 the closest valid key), an int is accepted for a float, a None default can be overridden, values
 may contain '=', and a bare --flag means --flag=True for a boolean key (true/false, yes/no, 1/0 all
-work). As with argparse, --key value works too: a key that is not boolean takes the next argument
+work); any other key needs a value. As with argparse, --key value works too: a key that is not boolean takes the next argument
 as its value unless that starts with '--', a boolean one only when it is one of those words (so
 `--force config/x.py` still reads x.py). -h / --help prints the script's docstring and its block of
 defaults, comments included.
 
 Config files are Python and are executed, as in nanoGPT: run only config files you trust.
 
-What a user hands any script is checked here too: check_input (a file named to be read must not
-wait forever: no named FIFO or device), not_utf8 (text that no tokenizer encodes), and past_int64
-(an int no torch call takes, refused for every key).
+Every value is checked against its default's type, and past_int64 refuses an int that no torch
+call takes, whatever the key; check_ranges holds values to their intervals.
 """
 import ast
 import difflib
-import functools
 import math
 import os
-import stat
 import sys
 import types
 from ast import literal_eval
 
-
-@functools.cache
-def pipe_device() -> int:
-    """st_dev of anonymous pipes (the kernel's pipefs): how check_input tells them from named FIFOs."""
-    r, w = os.pipe()
-    try:
-        return os.fstat(r).st_dev
-    finally:
-        os.close(r)
-        os.close(w)
-
-
-def check_input(path):
-    """None if reading the file a user named comes to an end, else why it may not: a named pipe
-    (FIFO) or a device. Opening a FIFO waits for a writer that may never come (a hang, not an error),
-    and a non-blocking open cannot tell "no writer yet" from "an empty one", so named FIFOs are
-    refused. A pipe a process hands over stays fine: `--mcq=<(cat exam)` (/dev/fd/63) or /dev/stdin
-    of `cat exam |` are anonymous pipes, whose writer is alive by then; they live on the kernel's
-    pipefs, so st_dev tells them apart whatever their path. Config files come here, and every text
-    file evaluate.py and train.py read (metrics.read_text)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None  # open() says why, in its own words
-    if stat.S_ISFIFO(st.st_mode) and st.st_dev != pipe_device():
-        return "it is a named pipe (FIFO): reading it would wait for a writer; give the file itself, or <(cat FILE)"
-    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISSOCK(st.st_mode):
-        return "it is a device or socket, not a file"
-    return None
-
-
-def not_utf8(text) -> bool:
-    """Whether text holds lone surrogates, which no tokenizer encodes: how bytes that are not UTF-8
-    arrive from the command line and stdin (surrogateescape), and what a JSON '\\ud800' escape gives."""
-    try:
-        text.encode('utf-8')
-        return False
-    except UnicodeEncodeError:
-        return True
+from errors import Error
+from files import read_text
 
 
 def _closest(key, valid):
@@ -96,17 +56,17 @@ def past_int64(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]
 
 
-def _check(key, value, defaults, where, prog):
-    """Return value converted to the type of the default, or exit with one line."""
+def _check(key, value, defaults, where):
+    """Return value converted to the type of the default, or Error in one line."""
     if key not in defaults:
-        raise SystemExit(f"{prog}: error: unknown config key '{key}' in {where}{_closest(key, list(defaults))}")
+        raise Error(f"unknown config key '{key}' in {where}{_closest(key, list(defaults))}")
     default = defaults[key]
     if not fits(value, default):
-        raise SystemExit(f"{prog}: error: {key} must be {type(default).__name__} like its default "
-                         f"{default!r}, got {value!r} in {where}")
+        raise Error(f"{key} must be {type(default).__name__} like its default {default!r}, "
+                    f"got {value!r} in {where}")
     if past_int64(value):
-        raise SystemExit(f"{prog}: error: {key}={value} is past the 64-bit integers torch takes "
-                         f"(at most {INT64[1]}) in {where}")
+        raise Error(f"{key}={value} is past the 64-bit integers torch takes (at most {INT64[1]}) "
+                    f"in {where}")
     return float(value) if isinstance(default, float) else value
 
 
@@ -166,21 +126,23 @@ def script_keys(source) -> set:
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
 
 
-def script_defaults(source, argv=(), prog=None) -> dict:
-    """A script's config defaults, read off its defaults block without running the script, with the
-    config files and --key=value in argv applied as the script would apply them: how bench/ learns
-    train.py's settings."""
+def script_defaults(source, argv=()) -> dict:
+    """A script's config defaults, read off its defaults block without running the script (the
+    literal ones), with the config files and --key=value in argv applied as the script would apply
+    them: how bench/ learns train.py's settings."""
     with open(source, encoding='utf-8') as f:
         tree = ast.parse('\n'.join(_defaults_block(f.read())))
     defaults = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            defaults[node.targets[0].id] = literal_eval(node.value)
-    return configure(defaults, list(argv), prog=prog or os.path.basename(source))[0]
+            try:
+                defaults[node.targets[0].id] = literal_eval(node.value)
+            except ValueError:  # a default taken from a module (metrics.MCQ_TEMPLATE): not a literal
+                pass
+    return configure(defaults, list(argv))[0]
 
 
-def configure(defaults: dict, argv: list, prog: str = 'train.py', source: str = None, ignore=(),
-              repeatable=()) -> tuple:
+def configure(defaults: dict, argv: list, source: str = None, ignore=(), repeatable=()) -> tuple:
     """Apply config files and --key=value / --key value overrides to a copy of defaults.
 
     Returns (config, explicit): the resolved config and the set of keys the user set.
@@ -201,13 +163,7 @@ def configure(defaults: dict, argv: list, prog: str = 'train.py', source: str = 
         i += 1
         if not arg.startswith('--'):
             # a config file: plain Python that assigns some of the keys
-            if check_input(arg):
-                raise SystemExit(f"{prog}: error: cannot read config file {arg}: {check_input(arg)}")
-            try:
-                with open(arg) as f:
-                    source = f.read()
-            except OSError as e:
-                raise SystemExit(f"{prog}: error: cannot read config file {arg}: {e.strerror}")
+            source = read_text(arg, 'config file')
             try:
                 tree = ast.parse(source, arg)
                 scope = dict(config)
@@ -215,7 +171,7 @@ def configure(defaults: dict, argv: list, prog: str = 'train.py', source: str = 
             except Exception as e:
                 tb = e.__traceback__.tb_next if e.__traceback__ else None
                 line = getattr(e, 'lineno', None) or (tb.tb_lineno if tb else '?')
-                raise SystemExit(f"{prog}: error: config file {arg}, line {line}: {type(e).__name__}: {e}")
+                raise Error(f"config file {arg}, line {line}: {type(e).__name__}: {e}") from None
             # every name the file assigns counts as set by the user, even to the default's value
             assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
             for key in sorted(assigned & scope.keys()):
@@ -225,33 +181,30 @@ def configure(defaults: dict, argv: list, prog: str = 'train.py', source: str = 
                 if key in ignore and key not in defaults:
                     continue  # another script's key, e.g. batch_size in a training config given to sample.py
                 if key in repeatable and isinstance(value, list):
-                    config[key] = [_check(key, v, defaults, arg, prog) for v in value]
+                    config[key] = [_check(key, v, defaults, arg) for v in value]
                 else:
-                    config[key] = _check(key, value, defaults, arg, prog)
+                    config[key] = _check(key, value, defaults, arg)
                 explicit.add(key)
             continue
         key, eq, raw = arg[2:].partition('=')
         if not eq:
             if key not in defaults:
-                _check(key, None, defaults, f"--{key}", prog)  # the unknown-key message
+                _check(key, None, defaults, f"--{key}")  # the unknown-key message
             default = defaults[key]
             following = argv[i] if i < len(argv) else None
             if isinstance(default, bool):
                 # a boolean takes the next argument only when it is one, so `--force config.py` still works
                 takes = following is not None and following.lower() in BOOL_WORDS
-            else:
-                # anything else takes it unless it is the next option (`--input --force` is not a path)
-                # or, for a key without a typed default, a config file (`--compile config/x.py`)
-                takes = following is not None and not following.startswith('--') and not (
-                    default is None and following.endswith('.py') and os.path.isfile(following))
+            else:  # anything else takes it unless it is the next option (`--input --force`)
+                takes = following is not None and not following.startswith('--')
             if takes:
                 raw = following
                 i += 1
-            elif isinstance(default, bool) or default is None:
-                raw = 'True'  # a bare flag (a None default too, as before: e.g. compile)
-            else:
-                raise SystemExit(f"{prog}: error: --{key} needs a value: --{key}=VALUE or --{key} VALUE")
-        value = _check(key, _parse(key, raw, defaults), defaults, f"--{key}={raw}", prog)
+            elif isinstance(default, bool):
+                raw = 'True'  # a bare flag
+            else:  # a None default too: a path key (--json) must not become True
+                raise Error(f"--{key} needs a value: --{key}=VALUE or --{key} VALUE")
+        value = _check(key, _parse(key, raw, defaults), defaults, f"--{key}={raw}")
         if key in repeatable and key in on_command_line:
             previous = config[key]
             value = (previous if isinstance(previous, list) else [previous]) + [value]
@@ -261,8 +214,8 @@ def configure(defaults: dict, argv: list, prog: str = 'train.py', source: str = 
     return config, explicit
 
 
-def check_ranges(config: dict, ranges: dict, prog: str, where: str = '') -> None:
-    """Exit with one line per value outside its interval, written '[1, inf)', '(0, 1]', ...;
+def check_ranges(config: dict, ranges: dict, where: str = '') -> None:
+    """Error with one line per value outside its interval, written '[1, inf)', '(0, 1]', ...;
     None passes (an unset optional key), a float must be finite and an int a 64-bit one (past_int64)
     whatever its interval.
     `where` ends each line, e.g. ' (in the config of out/latest.safetensors)'."""
@@ -272,12 +225,12 @@ def check_ranges(config: dict, ranges: dict, prog: str, where: str = '') -> None
         if value is None:
             continue
         if isinstance(value, (bool, str)):  # a key with a None default takes any value: not a number here
-            problems.append(f"{prog}: error: {key} must be a number in {interval}, got {value!r}{where}")
+            problems.append(f"{key} must be a number in {interval}, got {value!r}{where}")
             continue
         lo, hi = (float(b) for b in interval[1:-1].split(','))
         ok = not past_int64(value) and math.isfinite(value) and (lo <= value if interval[0] == '[' else lo < value) and \
             (value <= hi if interval[-1] == ']' else value < hi)
         if not ok:
-            problems.append(f"{prog}: error: {key} must be in {interval}, got {value!r}{where}")
+            problems.append(f"{key} must be in {interval}, got {value!r}{where}")
     if problems:
-        raise SystemExit('\n'.join(problems))
+        raise Error('\n'.join(problems))

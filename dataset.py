@@ -16,9 +16,11 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 
 import numpy as np
+
+import files
+from errors import Error
 
 FORMAT_VERSION = 1
 DTYPE = np.uint16
@@ -30,16 +32,6 @@ GPT2_PAT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!
 BYTE_PAT = r"[\s\S]{1,256}"  # any cut works for single-byte tokens; long runs are just faster
 FETCH_TIMEOUT = 30  # seconds; tiktoken downloads with requests, which has no timeout of its own
 
-
-class DatasetError(SystemExit):
-    """Bad or missing data, one line in .reason. A SystemExit, so a script that does not catch it still
-    exits with 'dataset: error: ...' and no traceback; prepare.py, sample.py and evaluate.py catch it
-    to say their own name."""
-
-    def __init__(self, reason):
-        super().__init__(f"dataset: error: {reason}")
-        self.reason = reason
-
 # -----------------------------------------------------------------------------
 # reading a prepared dataset
 
@@ -49,32 +41,32 @@ def read_meta(data_dir) -> dict:
     name = os.path.basename(os.path.normpath(data_dir))
     for folder in (os.path.dirname(os.path.normpath(data_dir)), data_dir):
         if folder and os.path.exists(folder) and not os.path.isdir(folder):
-            raise DatasetError(f"{folder} is a file, not a folder (check --data_dir and --dataset)")
+            raise Error(f"{folder} is a file, not a folder (check --data_dir and --dataset)")
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except FileNotFoundError:
-        raise DatasetError(f"{path} not found (prepare it first: python prepare.py --dataset={name} ...)") from None
+        raise Error(f"{path} not found (prepare it first: python prepare.py --dataset={name} ...)") from None
     except (OSError, ValueError) as e:
-        raise DatasetError(f"{path} is unreadable: {e} (rebuild it: python prepare.py --force ...)") from None
+        raise Error(f"{path} is unreadable: {e} (rebuild it: python prepare.py --force ...)") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise DatasetError(f"{path} has format_version {version}, this code reads {FORMAT_VERSION} "
+        raise Error(f"{path} has format_version {version}, this code reads {FORMAT_VERSION} "
                            f"(rebuild it: python prepare.py --force ...)")
     tok = meta.get("tokenizer")
     if not (isinstance(tok, dict) and tok.get("kind") in KINDS and isinstance(tok.get("vocab_size"), int)
             and 1 <= tok["vocab_size"] <= np.iinfo(DTYPE).max + 1 and isinstance(tok.get("eot_id"), int)
             and 0 <= tok["eot_id"] < tok["vocab_size"]):
-        raise DatasetError(f"{path} has no usable tokenizer record (kind, vocab_size, eot_id) "
+        raise Error(f"{path} has no usable tokenizer record (kind, vocab_size, eot_id) "
                            f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
     for split in SPLITS:
         size = os.path.getsize(p) if os.path.exists(p := os.path.join(data_dir, f"{split}.bin")) else -1
         try:
             expected = meta["splits"][split]["tokens"] * np.dtype(DTYPE).itemsize
         except (KeyError, TypeError):
-            raise DatasetError(f"{path} lacks the {split} token count (rebuild it: python prepare.py --force ...)") from None
+            raise Error(f"{path} lacks the {split} token count (rebuild it: python prepare.py --force ...)") from None
         if size != expected:
-            raise DatasetError(f"{p} has {size} bytes, meta.json says {expected} "
+            raise Error(f"{p} has {size} bytes, meta.json says {expected} "
                                f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
     return meta
 
@@ -101,28 +93,27 @@ def tokenizer_state(data_dir) -> dict:
             with open(path, "rb") as f:
                 state["json"] = f.read().decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise DatasetError(f"{path} is missing or unreadable ({getattr(e, 'strerror', None) or e}) "
+            raise Error(f"{path} is missing or unreadable ({getattr(e, 'strerror', None) or e}) "
                                f"(the dataset is damaged; rebuild it: python prepare.py --force ...)") from None
         if hashlib.sha256(state["json"].encode("utf-8")).hexdigest() != state["fingerprint"]:
-            raise DatasetError(f"{path} does not match its fingerprint in meta.json "
+            raise Error(f"{path} does not match its fingerprint in meta.json "
                                f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
     return state
 
-def mismatch(state, source, data_dir, tokenizer, meta, new_run) -> str:
-    """None if a checkpoint state fits this dataset: its tokenizer, or for a new run from its
-    weights also one that extends it (prepare.py --extend_vocab); and, to continue its run, the same
-    data. Else one line saying what differs and what to do."""
+def check_fits(state, source, data_dir, tokenizer, meta, new_run) -> None:
+    """Error unless a checkpoint state fits this dataset: its tokenizer, or for a new run from its
+    weights also one that extends it (prepare.py --extend_vocab); and, to continue its run, the
+    same data. The error says what differs and what to do."""
     theirs = state["tokenizer"]
     if theirs["fingerprint"] != tokenizer["fingerprint"] and not (new_run and extends(tokenizer, theirs)):
         kind = theirs["kind"]  # gpt2 and byte go by name, a BPE by its tokenizer.json (an hf: folder holds its own)
         bpe = os.path.join(source, "tokenizer.json") if os.path.isdir(source) else "PATH/tokenizer.json"
-        return (f"{source} was trained with a different tokenizer than {data_dir} ({kind} {theirs['fingerprint'][:12]} "
-                f"vs {tokenizer['kind']} {tokenizer['fingerprint'][:12]}); prepare the data with the checkpoint's "
-                f"tokenizer (prepare.py --tokenizer={bpe if kind == 'bpe' else kind}, optionally --extend_vocab=N)")
+        raise Error(f"{source} was trained with a different tokenizer than {data_dir} ({kind} {theirs['fingerprint'][:12]} "
+                    f"vs {tokenizer['kind']} {tokenizer['fingerprint'][:12]}); prepare the data with the checkpoint's "
+                    f"tokenizer (prepare.py --tokenizer={bpe if kind == 'bpe' else kind}, optionally --extend_vocab=N)")
     if not new_run and state["data"]["fingerprint"] != fingerprint(meta):
-        return (f"{source} was trained on other data than {data_dir} (dataset '{state['data']['dataset']}' changed "
-                f"or differs); to start a new run from its weights on this data add --reset_state=True")
-    return None
+        raise Error(f"{source} was trained on other data than {data_dir} (dataset '{state['data']['dataset']}' "
+                    f"changed or differs); to start a new run from its weights on this data add --reset_state=True")
 
 # -----------------------------------------------------------------------------
 # the training order: fixed windows of block_size + 1 tokens, each visited once per epoch in an
@@ -194,17 +185,17 @@ def parse_bpe(json_text, source):
               and not model.get("continuing_subword_prefix") and not model.get("end_of_word_suffix"))
         eots = [t["id"] for t in spec.get("added_tokens", []) if t["content"] == EOT]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise DatasetError(f"{source} is not a tokenizer.json ({type(e).__name__}: {e}) "
+        raise Error(f"{source} is not a tokenizer.json ({type(e).__name__}: {e}) "
                            f"(pass one written by prepare.py)") from None
     if not ok or len(eots) != 1:
-        raise DatasetError(f"{source} is not a byte-level BPE tokenizer.json with an {EOT} special token "
+        raise Error(f"{source} is not a byte-level BPE tokenizer.json with an {EOT} special token "
                            f"(pass one written by prepare.py, e.g. --tokenizer=data/stdlib/tokenizer.json)")
     byte_of = byte_of_char()
     vocab = {tok: i for tok, i in model["vocab"].items() if tok != EOT}  # GPT-2's json lists it twice
     ids = set(vocab.values())
     if (not all(c in byte_of for tok in vocab for c in tok) or not set(byte_of) <= set(vocab)
             or len(ids) != len(vocab) or eots[0] in ids):
-        raise DatasetError(f"{source}: the vocabulary is not byte-level, lacks some of the 256 byte tokens or "
+        raise Error(f"{source}: the vocabulary is not byte-level, lacks some of the 256 byte tokens or "
                            f"repeats ids (pass a byte-level BPE tokenizer.json written by prepare.py)")
     ranks = {bytes(byte_of[c] for c in tok): i for tok, i in vocab.items()}
     merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
@@ -222,7 +213,7 @@ def make_state(kind: str, json_text: str = None, source: str = "tokenizer.json")
     _, vocab, _, eot_id, _ = parse_bpe(json_text, source)
     vocab_size = max(max(vocab.values()), eot_id) + 1
     if vocab_size > np.iinfo(DTYPE).max:
-        raise DatasetError(f"{source} has {vocab_size} tokens; ids must fit uint16 (use a vocabulary of at most 65535)")
+        raise Error(f"{source} has {vocab_size} tokens; ids must fit uint16 (use a vocabulary of at most 65535)")
     fingerprint = hashlib.sha256(json_text.encode("utf-8")).hexdigest()
     return dict(kind="bpe", fingerprint=fingerprint, vocab_size=vocab_size, eot_id=eot_id, json=json_text)
 
@@ -237,14 +228,14 @@ def load_tokenizer(state: dict) -> Tokenizer:
     if kind == "gpt2":
         enc = gpt2_encoding()
         if (enc.n_vocab, enc.eot_token) != (state["vocab_size"], state["eot_id"]):
-            raise DatasetError(f"tiktoken's gpt2 has {enc.n_vocab} tokens, eot {enc.eot_token}; the data expects "
+            raise Error(f"tiktoken's gpt2 has {enc.n_vocab} tokens, eot {enc.eot_token}; the data expects "
                                f"{state['vocab_size']}, eot {state['eot_id']} (re-run prepare.py --force)")
         return Tokenizer(state, enc)
     if kind != "bpe":
-        raise DatasetError(f"unknown tokenizer kind {kind!r} (expected bpe, gpt2 or byte; re-run prepare.py)")
+        raise Error(f"unknown tokenizer kind {kind!r} (expected bpe, gpt2 or byte; re-run prepare.py)")
     json_text = state["json"]
     if hashlib.sha256(json_text.encode("utf-8")).hexdigest() != state["fingerprint"]:
-        raise DatasetError("tokenizer.json does not match its fingerprint in meta.json (re-run prepare.py --force)")
+        raise Error("tokenizer.json does not match its fingerprint in meta.json (re-run prepare.py --force)")
     spec, vocab, ranks, eot_id, merges = parse_bpe(json_text, "tokenizer.json")
     enc = tiktoken.Encoding(f"bpe-{state['fingerprint'][:12]}", pat_str=GPT2_PAT, mergeable_ranks=ranks,
                             special_tokens={EOT: eot_id})
@@ -272,7 +263,7 @@ def gpt2_encoding():
     except Exception as e:
         import tempfile
         cache = os.environ.get("TIKTOKEN_CACHE_DIR", os.path.join(tempfile.gettempdir(), "data-gym-cache"))
-        raise DatasetError(f"tiktoken could not load the gpt2 encoding: no cached copy in {cache} and the download "
+        raise Error(f"tiktoken could not load the gpt2 encoding: no cached copy in {cache} and the download "
                            f"failed ({type(e).__name__}) (on a machine with network run TIKTOKEN_CACHE_DIR=DIR python -c "
                            f"\"import tiktoken; tiktoken.get_encoding('gpt2')\", copy DIR here and set TIKTOKEN_CACHE_DIR "
                            f"to it)") from None
@@ -378,55 +369,9 @@ def extends(new: dict, old: dict) -> bool:
 # writing
 
 def publish(tmp_dir, out_dir, meta):
-    """Turn the finished tmp_dir into out_dir: meta.json is written last, then renames, so a crash
-    at any point leaves either the old complete dataset or the new one, never a mix."""
-    for name in os.listdir(tmp_dir):
-        with open(os.path.join(tmp_dir, name), "rb+") as f:
-            os.fsync(f.fileno())
+    """Turn the finished tmp_dir into out_dir with meta.json written last: a crash at any point
+    leaves either the old complete dataset or the new one, never a mix."""
     with open(os.path.join(tmp_dir, "meta.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    old = f"{tmp_dir}.old"
-    if os.path.exists(out_dir):
-        os.rename(out_dir, old)  # the only moment without out_dir; clean_stale() undoes a crash here
-    os.rename(tmp_dir, out_dir)
-    fd = os.open(os.path.dirname(os.path.abspath(out_dir)), os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def temp_dir(out_dir):
-    """Where prepare.py writes before publish(): hidden, beside out_dir, named by our pid."""
-    parent, name = os.path.split(os.path.abspath(out_dir))
-    return os.path.join(parent, f".{name}.tmp-{os.getpid()}")
-
-
-def clean_stale(out_dir):
-    """Remove what killed runs left behind: temp dirs of dead pids; restore an old dataset that a
-    crash during publish() left moved aside."""
-    parent, name = os.path.split(os.path.abspath(out_dir))
-    if not os.path.isdir(parent):
-        return
-    prefix = f".{name}.tmp-"
-    for entry in sorted(os.listdir(parent)):
-        pid = entry[len(prefix):].removesuffix(".old")
-        if not entry.startswith(prefix) or not pid.isdigit() or _alive(int(pid)):
-            continue
-        path = os.path.join(parent, entry)
-        if entry.endswith(".old") and not os.path.exists(out_dir):
-            os.rename(path, out_dir)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        pass
-    return True
+    files.publish_dir(tmp_dir, out_dir)

@@ -19,17 +19,19 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
-import torch
 
 import dataset as ds
+import files
 import hardware
 import metrics
 import runs
-from configurator import check_ranges, configure, not_utf8, script_keys
-from model import from_state
+from configurator import check_ranges, configure, script_keys
+from errors import Error, report
+from weights import from_state
+
+sys.excepthook = report  # an Error is one line, 'evaluate.py: error: ...'
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # where the checkpoints (and log.jsonl, for --plot) are
@@ -54,8 +56,8 @@ top_p = 0.95  # nucleus sampling
 code = True  # also the share of samples that parse as Python and that use Python keywords
 # multiple choice
 mcq = None  # a JSONL exam: {"question", "choices": [...], "answer"} or {"question", "A", ..., "E", "answer"}
-mcq_template = 'Question: {question}\nAnswer:'  # each item's prompt, a format string over its fields; cloze: '{question}'
-mcq_delimiter = ' '  # between the prompt and each choice (the harness's target_delimiter)
+mcq_template = metrics.MCQ_TEMPLATE  # each item's prompt over its fields, the harness's 'Question: {question}\nAnswer:'; cloze: '{question}'
+mcq_delimiter = metrics.MCQ_DELIMITER  # between the prompt and each choice (the harness's target_delimiter, ' ')
 fewshot = 0  # put this many solved examples (the first of fewshot_file) before each question
 fewshot_file = None  # a JSONL exam (either format) holding the solved examples, shown with mcq_template
 # output
@@ -68,78 +70,62 @@ dtype = 'auto'  # 'auto' (bfloat16 / float16 on GPUs, float32 on CPUs), 'float32
 defaults = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
 # a training config file may be given: its training-only keys are ignored, a typo is still an error
-config, _ = configure(defaults, sys.argv[1:], prog='evaluate.py', source=__file__,
+config, _ = configure(defaults, sys.argv[1:], source=__file__,
                       ignore=script_keys(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')))
 # max_new_tokens: prompt + output ids are allocated up front (model.generate_stream), as in sample.py
 check_ranges(config, {'stride': '[1, inf)', 'max_tokens': '[1, inf)', 'batch_size': '[1, inf)',
                       'num_samples': '[1, inf)', 'max_new_tokens': '[1, 1e7]', 'temperature': '[0, inf)',
                       'top_k': '[1, inf)', 'top_p': '(0, 1]', 'fewshot': '[0, inf)',
-                      'seed': '[0, 9223372036854775807]'}, 'evaluate.py')
+                      'seed': '[0, 9223372036854775807]'})
 globals().update(config)
-
-
-def fail(msg):
-    raise SystemExit(f"evaluate.py: error: {msg}")
-
 
 # every output is checked before the work that fills it, so no evaluation is lost to a typo in --json
 for key in ('plot', 'json'):
-    problem = config[key] and runs.check_output(config[key], f"--{key}={config[key]}")
-    if problem:
-        fail(problem)
+    if config[key] is not None:
+        files.check_output(config[key], f"--{key}={config[key]}")
 if plot:
-    try:
-        metrics.plot_log(os.path.join(out_dir, 'log.jsonl'), plot)
-    except metrics.EvalError as e:
-        fail(e)
-    except OSError as e:
-        fail(f"cannot write --plot={plot}: {e.strerror}")
+    metrics.plot_log(os.path.join(out_dir, 'log.jsonl'), plot)
     print(f"wrote {plot}")
     sys.exit(0)
 
 # every input file is read before any model is loaded
 if split not in ('', 'train', 'val'):
-    fail(f"split must be 'val', 'train' or '' (no perplexity), got {split!r}")
+    raise Error(f"split must be 'val', 'train' or '' (no perplexity), got {split!r}")
 # a prompt's num_samples are one batch: that many rows of up to max_new_tokens ids (8 bytes) at once
 memory = hardware.memory_bytes() or math.inf
 if generate and num_samples * max_new_tokens * 8 > memory:
-    fail(f"num_samples={num_samples} x max_new_tokens={max_new_tokens} token ids are "
+    raise Error(f"num_samples={num_samples} x max_new_tokens={max_new_tokens} token ids are "
          f"{num_samples * max_new_tokens * 8 / 2**30:,.0f} GiB at once, more than this machine's "
          f"{memory / 2**30:,.0f} GiB of memory; lower one of them")
 names = [n.strip() for n in ckpt.split(',') if n.strip()]
 if not names:
-    fail(f"--ckpt={ckpt!r} names no checkpoint; give one or more, comma-separated: best,latest")
+    raise Error(f"--ckpt={ckpt!r} names no checkpoint; give one or more, comma-separated: best,latest")
 texts = None
-try:
-    if text is not None:
-        if not os.path.exists(text):
-            fail(f"--text={text}: no such file or folder")
-        # a folder's regular files (a FIFO in it would block, as prepare.py skips them); a path that
-        # is not a folder is read as given (read_text refuses a named FIFO, takes <(cat notes))
-        files = [text] if not os.path.isdir(text) else sorted(
-            os.path.join(d, f) for d, _, found in os.walk(text) for f in found
-            if not f.startswith('.') and fnmatch.fnmatch(f, text_glob) and os.path.isfile(os.path.join(d, f)))
-        if not files:
-            fail(f"--text={text}: no file matches --text_glob={text_glob}")
-        texts = [metrics.read_text(f) for f in files]
-    prompt_list = metrics.load_prompts(prompts) if generate else []
-    if mcq:
-        metrics.template_fields(mcq_template)  # a template that is not one: said once, not per line
-        if not_utf8(mcq_template + mcq_delimiter):  # bytes that are not UTF-8 on the command line
-            fail("mcq_template or mcq_delimiter is not valid UTF-8 text")
-    items = metrics.load_mcq(mcq, mcq_template) if mcq else []
-    if fewshot and not fewshot_file:
-        fail(f"fewshot={fewshot} needs fewshot_file=FILE (solved examples in the exam's format)")
-    shots = metrics.load_mcq(fewshot_file, mcq_template)[:fewshot] if fewshot else []
-    if len(shots) < fewshot:
-        fail(f"fewshot={fewshot} but {fewshot_file} holds only {len(shots)} items")
-except metrics.EvalError as e:
-    fail(e)
+if text is not None:
+    if not os.path.exists(text):
+        raise Error(f"--text={text}: no such file or folder")
+    # a folder's regular files (a FIFO in it would block, as prepare.py skips them); a path that
+    # is not a folder is read as given (read_text refuses a named FIFO, takes <(cat notes))
+    paths = [text] if not os.path.isdir(text) else sorted(
+        os.path.join(d, f) for d, _, found in os.walk(text) for f in found
+        if not f.startswith('.') and fnmatch.fnmatch(f, text_glob) and os.path.isfile(os.path.join(d, f)))
+    if not paths:
+        raise Error(f"--text={text}: no file matches --text_glob={text_glob}")
+    texts = [files.read_text(f) for f in paths]
+prompt_list = metrics.load_prompts(prompts) if generate else []
+if mcq:
+    metrics.template_fields(mcq_template)  # a template that is not one: said once, not per line
+    if files.not_utf8(mcq_template + mcq_delimiter):  # bytes that are not UTF-8 on the command line
+        raise Error("mcq_template or mcq_delimiter is not valid UTF-8 text")
+items = metrics.load_mcq(mcq, mcq_template) if mcq else []
+if fewshot and not fewshot_file:
+    raise Error(f"fewshot={fewshot} needs fewshot_file=FILE (solved examples in the exam's format)")
+shots = metrics.load_mcq(fewshot_file, mcq_template)[:fewshot] if fewshot else []
+if len(shots) < fewshot:
+    raise Error(f"fewshot={fewshot} but {fewshot_file} holds only {len(shots)} items")
 
-device, dtype = hardware.resolve(device, dtype, prog='evaluate.py')
-device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+device, dtype = hardware.resolve(device, dtype)
+ctx = hardware.autocast(device, dtype)
 
 
 def tokens_to_score(state, tokenizer):
@@ -152,7 +138,7 @@ def tokens_to_score(state, tokenizer):
     tokens = ds.open_split(path, split)[:max_tokens]
     vocab_size = meta['tokenizer']['vocab_size']
     if len(tokens) and tokens.max() >= vocab_size:  # its tokenizer would fail on it, and the embedding too
-        fail(f"{path} {split} split holds token id {tokens.max()} but its vocabulary has {vocab_size} tokens "
+        raise Error(f"{path} {split} split holds token id {tokens.max()} but its vocabulary has {vocab_size} tokens "
              f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
     source = f"{path} {split} split" + (f" (first {max_tokens:,} tokens)" if max_tokens else "")
     if meta['tokenizer']['fingerprint'] != tokenizer.fingerprint:
@@ -188,7 +174,7 @@ def note(msg):
 results = []
 for k, name in enumerate(names, 1):
     t0 = time.time()
-    path, state = runs.find_or_exit(name, out_dir, 'evaluate.py')
+    path, state = runs.find(name, out_dir)
     # 'resume' says how it was found, not what: name the column by the file it found (latest, step_0000600)
     label = os.path.splitext(os.path.basename(os.path.normpath(path)))[0] if name == 'resume' else name
     model = from_state(state).eval().to(device)  # a LoRA adapter checkpoint comes back with its base
@@ -196,33 +182,30 @@ for k, name in enumerate(names, 1):
              block_size=model.config.block_size, params=model.num_params())
     count = f" ({k}/{len(names)})" if len(names) > 1 else ''
     note(f"# {label}{count}: {path}, iter {r['iter_num']}, {r['params'] / 1e6:.2f}M parameters")
-    try:
-        tokenizer = ds.load_tokenizer(state['tokenizer'])
-        r['tokenizer'] = dict(kind=tokenizer.kind, fingerprint=tokenizer.fingerprint)
-        with ctx:
-            if split or texts is not None:
-                t = time.time()
-                tokens, source = tokens_to_score(state, tokenizer)
-                p = metrics.perplexity(model, tokens, tokenizer, stride, batch_size, device, progress=True)
-                scheme = (f"non-overlapping windows of {p['block_size']} tokens" if p['stride'] == p['block_size'] else
-                          f"windows of {p['block_size']} tokens every {p['stride']}, each scoring its last {p['stride']}")
-                r['perplexity'] = dict(p, scored=f"{source}, {p['bytes']:,} bytes; {scheme}")
-                note(f"# {label}: perplexity over {p['tokens']:,} tokens ({p['windows']:,} windows) in {time.time() - t:.1f}s")
-            if prompt_list:
-                t = time.time()
-                samples = metrics.generate_samples(model, tokenizer, prompt_list, num_samples, max_new_tokens,
-                                                   temperature, top_k, top_p, seed, device, progress=True)
-                r['generation'] = dict(metrics.generation_metrics(samples, code), samples=samples)
-                note(f"# {label}: {len(samples)} samples generated in {time.time() - t:.1f}s")
-            if items:
-                t = time.time()
-                r['mcq'] = metrics.score_mcq(model, tokenizer, items, shots, batch_size, device, mcq_template,
-                                             mcq_delimiter, progress=True)
-                note(f"# {label}: {len(items)} multiple-choice items scored in {time.time() - t:.1f}s")
-    except metrics.EvalError as e:
-        fail(f"{path}: {e}")
-    except ds.DatasetError as e:  # dataset.py's one-line errors, in this script's name
-        fail(e.reason)
+    if stride and stride > model.config.block_size:  # tokens between its windows would go unscored
+        raise Error(f"--stride={stride} is larger than the block_size {model.config.block_size} of {path}")
+    tokenizer = ds.load_tokenizer(state['tokenizer'])
+    r['tokenizer'] = dict(kind=tokenizer.kind, fingerprint=tokenizer.fingerprint)
+    with ctx:
+        if split or texts is not None:
+            t = time.time()
+            tokens, source = tokens_to_score(state, tokenizer)
+            p = metrics.perplexity(model, tokens, tokenizer, stride, batch_size, device, progress=True)
+            scheme = (f"non-overlapping windows of {p['block_size']} tokens" if p['stride'] == p['block_size'] else
+                      f"windows of {p['block_size']} tokens every {p['stride']}, each scoring its last {p['stride']}")
+            r['perplexity'] = dict(p, scored=f"{source}, {p['bytes']:,} bytes; {scheme}")
+            note(f"# {label}: perplexity over {p['tokens']:,} tokens ({p['windows']:,} windows) in {time.time() - t:.1f}s")
+        if prompt_list:
+            t = time.time()
+            samples = metrics.generate_samples(model, tokenizer, prompt_list, num_samples, max_new_tokens,
+                                               temperature, top_k, top_p, seed, device, progress=True)
+            r['generation'] = dict(metrics.generation_metrics(samples, code), samples=samples)
+            note(f"# {label}: {len(samples)} samples generated in {time.time() - t:.1f}s")
+        if items:
+            t = time.time()
+            r['mcq'] = metrics.score_mcq(model, tokenizer, items, shots, batch_size, device, mcq_template,
+                                         mcq_delimiter, progress=True)
+            note(f"# {label}: {len(items)} multiple-choice items scored in {time.time() - t:.1f}s")
     note(f"# {label}: evaluated in {time.time() - t0:.1f}s")
     results.append(r)
     state = model = None  # free before the next checkpoint
@@ -250,9 +233,5 @@ for row in table:
 
 if json:
     out = dict(settings=dict(config, device=device, dtype=dtype, prompt_texts=prompt_list), checkpoints=results)
-    try:  # checked before the work; a disk that filled up since is still one line (the table is above)
-        with open(json, 'w', encoding='utf-8') as f:
-            jsonlib.dump(out, f, indent=1, ensure_ascii=False)
-    except OSError as e:
-        fail(f"cannot write --json={json}: {e.strerror or e}")
+    files.write_atomic(json, jsonlib.dumps(out, indent=1, ensure_ascii=False))
     print(f"wrote {json}")

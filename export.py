@@ -17,10 +17,14 @@ import sys
 import time
 
 import checkpoint
+import files
 import interop
 import runs
 from configurator import configure
-from model import check_finite, from_state
+from errors import Error, oneline, report
+from weights import check_finite, from_state
+
+sys.excepthook = report  # an Error is one line, 'export.py: error: ...'
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'
@@ -31,50 +35,46 @@ push_to_hub = ''  # with format=hf: also upload the directory to this Hub repo, 
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
-config, _ = configure(defaults, sys.argv[1:], prog='export.py', source=__file__)
+config, _ = configure(defaults, sys.argv[1:], source=__file__)
 globals().update(config)
 
 if format not in ('sturdygpt', 'hf'):
-    raise SystemExit(f"export.py: error: format must be 'sturdygpt' or 'hf', got {format!r}")
+    raise Error(f"format must be 'sturdygpt' or 'hf', got {format!r}")
 if not out:
-    raise SystemExit("export.py: error: say where to write: --out=FILE (sturdygpt) or --out=DIR (hf)")
+    raise Error("say where to write: --out=FILE (sturdygpt) or --out=DIR (hf)")
 if os.path.exists(out) and not (format == 'hf' and os.path.isdir(out) and not os.listdir(out)):
-    raise SystemExit(f"export.py: error: {out} exists{' and is not an empty directory' if format == 'hf' else ''} "
-                     f"(an export never overwrites anything; choose another --out)")
-problem = runs.check_output(out, f"--out={out}", folder=format == 'hf')  # its folder, before any model is read
-if problem:
-    raise SystemExit(f"export.py: error: {problem}")
+    raise Error(f"{out} exists{' and is not an empty directory' if format == 'hf' else ''} "
+                f"(an export never overwrites anything; choose another --out)")
+files.check_output(out, f"--out={out}", folder=format == 'hf')  # before any model is read
 if push_to_hub and (format != 'hf' or push_to_hub.count('/') != 1):
-    raise SystemExit(f"export.py: error: --push_to_hub=USER/NAME uploads a --format=hf export, got "
-                     f"{push_to_hub!r} with format {format!r}")
+    raise Error(f"--push_to_hub=USER/NAME uploads a --format=hf export, got {push_to_hub!r} "
+                f"with format {format!r}")
 
-path, state = runs.find_or_exit(ckpt, out_dir, 'export.py')
+path, state = runs.find(ckpt, out_dir)
 model = from_state(state)
 model.merge_lora()  # LoRA adapters fold into the weights: what ships is a plain standalone model
+check_finite(model.state_dict())  # as train.py before each save: never ship nan
 t0 = time.time()
-try:
-    check_finite(model.state_dict())  # as train.py before each save: never ship nan (runs.find checked the input)
-    if format == 'sturdygpt':
-        info = ('tokenizer', 'config', 'data', 'iter_num', 'epoch', 'train_loss', 'val_loss', 'best_val_loss', 'time')
-        checkpoint.save(out, {'model': model.state_dict(), 'model_args': dataclasses.asdict(model.config),
-                              **{k: state[k] for k in info if k in state}})
-    else:
-        # written beside --out and renamed into place: an interrupted export leaves no half directory
-        parent, name = os.path.split(os.path.abspath(out))
-        tmp = os.path.join(parent, f'.{name}.tmp-{os.getpid()}')
-        try:
-            os.makedirs(tmp)
-            interop.write_hf(tmp, model, state, push_to_hub or name)
-            os.rename(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-except (checkpoint.CheckpointError, ValueError, OSError) as e:  # ValueError: interop's refusals
-    raise SystemExit(f"export.py: error: cannot export {path} to {out}: {e}")
+if format == 'sturdygpt':
+    info = ('tokenizer', 'config', 'data', 'iter_num', 'epoch', 'train_loss', 'val_loss',
+            'best_val_loss', 'time')
+    checkpoint.save(out, {'model': model.state_dict(), 'model_args': dataclasses.asdict(model.config),
+                          **{k: state[k] for k in info if k in state}})
+else:  # built beside --out and renamed into place: an interrupted export leaves no half directory
+    tmp = files.temp_dir(out)
+    try:
+        os.makedirs(tmp)
+        interop.write_hf(tmp, model, state, push_to_hub or os.path.basename(os.path.abspath(out)))
+        files.publish_dir(tmp, out)
+    except OSError as e:
+        raise Error(f"cannot export {path} to {out}: {oneline(e)}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def size(p):
-    files = [os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs] if os.path.isdir(p) else [p]
-    return sum(os.path.getsize(f) for f in files) / 1e6
+    paths = [os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs] if os.path.isdir(p) else [p]
+    return sum(os.path.getsize(f) for f in paths) / 1e6
 
 
 print(f"wrote {out} ({format}, {size(out):.1f} MB) from {path} ({size(path):.1f} MB) in {time.time() - t0:.2f}s")
@@ -86,7 +86,7 @@ if push_to_hub:
         api.create_repo(push_to_hub, exist_ok=True)
         url = api.upload_folder(repo_id=push_to_hub, folder_path=out, commit_message=f"sturdygpt export of {path}")
     except Exception as e:  # offline, not logged in, no permission
-        raise SystemExit(f"export.py: error: cannot upload to the Hub ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:200]}); the export is kept in {out}: log in (`hf auth login` "
-                         f"or HF_TOKEN=...) and upload it with `hf upload {push_to_hub} {out}`")
+        raise Error(f"cannot upload to the Hub ({type(e).__name__}: {oneline(e)[:200]}); the export is "
+                    f"kept in {out}: log in (`hf auth login` or HF_TOKEN=...) and upload it with "
+                    f"`hf upload {push_to_hub} {out}`") from None
     print(f"uploaded {out} to {url}")

@@ -2,8 +2,10 @@
 The device a script runs on, and its peak FLOP/s for model FLOPs utilization (MFU):
 
     device, dtype = resolve(device, dtype, local_rank)     # 'auto' made concrete, bad values refused
+    ctx = autocast(device, dtype)                          # what the forward passes run under
     mfu = model.flops_per_token() * tokens_per_sec / (peak_flops(device, dtype) * world_size)
     memory_bytes()                                         # physical memory, to refuse what cannot fit
+    check_fp8(device) / convert_to_fp8(model)              # fp8=True: float8 matmuls with torchao
 
 GPU peaks are the vendors' dense (no 2:4 sparsity) tensor-core figures per dtype; float32 means
 TF32 on Ampere and newer because train.py enables TF32 matmuls. A GPU that is not in the table, a
@@ -11,13 +13,18 @@ laptop part or a MIG slice returns None: MFU is then reported as unknown rather 
 CPU the peak is measured once (best float32 matmul rate over a few sizes) and cached per CPU model,
 thread count and torch version, so every run's log and bench/bench_train.py use the same figure.
 """
+import importlib.util
 import json
 import os
 import platform
 import re
 import time
+from contextlib import nullcontext
 
 import torch
+
+from errors import Error
+from files import write_atomic
 
 # (regex on torch.cuda.get_device_name(), {dtype: dense TFLOP/s}), most specific first. Whole
 # words only, so "RTX A1000" is not an A100 and "T400" is not a T4.
@@ -54,16 +61,11 @@ GPU_PEAK_TFLOPS = [
 NOT_FULL_CHIP = re.compile(r'\bMIG\b|Laptop|Max-Q|Mobile', re.IGNORECASE)  # slower than the datasheet part
 
 
-def resolve(device, dtype, local_rank=None, prog=None):
+def resolve(device, dtype, local_rank=None):
     """'auto' made concrete (CUDA, else MPS, else CPU), checked against what this machine has; under
     torchrun a CUDA device is cuda:LOCAL_RANK, made current before anything else touches a GPU.
     dtype 'auto' is bfloat16 on GPUs with native bfloat16 (Ampere and newer), float16 on older ones
-    (V100, T4: torch can emulate bfloat16 there, slowly), float32 on CPUs. A bad one exits with one
-    line, 'PROG: error: ...' (plain 'error: ...' without prog)."""
-
-    def bad(msg):
-        return SystemExit(f"{prog + ': ' if prog else ''}error: {msg}")
-
+    (V100, T4: torch can emulate bfloat16 there, slowly), float32 on CPUs. A bad one is an Error."""
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     available = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] + ["mps"] * mps)
     if device == 'auto':
@@ -73,19 +75,26 @@ def resolve(device, dtype, local_rank=None, prog=None):
         if local_rank is not None:
             index = str(local_rank)  # torchrun: one GPU per local process
         if index and not (index.isdigit() and int(index) < torch.cuda.device_count()):
-            raise bad(f"device {device!r} does not exist on this machine (available: {available})")
+            raise Error(f"device {device!r} does not exist on this machine (available: {available})")
         device = f"cuda:{index or torch.cuda.current_device()}"
         torch.cuda.set_device(device)
     elif not ((kind == 'cpu' and not index) or (kind == 'mps' and mps and not index)):
-        raise bad(f"device {device!r} is not available on this machine (available: {available})")
+        raise Error(f"device {device!r} is not available on this machine (available: {available})")
     if dtype == 'auto':
         if kind == 'cuda':
             dtype = 'bfloat16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'float16'
         else:
             dtype = 'float32'
     if dtype not in ('float32', 'bfloat16', 'float16'):
-        raise bad(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+        raise Error(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     return device, dtype
+
+
+def autocast(device, dtype):
+    """The context forward passes run under: autocast to dtype, or nothing in float32."""
+    if dtype == 'float32':
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
 
 
 def gpu_peak_tflops(name, dtype):
@@ -142,11 +151,8 @@ def cpu_peak_flops(measure=False):
     cache[key] = {'flops': flops, 'time': time.time()}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}"
-        with open(tmp, 'w') as f:
-            json.dump(cache, f, indent=1)
-        os.replace(tmp, path)
-    except OSError:
+        write_atomic(path, json.dumps(cache, indent=1))
+    except (OSError, Error):
         pass  # an unwritable home: measure again next time
     return flops
 
@@ -167,3 +173,28 @@ def memory_bytes():
         return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     except (AttributeError, ValueError, OSError):
         return None
+
+
+def check_fp8(device):
+    """Error unless float8 training can run on device: a CUDA GPU of compute capability 8.9+ and
+    torchao installed."""
+    device = torch.device(device)
+    if device.type != 'cuda' or torch.cuda.get_device_capability(device) < (8, 9):
+        where = torch.cuda.get_device_name(device) if device.type == 'cuda' else device
+        raise Error(f"fp8=True needs a CUDA GPU of compute capability 8.9 or newer (H100, H200, L4, "
+                    f"L40S, RTX 4090), not {where}")
+    if importlib.util.find_spec('torchao') is None:
+        raise Error("fp8=True needs torchao: pip install torchao")
+
+
+def convert_to_fp8(model):
+    """Train the transformer blocks' linear layers in float8 with torchao (convert_to_float8_training,
+    tensorwise scaling). Their weights stay nn.Linear's, in their own dtype, under the same names:
+    checkpoints, resume, export and sampling are as without it. Left as they are: LoRA adapters,
+    lm_head (tied to wte), and a layer whose sizes are not multiples of 16, which float8 matmuls
+    need. Published figures: ~1.4x on large matmuls, slower below ~1.5-2K width, so it is for wide
+    models. Check check_fp8(device) first."""
+    from torchao.float8 import convert_to_float8_training  # optional: pip install torchao
+    convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: (
+        type(mod) is torch.nn.Linear and fqn.startswith('transformer.h.')
+        and mod.in_features % 16 == 0 and mod.out_features % 16 == 0))

@@ -22,7 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import dataset as ds
-from model import GPTConfig, check_args, pad_vocab, state_shapes
+from errors import Error, oneline
+from files import new_file_mode, read_text
+from model import GPTConfig, pad_vocab
+from weights import check_args, state_shapes
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # HF: (in, out)
 EXPRESSIBLE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "padded_vocab_size", "dropout", "bias")
@@ -33,8 +36,8 @@ GPT2_MERGES_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b77
 
 
 def load(name):
-    """(path, state) of a model in another format (a name NAMES matches); ValueError with a
-    one-line reason."""
+    """(path, state) of a model in another format (a name NAMES matches); Error with a one-line
+    reason."""
     if name.startswith("nanogpt:"):
         return name[8:], load_nanogpt(name[8:])
     if name.startswith("hf:"):
@@ -42,9 +45,6 @@ def load(name):
     path = _gpt2_snapshot(name)
     return path, load_hf(path, tokenizer=dict(GPT2_TOKENIZER))
 
-
-def oneline(e) -> str:
-    return " ".join((e.strerror if isinstance(e, OSError) and e.strerror else str(e)).split()) or type(e).__name__
 
 # -----------------------------------------------------------------------------
 # export: our model -> a Hugging Face GPT-2 directory
@@ -57,12 +57,12 @@ def hf_weights(model) -> dict:
         if f.name.startswith("lora_") and not getattr(cfg, "lora_rank", 0):
             continue  # settings of adapters that are merged (model.py's LoRA): they no longer act
         if f.name not in EXPRESSIBLE and getattr(cfg, f.name) != f.default:
-            raise ValueError(f"the model option {f.name}={getattr(cfg, f.name)!r} cannot be expressed in "
+            raise Error(f"the model option {f.name}={getattr(cfg, f.name)!r} cannot be expressed in "
                                   "GPT-2's format (refused rather than exported wrong)")
     sd = model.state_dict()
     extra = sorted(set(sd) - set(state_shapes(dataclasses.replace(cfg, lora_rank=0))))
     if extra:
-        raise ValueError(f"the model has weights GPT-2's format has no place for: {', '.join(extra[:3])}")
+        raise Error(f"the model has weights GPT-2's format has no place for: {', '.join(extra[:3])}")
     out = {}
     for k, v in sd.items():
         if k == "lm_head.weight":
@@ -145,9 +145,7 @@ def write_hf(out, model, state, name):
         "vocab.json": {**spec["model"]["vocab"], eot: tok["eot_id"]},  # GPT-2's file pair, for older tools
     }
     save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    umask = os.umask(0o22)
-    os.umask(umask)
-    os.chmod(os.path.join(out, "model.safetensors"), 0o666 & ~umask)  # safetensors writes 0600, as checkpoint.py notes
+    new_file_mode(os.path.join(out, "model.safetensors"))
     for fname, obj in files.items():
         with open(os.path.join(out, fname), "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, ensure_ascii=False)
@@ -199,8 +197,8 @@ def _described(model_args, source) -> dict:
     (model.check_args), before any weight is read or allocated; then padded as ours are (pad_vocab)."""
     try:
         check_args(model_args)
-    except ValueError as e:
-        raise ValueError(f"{source} describes no GPT that can be loaded: {e}") from None
+    except Error as e:
+        raise Error(f"{source} describes no GPT that can be loaded: {e}") from None
     return dict(model_args, padded_vocab_size=pad_vocab(model_args["vocab_size"]))
 
 
@@ -209,9 +207,9 @@ def _imported(sd, model_args, tokenizer, source, **info) -> dict:
     want, got = state_shapes(GPTConfig(**model_args)), {k: tuple(v.shape) for k, v in sd.items()}
     if got != want:
         diff = sorted(set(got.items()) ^ set(want.items()))[:2]
-        raise ValueError(f"{source}: the weights do not fit a GPT with {model_args} (e.g. {diff})")
+        raise Error(f"{source}: the weights do not fit a GPT with {model_args} (e.g. {diff})")
     if tokenizer["vocab_size"] > model_args["vocab_size"]:
-        raise ValueError(f"{source}: the tokenizer has {tokenizer['vocab_size']} tokens, the model only "
+        raise Error(f"{source}: the tokenizer has {tokenizer['vocab_size']} tokens, the model only "
                               f"{model_args['vocab_size']}")
     model_args = dataclasses.asdict(GPTConfig(**model_args))  # every field, spelled as train.py's checkpoints
     return {"model": sd, "model_args": model_args, "tokenizer": tokenizer, "config": {}, "iter_num": None, **info}
@@ -225,23 +223,20 @@ def _tie(sd, model_args):
 
 
 def _read_json(path, what):
-    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would wait for a writer forever
-        raise ValueError(f"cannot read {what} {path}: not a regular file")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {what} {path}: {oneline(e)}") from None
+        return json.loads(read_text(path, what))
+    except ValueError as e:
+        raise Error(f"cannot read {what} {path}: {oneline(e)}") from None
 
 
 def load_hf(d, tokenizer=None) -> dict:
     """A local GPT-2-format directory (ours, or a download): config.json, model.safetensors (or shards)
     and, unless `tokenizer` is given, tokenizer.json."""
     if not os.path.isdir(d):
-        raise ValueError(f"{d} is not a directory (hf: takes a Hugging Face GPT-2 directory)")
+        raise Error(f"{d} is not a directory (hf: takes a Hugging Face GPT-2 directory)")
     cfg = _read_json(os.path.join(d, "config.json"), "the Hugging Face config")
     if not isinstance(cfg, dict):
-        raise ValueError(f"{d}/config.json is not a Hugging Face config (a JSON object)")
+        raise Error(f"{d}/config.json is not a Hugging Face config (a JSON object)")
     # what GPT2Config can say that our GPT cannot compute
     refuse = {"model_type": cfg.get("model_type") != "gpt2",
               "activation_function": cfg.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
@@ -252,12 +247,12 @@ def load_hf(d, tokenizer=None) -> dict:
               "add_cross_attention": cfg.get("add_cross_attention", False)}
     bad = [f"{k}={cfg.get(k)!r}" for k, no in refuse.items() if no]
     if bad:
-        raise ValueError(f"{d}: a GPT-2 model with {', '.join(bad)} cannot be loaded as our GPT")
+        raise Error(f"{d}: a GPT-2 model with {', '.join(bad)} cannot be loaded as our GPT")
     try:
         model_args = dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["n_positions"],
                           bias=True, vocab_size=cfg["vocab_size"], dropout=0.0)
     except KeyError as e:
-        raise ValueError(f"{d}: no {e.args[0]} in config.json (not a GPT-2 model)") from None
+        raise Error(f"{d}: no {e.args[0]} in config.json (not a GPT-2 model)") from None
     model_args = _described(model_args, f"{d}/config.json")
     index = os.path.join(d, "model.safetensors.index.json")
     files = (sorted(set(_read_json(index, "the weight index")["weight_map"].values())) if os.path.exists(index)
@@ -273,23 +268,22 @@ def load_hf(d, tokenizer=None) -> dict:
                     key = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k  # GPT2Model's
                     sd[key] = v.t() if key.endswith(CONV1D) else v
     except Exception as e:
-        raise ValueError(f"cannot read the weights in {d}: {oneline(e)} (a Hugging Face GPT-2 directory "
+        raise Error(f"cannot read the weights in {d}: {oneline(e)} (a Hugging Face GPT-2 directory "
                               "holds model.safetensors; pytorch_model.bin pickles are not read)") from None
     V = model_args["vocab_size"]
     if "transformer.wte.weight" not in sd:
-        raise ValueError(f"{d}: no transformer.wte.weight in the weights (not a GPT-2 model)")
+        raise Error(f"{d}: no transformer.wte.weight in the weights (not a GPT-2 model)")
     head = sd.pop("lm_head.weight", None)
     if head is not None and not torch.equal(head, sd["transformer.wte.weight"]):
-        raise ValueError(f"{d}: lm_head is not tied to wte, which our GPT needs")
+        raise Error(f"{d}: lm_head is not tied to wte, which our GPT needs")
     if sd["transformer.wte.weight"].size(0) != V:
-        raise ValueError(f"{d}: wte has {sd['transformer.wte.weight'].size(0)} rows, config.json says {V}")
+        raise Error(f"{d}: wte has {sd['transformer.wte.weight'].size(0)} rows, config.json says {V}")
     _tie(sd, model_args)
     if tokenizer is None:
         path = os.path.join(d, "tokenizer.json")
         if not os.path.isfile(path):
-            raise ValueError(f"{d} has no tokenizer.json (a byte-level BPE, as GPT-2's and ours are)")
-        with open(path, encoding="utf-8") as f:
-            tokenizer = tokenizer_of_json(f.read(), path)
+            raise Error(f"{d} has no tokenizer.json (a byte-level BPE, as GPT-2's and ours are)")
+        tokenizer = tokenizer_of_json(read_text(path, "the tokenizer"), path)
     return _imported(sd, model_args, tokenizer, d)
 
 
@@ -322,7 +316,7 @@ def _gpt2_snapshot(name):
             continue
         if all(os.path.isfile(os.path.join(d, f)) for f in files):
             return d
-    raise ValueError(f"GPT-2 '{name}' is not in the Hugging Face cache and could not be downloaded "
+    raise Error(f"GPT-2 '{name}' is not in the Hugging Face cache and could not be downloaded "
                           f"({type(error).__name__}); on a machine with network run `hf download "
                           f"openai-community/{name} {' '.join(files)}` and copy ~/.cache/huggingface here "
                           f"(or set HF_HOME to a copy), or use hf:DIR with a directory holding those files")
@@ -335,32 +329,32 @@ def load_nanogpt(path) -> dict:
     vocabulary, so a vocabulary of 50257 (or nanoGPT's padded 50304) is GPT-2's and any other is refused."""
     import pickle
     if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would wait for a writer forever
-        raise ValueError(f"{path} is not a regular file (nanogpt: takes a ckpt.pt)")
+        raise Error(f"{path} is not a regular file (nanogpt: takes a ckpt.pt)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         why = next((line.strip() for line in str(e).splitlines() if "unsupported" in line.lower()), oneline(e)[:200])
-        raise ValueError(f"{path} holds more than tensors and plain values ({why}); refused: a nanoGPT "
+        raise Error(f"{path} holds more than tensors and plain values ({why}); refused: a nanoGPT "
                               "ckpt.pt is read with torch.load(weights_only=True), which never runs code") from None
     except Exception as e:
-        raise ValueError(f"cannot read {path} as a torch.save file ({type(e).__name__}: {oneline(e)[:200]})") from None
+        raise Error(f"cannot read {path} as a torch.save file ({type(e).__name__}: {oneline(e)[:200]})") from None
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model_args"), dict) and isinstance(ckpt.get("model"), dict)
             and all(isinstance(v, torch.Tensor) for v in ckpt["model"].values())):
-        raise ValueError(f"{path} is not a nanoGPT checkpoint (a dict with 'model' tensors and 'model_args')")
+        raise Error(f"{path} is not a nanoGPT checkpoint (a dict with 'model' tensors and 'model_args')")
     args, config = ckpt["model_args"], ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     if args.get("vocab_size") not in (50257, 50304):
-        raise ValueError(f"{path} has vocab_size={args.get('vocab_size')} (dataset "
+        raise Error(f"{path} has vocab_size={args.get('vocab_size')} (dataset "
                               f"{config.get('dataset', 'unknown')!r}), not GPT-2's 50257 or nanoGPT's padded 50304: "
                               "its vocabulary comes from a meta.pkl (characters), which our tokenizers cannot represent")
     try:
         model_args = {k: args[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")}
     except KeyError as e:
-        raise ValueError(f"{path}: model_args lacks {e.args[0]} (not a nanoGPT checkpoint)") from None
+        raise Error(f"{path}: model_args lacks {e.args[0]} (not a nanoGPT checkpoint)") from None
     model_args = _described(dict(model_args, vocab_size=50257, dropout=0.0), path)
     sd = {k.removeprefix("_orig_mod."): v.float() for k, v in ckpt["model"].items()
           if not k.endswith(".attn.bias")}  # the causal mask nanoGPT keeps without flash attention
     if "transformer.wte.weight" not in sd:
-        raise ValueError(f"{path}: no transformer.wte.weight among its weights (not a nanoGPT checkpoint)")
+        raise Error(f"{path}: no transformer.wte.weight among its weights (not a nanoGPT checkpoint)")
     _tie(sd, model_args)  # nanoGPT's padding rows were trained toward -inf logits; ours are zero and cut off
     best = ckpt.get("best_val_loss")
     return _imported(sd, model_args, dict(GPT2_TOKENIZER), path, config=config, iter_num=ckpt.get("iter_num"),

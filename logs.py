@@ -8,16 +8,16 @@ line or eval.
     trim(out_dir, last_iter)                a resumed run's log.jsonl holds each iteration once
     write_summary(out_dir, summary)
 
-A write that fails is one line (LogError) naming the file and the OS's reason, and leaves the files
+A write that fails is one line (an Error) naming the file and the OS's reason, and leaves the files
 that were there intact; Log.write keeps the first such line in .error, for train.py to stop at the
 end of that iteration rather than in the middle of it.
 """
 import json
 import os
-import sys
 
 import metrics
-from checkpoint import oneline
+from errors import Error, oneline, warn
+from files import write_atomic
 
 # our record keys -> the names wandb and TensorBoard show (nanoGPT's panels: mfu in percent)
 KEYS = {'loss': 'train/loss', 'lr': 'train/lr', 'mfu': 'train/mfu', 'step': 'train/iter',
@@ -26,24 +26,20 @@ KEYS = {'loss': 'train/loss', 'lr': 'train/lr', 'mfu': 'train/mfu', 'step': 'tra
         'val_loss': 'eval/val_loss', 'val_ppl': 'eval/val_ppl', **{k: f'eval/{k}' for k in metrics.TRAINING_KEYS}}
 
 
-class LogError(Exception):
-    """str() is a one-line reason, fit to print as is."""
-
-
 def check(config):
-    """LogError now, before anything is written, if a logger the config asks for is not installed."""
+    """Error now, before anything is written, if a logger the config asks for is not installed."""
     if config['tensorboard_log']:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
         except ImportError:
-            raise LogError("tensorboard_log=True needs tensorboard: pip install tensorboard") from None
+            raise Error("tensorboard_log=True needs tensorboard: pip install tensorboard") from None
     if config['wandb_log']:
         try:
             import wandb
         except ImportError:
-            raise LogError("wandb_log=True needs wandb: pip install wandb") from None
+            raise Error("wandb_log=True needs wandb: pip install wandb") from None
         if getattr(wandb, '__file__', None) is None:  # a folder named wandb (its offline runs) stood in for it
-            raise LogError(f"wandb_log=True needs wandb: pip install wandb (the folder {list(wandb.__path__)[0]} "
+            raise Error(f"wandb_log=True needs wandb: pip install wandb (the folder {list(wandb.__path__)[0]} "
                            f"holds wandb's runs, it is not the package)")
 
 
@@ -52,7 +48,7 @@ class Log:
 
     def __init__(self, config, iter_num, wandb_id, continuing, active=True):
         """Start wandb and TensorBoard as config asks. A new run whose wandb cannot start (no login,
-        no network) is a LogError; a run that goes on (a requeue, a reboot) must not stop for its
+        no network) is an Error; a run that goes on (a requeue, a reboot) must not stop for its
         logger, so it logs offline with a warning, and `wandb sync` uploads that later."""
         self.out_dir, self.wandb, self.tb, self.wandb_from, self.error = config['out_dir'], None, None, 0, None
         self.wandb_id = wandb_id  # kept in checkpoints: a resumed run logs into the same wandb run
@@ -67,10 +63,10 @@ class Log:
             except Exception as e:  # not logged in, or no network
                 why = ' '.join(str(e).split())[:200]
                 if not continuing:
-                    raise LogError(f"wandb could not start ({why}); log in with `wandb login` or WANDB_API_KEY, or "
+                    raise Error(f"wandb could not start ({why}); log in with `wandb login` or WANDB_API_KEY, or "
                                    f"log locally with WANDB_MODE=offline") from None
-                print(f"warning: wandb could not start ({why}); logging offline instead: `wandb sync` uploads it "
-                      f"into the same run later", file=sys.stderr)
+                warn(f"wandb could not start ({why}); logging offline instead: `wandb sync` uploads it "
+                     f"into the same run later")
                 self.wandb = wandb.init(**args, mode='offline')
             self.wandb_id = self.wandb.id
             # after a kill -9 the iterations since the checkpoint run again; wandb already has them (the
@@ -84,7 +80,7 @@ class Log:
                 self.tb = SummaryWriter(path, purge_step=iter_num or None, flush_secs=10)
                 self.tb.add_text('config', '\n'.join(f"    {k} = {v!r}" for k, v in config.items()), iter_num)
             except OSError as e:
-                raise LogError(f"cannot write {path}: {oneline(e)}") from None
+                raise Error(f"cannot write {path}: {oneline(e)}") from None
 
     def write(self, record):
         """record to log.jsonl, and its numbers to wandb and TensorBoard; a failed write sets .error."""
@@ -111,56 +107,49 @@ class Log:
             try:
                 self.tb.close()
             except OSError as e:
-                raise LogError(f"cannot write {os.path.join(self.out_dir, 'tb')}: {oneline(e)}") from None
+                raise Error(f"cannot write {os.path.join(self.out_dir, 'tb')}: {oneline(e)}") from None
 
 
 def trim(out_dir, last_iter):
     """Drop the records after last_iter (work a kill -9 lost, about to be redone) from the live log,
-    so it holds each iteration once; they are added to log.jsonl.dropped. Both files are written
-    whole beside the old ones and renamed over them: a failed write changes neither."""
+    so it holds each iteration once, and set aside lines that are no record (cut short by a kill,
+    bytes that are not UTF-8, a step that is not a count); both go to log.jsonl.dropped. Both files
+    are written whole beside the old ones and renamed over them: a failed write changes neither."""
     path = os.path.join(out_dir, "log.jsonl")
     try:
-        with open(path) as f:
+        with open(path, "rb") as f:
             lines = f.readlines()
     except FileNotFoundError:
         return
     except OSError as e:
-        raise LogError(f"cannot read {path}: {oneline(e)}") from None
-    keep, drop = [], []
+        raise Error(f"cannot read {path}: {oneline(e)}") from None
+    keep, later, damaged = [], [], []
     for line in lines:
         try:
-            (keep if json.loads(line).get("step", 0) <= last_iter else drop).append(line)
-        except (ValueError, AttributeError):  # a line cut short by the kill, or not a record
-            drop.append(line)
-    if not drop:
+            step = json.loads(line.decode("utf-8"))["step"]
+        except (ValueError, TypeError, KeyError):
+            step = None
+        if not isinstance(step, int) or isinstance(step, bool):
+            damaged.append(line)
+        else:
+            (keep if step <= last_iter else later).append(line)
+    if not later and not damaged:
         return
     try:
-        with open(path + ".dropped") as f:
-            drop = f.readlines() + drop
+        with open(path + ".dropped", "rb") as f:
+            dropped = f.readlines()
     except FileNotFoundError:
-        pass
+        dropped = []
     except OSError as e:
-        raise LogError(f"cannot read {path}.dropped: {oneline(e)}") from None
-    _replace(path + ".dropped", "".join(drop))
-    _replace(path, "".join(keep))
-    print(f"log.jsonl: {len(lines) - len(keep)} records after iter {last_iter} moved to log.jsonl.dropped")
+        raise Error(f"cannot read {path}.dropped: {oneline(e)}") from None
+    write_atomic(path + ".dropped", b"".join(dropped + later + damaged))
+    write_atomic(path, b"".join(keep))
+    if later:
+        print(f"log.jsonl: {len(later)} records after iter {last_iter} moved to log.jsonl.dropped")
+    if damaged:
+        warn(f"{path}: {len(damaged)} damaged lines (not a record with a step count) set aside in "
+             f"log.jsonl.dropped")
 
 
 def write_summary(out_dir, summary):
-    _replace(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
-
-
-def _replace(path, text):
-    """path holds text, whole: written beside it, flushed, renamed over it."""
-    try:
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except OSError as e:
-        try:
-            os.remove(path + ".tmp")
-        except OSError:
-            pass
-        raise LogError(f"cannot write {path}: {oneline(e)}") from None
+    write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))

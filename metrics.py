@@ -8,7 +8,7 @@ Measuring a model: what evaluate.py prints and what train.py logs at each eval.
     training_metrics(...)                             the numbers train.py's eval_mcq / eval_generate log
     plot_log(log_path, png_path)                      training curves from log.jsonl (needs matplotlib)
 
-Bad input raises EvalError, whose text names the file and line. The loops take progress=True for a
+Bad input raises an Error, whose text names the file and line. The loops take progress=True for a
 progress bar on a terminal (evaluate.py); by default they are silent (train.py). README.md
 ("Evaluating a model") and docs/evaluation.md define every number.
 """
@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from configurator import check_input, not_utf8
+from errors import Error
+from files import not_utf8, read_text
 
 DEFAULT_PROMPTS = ['def add(a, b):', 'class DataLoader:', 'import numpy as np']
 UNIT = re.compile(r'\w+|[^\w\s]|\n')  # the units of distinct-n and repetition: words, symbols, line ends
@@ -37,34 +38,12 @@ MCQ_TEMPLATE = 'Question: {question}\nAnswer:'  # lm-evaluation-harness's MMLU-s
 MCQ_DELIMITER = ' '  # the harness's target_delimiter, between the prompt and each choice
 
 
-class EvalError(Exception):
-    """str() is a one-line reason naming the file (and line), fit to print as is."""
-
-
 def progress_bar(show, total, desc, unit):
     """tqdm's bar (count, rate, ETA) on stderr, when show is true and stderr is a terminal: disable=None
     turns it off for a file or a pipe, where a log wants evaluate.py's one line per finished stage,
     not redraws joined by carriage returns. leave=False: that line replaces the finished bar."""
     return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=None if show else True,
                 file=sys.stderr, dynamic_ncols=True)
-
-
-def read_text(path) -> str:
-    """A file's UTF-8 text, or EvalError naming the line of the first bad byte. Every file that
-    evaluate.py and train.py read as text (exams, prompts, --text) comes through here: check_input."""
-    problem = check_input(path)
-    if problem:
-        raise EvalError(f"cannot read {path}: {problem}")
-    try:
-        with open(path, 'rb') as f:
-            data = f.read()
-    except OSError as e:
-        raise EvalError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        return data.decode('utf-8')
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b'\n') + 1
-        raise EvalError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8") from None
 
 
 def _nll(model, x, y):
@@ -105,13 +84,13 @@ def perplexity(model, tokens, tokenizer, stride=None, batch_size=16, device='cpu
     T = model.config.block_size
     S = stride or T
     if S > T:
-        raise EvalError(f"stride {S} is larger than the checkpoint's block_size {T}: tokens would be skipped")
+        raise Error(f"stride {S} is larger than the checkpoint's block_size {T}: tokens would be skipped")
     seq = np.concatenate([[tokenizer.eot_id], np.asarray(tokens, dtype=np.int64)])
     N = len(seq) - 1  # targets seq[1..N]
     text_ids = seq[1:][seq[1:] != tokenizer.eot_id]
     n_bytes = sum(len(tokenizer.decode_bytes(c)) for c in np.split(text_ids, range(1 << 20, len(text_ids), 1 << 20)))
     if not n_bytes:
-        raise EvalError("no text to score (the text or split is empty)")
+        raise Error("no text to score (the text or split is empty)")
     windows, prev = [], 0  # (first input, end, first scored target), in target indices
     for begin in range(0, N, S):
         end = min(begin + T, N)
@@ -149,13 +128,13 @@ def load_prompts(path=None) -> list:
             try:
                 line = json.loads(line)
             except ValueError as e:
-                raise EvalError(f"{path}, line {n}: a line starting with a quote must be a JSON string ({e})") from None
+                raise Error(f"{path}, line {n}: a line starting with a quote must be a JSON string ({e})") from None
             if not isinstance(line, str) or not_utf8(line):  # "\ud800": JSON, but no text
-                raise EvalError(f"{path}, line {n}: a line starting with a quote must be a JSON string of text")
+                raise Error(f"{path}, line {n}: a line starting with a quote must be a JSON string of text")
         if line.strip():
             prompts.append(line)
     if not prompts:
-        raise EvalError(f"{path} holds no prompts (one per line)")
+        raise Error(f"{path} holds no prompts (one per line)")
     return prompts
 
 
@@ -240,51 +219,51 @@ def generation_metrics(samples, code=True) -> dict:
 
 def template_fields(template) -> set:
     """The item fields an mcq_template names ('{question}', '{choices[0]}': question, choices), or
-    EvalError when it is not a format string of named fields."""
+    Error when it is not a format string of named fields."""
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as e:
-        raise EvalError(f"mcq_template {template!r} is not a format string ({e}); fields are written "
+        raise Error(f"mcq_template {template!r} is not a format string ({e}); fields are written "
                         f"{{question}}, a literal brace {{{{ or }}}}") from None
     fields = {re.match(r'[^.\[]*', name).group() for name in names}
     if not fields or any(f == '' or f.isdigit() for f in fields):
-        raise EvalError(f"mcq_template {template!r} must name the item's fields, e.g. '{{question}}' or "
+        raise Error(f"mcq_template {template!r} must name the item's fields, e.g. '{{question}}' or "
                         f"'Question: {{question}}\\nAnswer:'")
     return fields
 
 
 def fill(template, item, where='an item') -> str:
-    """template.format(**item), or EvalError saying which field `where` lacks."""
+    """template.format(**item), or Error saying which field `where` lacks."""
     try:
         return template.format(**item)
     except KeyError as e:
-        raise EvalError(f"{where}: mcq_template {template!r} names the field {e.args[0]!r}, which this item "
+        raise Error(f"{where}: mcq_template {template!r} names the field {e.args[0]!r}, which this item "
                         f"lacks (it has {', '.join(item)})") from None
     except (IndexError, AttributeError, ValueError, TypeError) as e:
-        raise EvalError(f"{where}: mcq_template {template!r} does not fit this item ({type(e).__name__}: {e})") from None
+        raise Error(f"{where}: mcq_template {template!r} does not fit this item ({type(e).__name__}: {e})") from None
 
 
 def _mcq_item(obj, where, template=MCQ_TEMPLATE):
     """{question, choices, answer (0-based)} from one JSONL record in either format, plus the record's
     other fields that the template names (checked here, so a bad template fails before any model)."""
     if not isinstance(obj, dict) or not isinstance(obj.get('question'), str):
-        raise EvalError(f'{where}: expected a JSON object with a "question" string')
+        raise Error(f'{where}: expected a JSON object with a "question" string')
     letters = string.ascii_uppercase
     if 'choices' in obj:  # MMLU exports: "choices": [...], answer 0-based or a letter
         choices, base = obj['choices'], 0
         if not isinstance(choices, list):
-            raise EvalError(f'{where}: "choices" must be a list')
+            raise Error(f'{where}: "choices" must be a list')
     else:  # KorMedMCQA: "A", "B", ... answer 1-based or a letter
         n = 0
         while n < len(letters) and letters[n] in obj:
             n += 1
         choices, base = [obj[c] for c in letters[:n]], 1
     if len(choices) < 2:
-        raise EvalError(f'{where}: {len(choices)} choice(s), at least 2 are needed '
+        raise Error(f'{where}: {len(choices)} choice(s), at least 2 are needed '
                         f'("choices": [...] or "A", "B", ...)')
     for i, c in enumerate(choices):
         if not isinstance(c, (str, int, float)) or isinstance(c, bool) or not str(c).strip():
-            raise EvalError(f'{where}: choice {letters[i]} must be non-empty text, got {c!r}')
+            raise Error(f'{where}: choice {letters[i]} must be non-empty text, got {c!r}')
     answer = obj.get('answer')
     if isinstance(answer, str) and answer.strip().isdigit():
         answer = int(answer)
@@ -293,9 +272,9 @@ def _mcq_item(obj, where, template=MCQ_TEMPLATE):
     elif isinstance(answer, int) and not isinstance(answer, bool):
         index = answer - base
     else:
-        raise EvalError(f'{where}: "answer" must be a letter or a {base}-based index, got {answer!r}')
+        raise Error(f'{where}: "answer" must be a letter or a {base}-based index, got {answer!r}')
     if not 0 <= index < len(choices):
-        raise EvalError(f'{where}: answer {obj.get("answer")!r} is out of range for {len(choices)} choices '
+        raise Error(f'{where}: answer {obj.get("answer")!r} is out of range for {len(choices)} choices '
                         f'({"0-based with a choices list" if base == 0 else "1-based with A, B, ..."})')
     item = dict(question=obj['question'], choices=[str(c) for c in choices], answer=index)
     item.update({f: obj[f] for f in template_fields(template) if f not in item and f in obj})
@@ -307,7 +286,7 @@ def load_mcq(path, template=MCQ_TEMPLATE) -> list:
     """The items of a JSONL exam, one per line: {"question", "choices": [...], "answer": 0-based index
     or letter} (MMLU exports) or {"question", "A", "B", ..., "answer": 1-based index or letter}
     (KorMedMCQA); blank lines are skipped. Each item also keeps the record's fields that template
-    (an mcq_template) names, and EvalError says which line lacks one."""
+    (an mcq_template) names, and Error says which line lacks one."""
     items = []
     for n, line in enumerate(read_text(path).split('\n'), 1):
         if not line.strip():
@@ -315,12 +294,12 @@ def load_mcq(path, template=MCQ_TEMPLATE) -> list:
         try:
             obj = json.loads(line)
         except ValueError as e:
-            raise EvalError(f"{path}, line {n}: not valid JSON ({e})") from None
+            raise Error(f"{path}, line {n}: not valid JSON ({e})") from None
         if not_utf8(json.dumps(obj, ensure_ascii=False)):
-            raise EvalError(f"{path}, line {n}: an escape like \"\\ud800\" stands for no text (a lone surrogate)")
+            raise Error(f"{path}, line {n}: an escape like \"\\ud800\" stands for no text (a lone surrogate)")
         items.append(_mcq_item(obj, f"{path}, line {n}", template))
     if not items:
-        raise EvalError(f"{path} holds no questions (one JSON object per line)")
+        raise Error(f"{path} holds no questions (one JSON object per line)")
     return items
 
 
@@ -401,7 +380,7 @@ PLOTTED = ('loss', 'lr', 'tokens_per_sec', 'train_loss', 'val_loss') + TRAINING_
 
 def read_log(path) -> list:
     """The entries of train.py's log.jsonl: JSON objects with a "step" count, whose PLOTTED values are
-    numbers or null; EvalError naming the first line that is not one."""
+    numbers or null; Error naming the first line that is not one."""
     entries = []
     for n, line in enumerate(read_text(path).split('\n'), 1):
         if not line.strip():
@@ -409,13 +388,13 @@ def read_log(path) -> list:
         try:
             e = json.loads(line)
         except ValueError:
-            raise EvalError(f"{path}, line {n}: not valid JSON (a torn last line? remove it)") from None
+            raise Error(f"{path}, line {n}: not valid JSON (a torn last line? remove it)") from None
         step = e.get('step') if isinstance(e, dict) else None
         if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
-            raise EvalError(f"{path}, line {n}: not a record of train.py's (a JSON object with a \"step\" count)")
+            raise Error(f"{path}, line {n}: not a record of train.py's (a JSON object with a \"step\" count)")
         for key in PLOTTED:
             if e.get(key) is not None and not (isinstance(e[key], (int, float)) and not isinstance(e[key], bool)):
-                raise EvalError(f"{path}, line {n}: {key}={e[key]!r} is not a number")
+                raise Error(f"{path}, line {n}: {key}={e[key]!r} is not a number")
         entries.append(e)
     return entries
 
@@ -429,13 +408,13 @@ def plot_log(log_path, png_path) -> None:
         matplotlib.use('Agg')  # files only, no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        raise EvalError("--plot needs matplotlib: pip install matplotlib") from None
+        raise Error("--plot needs matplotlib: pip install matplotlib") from None
     # the extension names the format, given to savefig: without one it would write png_path + '.png'
     fmt = os.path.splitext(png_path)[1][1:].lower()
     formats = plt.figure().canvas.get_supported_filetypes()
     plt.close('all')
     if fmt not in formats:
-        raise EvalError(f"--plot={png_path}: {'no extension' if not fmt else f'.{fmt} is not an image format'}; "
+        raise Error(f"--plot={png_path}: {'no extension' if not fmt else f'.{fmt} is not an image format'}; "
                         f"end the name with one of {', '.join('.' + f for f in sorted(formats))}")
     train, evals = {}, {}
     for e in read_log(log_path):
@@ -444,7 +423,7 @@ def plot_log(log_path, png_path) -> None:
         elif 'val_loss' in e:
             evals[e['step']] = e
     if not train and not evals:
-        raise EvalError(f"{log_path} holds no training entries yet")
+        raise Error(f"{log_path} holds no training entries yet")
     extra = [k for k in TRAINING_KEYS if any(k in e for e in evals.values())]
     fig, axes = plt.subplots(3 + bool(extra), 1, figsize=(10, 10 + 3 * bool(extra)), sharex=True)
 

@@ -1,72 +1,86 @@
 """
-The optimizers of a training step: which parameters each takes (AdamW, and Muon for the weight
-matrices inside the blocks), Muon's step on a CPU, and loading a saved optimizer state.
+The optimizers of a training step, by name: AdamW, and Muon for the weight matrices inside the
+blocks; Muon's step on a CPU; their states saved and loaded under their names.
 
-    configure_optimizers(model, ...)       the list train.py steps, each in turn
-    Muon                                   torch.optim.Muon, its Newton-Schulz in float32 on a CPU
-    load_optimizer_state(optimizer, state) a saved state, keeping this optimizer's kernel flags
-    wte_moments(state, optimizer, model)   AdamW's wte moments cut to the rows that train, or grown back
+    configure_optimizers(model, ...)          {name: optimizer}, which train.py steps, each in turn
+    state_dicts(optimizers, model)            {name: state} for a checkpoint
+    load_state_dicts(optimizers, states, ...) a checkpoint's states back, or Error naming its file
+    Muon                                      torch.optim.Muon, its Newton-Schulz in float32 on a CPU
 """
 import inspect
 import math
 
 import torch
 
+from errors import Error, oneline
 
-def configure_optimizers(model, weight_decay, learning_rate, betas, device_type, optimizer='adamw') -> list:
-    """The optimizers of a training step, a list train.py loops over: [AdamW], or with
-    optimizer='muon' [AdamW, Muon] (Muon only when a block matrix trains). Frozen parameters are in
-    neither (model.mark_trainable), so with LoRA the state is only what trains; every trainable
-    parameter is in exactly one group.
+CHOICES = ('muon', 'adamw')  # the optimizer key: Muon for the block matrices and AdamW for the rest, or AdamW
 
-    AdamW decays only the 2-D matmul weights; biases, LayerNorm weights and the embeddings (wte,
-    tied to lm_head, and wpe) are not decayed. lora_A / lora_B are decayed: that shrinks B A,
-    pulling the model towards the base model, not towards zero (peft and lit-gpt decay them
-    too). Undecayed embeddings keep trainable=new_tokens' base rows fixed.
 
-    Muon (Muon below: torch.optim.Muon; Jordan 2024, https://kellerjordan.github.io/posts/muon/)
-    takes the weight matrices inside the blocks (c_attn, c_proj, c_fc) that train: it follows each
-    matrix's momentum with its nearest orthogonal matrix (Newton-Schulz), an update of the same
-    size in every direction. Embeddings, the tied head, gains and biases stay on AdamW, as Muon is
-    meant (an embedding row's update must not mix with other rows': the new_tokens hook relies on
-    it), and so do LoRA's lora_A / lora_B: Muon's case is for a hidden weight matrix, and an
-    orthogonal update of each factor is not one of their product B A; measured on a LoRA
-    fine-tune (rank 8, 300 iterations, stdlib model -> IPython's sources) the two were within
-    0.01 nats at each of three learning rates (docs/training.md). adjust_lr_fn='match_rms_adamw'
-    (Liu et al. 2025, https://arxiv.org/abs/2502.16982) scales Muon's update to AdamW's RMS, so
-    learning_rate and weight_decay mean for it what they mean for AdamW: one learning rate for both
-    (a separate one for Muon, 0.5x to 2x AdamW's, moved the loss by at most 0.013 nats in the probe
-    of bench/bench_recipe.py, docs/training.md)."""
+def configure_optimizers(model, weight_decay, learning_rate, betas, device_type, optimizer='adamw') -> dict:
+    """{name: optimizer} for a training step: {'adamw'} or, with optimizer='muon', {'adamw', 'muon'}
+    (Muon only when a block matrix trains). Frozen parameters are in none (weights.mark_trainable),
+    so with LoRA the state is only what trains; every trainable parameter is in exactly one group.
+
+    AdamW decays only the 2-D matmul weights, not biases, LayerNorm gains or the embeddings (wte,
+    tied to lm_head, and wpe): undecayed, trainable=new_tokens' base rows stay fixed. lora_A / lora_B
+    are decayed, which pulls the model towards its base (peft and lit-gpt do so too).
+
+    Muon (torch.optim.Muon; Jordan 2024, https://kellerjordan.github.io/posts/muon/) takes the block
+    matrices that train (c_attn, c_proj, c_fc) and follows each one's momentum with its nearest
+    orthogonal matrix. Embeddings, gains, biases and LoRA factors stay on AdamW, as Muon is meant:
+    an embedding row's update must not mix with other rows', and an orthogonal update of each
+    LoRA factor is not one of their product. adjust_lr_fn='match_rms_adamw' (Liu et al. 2025,
+    https://arxiv.org/abs/2502.16982) scales its update to AdamW's RMS, so one learning rate and
+    weight decay serve both (measured in docs/training.md)."""
     embeddings = {id(model.transformer.wte.weight), id(model.transformer.wpe.weight)}
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # registration order
-    hidden = [p for n, p in params if optimizer == 'muon' and n.startswith('transformer.h.') and p.dim() == 2
-              and not n.endswith(('.lora_A', '.lora_B'))]
+    hidden = [p for n, p in params if optimizer == 'muon' and n.startswith('transformer.h.')
+              and p.dim() == 2 and not n.endswith(('.lora_A', '.lora_B'))]
     rest = [p for n, p in params if not any(p is h for h in hidden)]
     decay = [p for p in rest if p.dim() >= 2 and id(p) not in embeddings]
     no_decay = [p for p in rest if p.dim() < 2 or id(p) in embeddings]
     groups = [{'params': decay, 'weight_decay': weight_decay},
               {'params': no_decay, 'weight_decay': 0.0}]
     # the fused CUDA kernel is much faster; it only exists for CUDA (and in newer torch)
-    use_fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
-    extra = dict(fused=True) if use_fused else dict()
-    optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)]
+    fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+    optimizers = {'adamw': torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
+                                             **({'fused': True} if fused else {}))}
     if hidden:  # none train in a LoRA run that leaves the base's matrices frozen
-        optimizers.append(Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn='match_rms_adamw'))
+        optimizers['muon'] = Muon(hidden, lr=learning_rate, weight_decay=weight_decay,
+                                  adjust_lr_fn='match_rms_adamw')
     return optimizers
 
 
+def state_dicts(optimizers, model) -> dict:
+    """{name: state_dict} to save, wte's moments cut to the rows that train (wte_moments)."""
+    return {name: wte_moments(opt.state_dict(), opt, model, cut=True) for name, opt in optimizers.items()}
+
+
+def load_state_dicts(optimizers, states, model, source):
+    """Load each optimizer's state saved under its name (state_dicts); Error naming source when
+    one is missing or does not fit the model."""
+    for name, opt in optimizers.items():
+        try:
+            load_state(opt, wte_moments(states[name], opt, model, cut=False))
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise Error(f"{source}: its optimizer state does not fit the model "
+                        f"({type(e).__name__}: {oneline(e)})") from None
+
+
 def wte_moments(state, optimizer, model, cut):
-    """An AdamW state dict with wte's moments cut to the rows that train (cut=True, to save), or
-    grown back (cut=False, to load) with the frozen rows' moments, which are zero (mark_trainable)."""
+    """An optimizer's state dict with wte's moments cut to the rows that train (cut=True, to save), or
+    grown back (cut=False, to load) with the frozen rows' moments, which are zero (mark_trainable).
+    The state of an optimizer that does not hold wte comes back as it was."""
     rows = getattr(model, 'frozen_wte_rows', 0)
     params = [p for g in optimizer.param_groups for p in g['params']]
     i = next((i for i, p in enumerate(params) if p is model.transformer.wte.weight), None)
     if not rows or i not in state['state']:
         return state
     moments = dict(state['state'][i])
-    for k in ('exp_avg', 'exp_avg_sq'):
-        t = moments[k]
-        moments[k] = t[rows:] if cut else torch.cat([t.new_zeros(rows, t.size(1)), t])
+    for k, t in moments.items():  # AdamW's exp_avg, exp_avg_sq; not its step
+        if t.dim() == 2:
+            moments[k] = t[rows:] if cut else torch.cat([t.new_zeros(rows, t.size(1)), t])
     return {**state, 'state': {**state['state'], i: moments}}
 
 
@@ -108,7 +122,7 @@ class Muon(torch.optim.Muon):
                 p.add_(X, alpha=-group['lr'] * scale)
 
 
-def load_optimizer_state(optimizer, state):
+def load_state(optimizer, state):
     """optimizer.load_state_dict(state), keeping this optimizer's implementation flags. Loading
     replaces each param group with the saved one, `fused` and `foreach` included, so a run saved on
     a CPU and resumed on a GPU would silently lose the fused kernel (and, with float16, trip over

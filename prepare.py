@@ -46,7 +46,9 @@ import numpy as np
 from tqdm import tqdm
 
 import dataset as ds
+import files
 from configurator import configure
+from errors import Error, oneline, report
 
 # -----------------------------------------------------------------------------
 # inputs (string defaults, not None, so that a value is taken as typed: --dataset=2024 is a name)
@@ -74,12 +76,8 @@ STDLIB_EXCLUDE = ("site-packages", "dist-packages", "test", "tests", "idle_test"
 SHOW_SKIPPED = 5  # skipped files named in the summary; meta.json lists them all
 
 
-def fail(msg):
-    raise SystemExit(f"prepare.py: error: {msg}")
-
-
-class BadFile(Exception):
-    """A file that is not usable text; str() is the one-line reason."""
+class BadFile(Error):
+    """A file that is not usable text: skipped inside a folder, an error when named."""
 
 
 def list_sources(roots, glob, exclude):
@@ -91,9 +89,9 @@ def list_sources(roots, glob, exclude):
             sources.append((root, os.path.basename(root), True, st.st_size, st.st_mtime_ns))
             continue
         if os.path.exists(root) and not os.path.isdir(root):  # a FIFO, socket or device: reading would block
-            fail(f"--input={root} is not a regular file or a folder")
+            raise Error(f"--input={root} is not a regular file or a folder")
         if not os.path.isdir(root):
-            fail(f"--input={root}: no such file or directory (check the path)")
+            raise Error(f"--input={root}: no such file or directory (check the path)")
         found = []
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in exclude]  # .git etc.
@@ -168,12 +166,9 @@ def piece_hash(key):
 
 def main(argv=None) -> dict:
     """Prepare the dataset that argv (default sys.argv[1:]) describes; returns its meta.json."""
-    config, _ = configure(defaults, sys.argv[1:] if argv is None else argv, prog='prepare.py', source=__file__,
+    config, _ = configure(defaults, sys.argv[1:] if argv is None else argv, source=__file__,
                           repeatable={'input'})
-    try:
-        return prepare(SimpleNamespace(**config))
-    except ds.DatasetError as e:  # dataset.py's one-line errors, said in this script's name
-        fail(e.reason)
+    return prepare(SimpleNamespace(**config))
 
 
 def prepare(args):
@@ -184,7 +179,7 @@ def prepare(args):
     for key in ('extend_vocab', 'max_docs'):  # None defaults take any value: these must be whole numbers
         value = getattr(args, key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            fail(f"--{key}={value!r} must be a whole number (e.g. 1000)")
+            raise Error(f"--{key}={value!r} must be a whole number (e.g. 1000)")
     args.bpe_train_bytes = int(args.bpe_train_bytes)  # a float default, so that 1e8 is accepted
     inputs = [args.input] if isinstance(args.input, str) else args.input
     if any(inputs):
@@ -193,39 +188,39 @@ def prepare(args):
         roots, glob, exclude = [sysconfig.get_paths()["stdlib"]], args.glob or "*.py", STDLIB_EXCLUDE
     name = args.dataset or (os.path.splitext(os.path.basename(os.path.normpath(roots[0])))[0] if any(inputs) else "stdlib")
     if not name or name.startswith(".") or os.sep in name:
-        fail(f"--dataset={name!r} is not a plain folder name (e.g. --dataset=mydata)")
+        raise Error(f"--dataset={name!r} is not a plain folder name (e.g. --dataset=mydata)")
     if not 0.0 < args.val_fraction < 1.0:
-        fail(f"--val_fraction={args.val_fraction} must be between 0 and 1 (e.g. 0.05)")
+        raise Error(f"--val_fraction={args.val_fraction} must be between 0 and 1 (e.g. 0.05)")
     if args.bpe_train_bytes < 1:
-        fail(f"--bpe_train_bytes={args.bpe_train_bytes} must be at least 1 (default 100000000)")
+        raise Error(f"--bpe_train_bytes={args.bpe_train_bytes} must be at least 1 (default 100000000)")
     if args.min_split_tokens < 2:
-        fail(f"--min_split_tokens={args.min_split_tokens} must be at least 2 (block_size + 1)")
+        raise Error(f"--min_split_tokens={args.min_split_tokens} must be at least 2 (block_size + 1)")
     if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
-        fail(f"--data_dir={args.data_dir} is a file, not a folder")
+        raise Error(f"--data_dir={args.data_dir} is a file, not a folder")
     for root in roots:  # reading a prepared dataset as text would rebuild it from its own files
         folder = os.path.abspath(root)
         while folder != os.path.dirname(folder) and not os.path.isfile(os.path.join(folder, "meta.json")):
             folder = os.path.dirname(folder)
         if os.path.isfile(os.path.join(folder, "meta.json")) and os.path.isfile(os.path.join(folder, "train.bin")):
-            fail(f"--input={root} is inside the prepared dataset {folder}; give the corpus it was made from instead")
+            raise Error(f"--input={root} is inside the prepared dataset {folder}; give the corpus it was made from instead")
     kind, tokenizer_path = args.tokenizer, None
     if kind not in ds.KINDS:
         tokenizer_path = os.path.join(kind, "tokenizer.json") if os.path.isdir(kind) else kind
         if not os.path.isfile(tokenizer_path):
-            fail(f"--tokenizer={kind}: no such file (use bpe, gpt2, byte, "
+            raise Error(f"--tokenizer={kind}: no such file (use bpe, gpt2, byte, "
                  f"or the path of a tokenizer.json, e.g. data/stdlib/tokenizer.json)")
         kind = "bpe"
     elif kind == "bpe" and not 257 <= args.vocab_size <= np.iinfo(ds.DTYPE).max:
-        fail(f"--vocab_size={args.vocab_size} does not fit the uint16 token files (use 257..65535)")
+        raise Error(f"--vocab_size={args.vocab_size} does not fit the uint16 token files (use 257..65535)")
     if args.extend_vocab is not None and (not tokenizer_path or args.extend_vocab <= 0):
-        fail(f"--extend_vocab={args.extend_vocab} needs a positive number of new tokens and "
+        raise Error(f"--extend_vocab={args.extend_vocab} needs a positive number of new tokens and "
              f"--tokenizer=PATH/tokenizer.json, the base to extend (e.g. --tokenizer=data/stdlib/tokenizer.json)")
     if args.max_docs is not None and args.max_docs <= 0:
-        fail(f"--max_docs={args.max_docs} must be a positive number of documents (e.g. 1000)")
+        raise Error(f"--max_docs={args.max_docs} must be a positive number of documents (e.g. 1000)")
 
     sources = list_sources(roots, glob, exclude)
     if not sources:
-        fail(f"no input files in {', '.join(roots)} match --glob={glob} (check --input/--glob)")
+        raise Error(f"no input files in {', '.join(roots)} match --glob={glob} (check --input/--glob)")
     total_bytes = sum(s[3] for s in sources)
     listing = "".join(f"{os.path.abspath(p)}\t{size}\t{mtime}\n" for p, _, _, size, mtime in sources)
     inputs_fingerprint = hashlib.sha256(listing.encode(errors="surrogateescape")).hexdigest()  # stat only: fast
@@ -245,14 +240,14 @@ def prepare(args):
     out_dir = os.path.join(args.data_dir, name)
     for root in roots:
         if os.path.commonpath([os.path.abspath(root), os.path.abspath(out_dir)]) == os.path.abspath(root):
-            fail(f"--input={root} contains the output folder {out_dir}; "
+            raise Error(f"--input={root} contains the output folder {out_dir}; "
                  f"keep the corpus and --data_dir apart")
     cap = f", keeping the first {args.max_docs} documents" if args.max_docs else ""
     print(f"prepare: dataset {name}: {len(sources)} files, {total_bytes / 1e6:.1f} MB{cap} -> {out_dir} "
           f"(tokenizer {args.tokenizer})")
     try:
         old = ds.read_meta(out_dir)
-    except SystemExit:
+    except Error:
         old = None  # missing, damaged or an older format: build it
     if (old and not args.force and old["settings"] == settings and old["inputs_fingerprint"] == inputs_fingerprint
             and not (args.strict and old["inputs"]["skipped"])
@@ -260,13 +255,13 @@ def prepare(args):
         print(f"prepare: {out_dir} is up to date, reused it (inputs and settings unchanged; --force rebuilds)")
         return old
 
-    ds.clean_stale(out_dir)
-    tmp_dir = ds.temp_dir(out_dir)
+    files.clean_stale(out_dir)
+    tmp_dir = files.temp_dir(out_dir)
     try:
         try:
             os.makedirs(tmp_dir)
         except OSError as e:
-            fail(f"cannot write in --data_dir={args.data_dir}: {e.strerror}")
+            raise Error(f"cannot write in --data_dir={args.data_dir}: {oneline(e)}") from None
         meta = build(args, sources, kind, tokenizer_path, tmp_dir, out_dir)
         meta.update(dataset=name, inputs_fingerprint=inputs_fingerprint, settings=settings,
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -307,7 +302,7 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
         with open(tokenizer_path, "rb") as f:
             state = ds.make_state("bpe", f.read().decode("utf-8", errors="replace"), tokenizer_path)
         if args.extend_vocab and state["vocab_size"] + args.extend_vocab > np.iinfo(ds.DTYPE).max:
-            fail(f"--extend_vocab={args.extend_vocab} on {tokenizer_path}'s {state['vocab_size']} "
+            raise Error(f"--extend_vocab={args.extend_vocab} on {tokenizer_path}'s {state['vocab_size']} "
                  f"tokens makes more than 65535, which the uint16 token files cannot hold (use at most "
                  f"--extend_vocab={np.iinfo(ds.DTYPE).max - state['vocab_size']})")
     elif kind != "bpe":
@@ -335,7 +330,7 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
             except BadFile as e:
                 if explicit or args.strict:
                     fix = "fix or remove it" if explicit else "fix or remove it, or drop --strict to skip it"
-                    fail(f"{e} ({fix})")
+                    raise Error(f"{e} ({fix})")
                 skipped[path] = str(e)
                 continue
             counts = [counts[0] + n[0], counts[1] + n[1]]
@@ -345,7 +340,7 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
             docs, total_bytes = docs + file_docs, total_bytes + file_bytes
     if not lowest:
         why = f"all {len(skipped)} files were skipped, e.g. {next(iter(skipped.values()))}" if skipped else "it is empty"
-        fail(f"no text to prepare: {why} (check --input, --glob and --text_key)")
+        raise Error(f"no text to prepare: {why} (check --input, --glob and --text_key)")
     force_val = lowest[1] if counts[1] == 0 else None     # the hash sent nothing to val
     force_train = highest[1] if counts[0] == 0 else None  # ... or everything
 
@@ -451,7 +446,7 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
 
     small = {s: v["tokens"] for s, v in splits.items() if v["tokens"] < args.min_split_tokens}
     if small:
-        fail("corpus too small: " + ", ".join(f"{s} has {n} tokens" for s, n in small.items())
+        raise Error("corpus too small: " + ", ".join(f"{s} has {n} tokens" for s, n in small.items())
              + f", each split needs at least --min_split_tokens={args.min_split_tokens} (add more text, "
              f"or change --val_fraction / --min_split_tokens); {out_dir} was left as it was")
     tokens = sum(v["tokens"] for v in splits.values())
@@ -490,4 +485,5 @@ def bar(stage, total_bytes):
 
 
 if __name__ == "__main__":
+    sys.excepthook = report  # an Error is one line, 'prepare.py: error: ...'
     main()

@@ -3,7 +3,7 @@ A run's life in its out_dir: what a command starts from, how a run starts, conti
 the files a training run keeps there besides the checkpoint tiers (checkpoint.py writes those) and
 its logs (logs.py).
 
-    find(init_from, out_dir) / find_or_exit(...)  the model a command starts from: a checkpoint of a
+    find(init_from, out_dir)                      the model a command starts from: a checkpoint of a
                                                    run, whole and checked, or another format's weights
     listing(out_dir)                              train.py --list: who trains there, and each checkpoint
     start_point(config, explicit, defaults)       train.py: continue the run in out_dir, start a new
@@ -11,15 +11,17 @@ its logs (logs.py).
     before_decay(...) / decay_start(...)          a longer wsd run continues from where its decay began
     lock(out_dir) / owner(out_dir)                one training process per out_dir
     prepare_out_dir(...) / keep_base(...)         before a run's first write
-    identify(path) / command_line()               what ranks compare; the command that continues a run
+    planned_iters(config, n_windows)              the iterations a run trains (max_iters or max_epochs)
+    check_config(config)                          train.py's config: values in range, settings agreeing
+    identify(path) / check_same_start(...)        what ranks compare, and that they start alike
+    command_line()                                the command that continues a run
     rng_state() / set_rng_state(tree)             every RNG training draws from
-    check_output(path, what)                      any script's output path, before its work
 
 A training run's files in out_dir: the tiers (latest, latest_backup, best, step_*, epoch_*),
 base.safetensors (the base a run with frozen weights builds on), log.jsonl (+ log.jsonl.dropped),
 summary.json, tb/ (TensorBoard) and, while it trains, train.lock. Anything else there is the
-user's and is never touched. A write that fails is one line (CheckpointError) naming the file and
-the OS's reason, and leaves the files that were there intact.
+user's and is never touched. A write that fails is one line (an Error) naming the file and the
+OS's reason, and leaves the files that were there intact.
 """
 import atexit
 import fcntl
@@ -35,16 +37,20 @@ import socket
 import stat
 import sys
 import time
+from dataclasses import fields
 
 import numpy as np
 import torch
 
 import checkpoint
 import interop
-from checkpoint import CheckpointError, oneline
-from configurator import fits
+from configurator import check_ranges, fits
 from dataset import KINDS
-from model import check_state, with_base
+from errors import Error, oneline, warn
+from files import check_writable, fsync
+from model import GPTConfig
+from optim import CHOICES
+from weights import check_state, with_base
 
 # what a training run writes in out_dir besides its checkpoint tiers (checkpoint.tier_files)
 RUN_FILES = re.compile(r"base\.safetensors|log\.jsonl(\.dropped)?|summary\.json|tb|\.ckpt-tmp-\d+")
@@ -53,57 +59,62 @@ RUN_FILES = re.compile(r"base\.safetensors|log\.jsonl(\.dropped)?|summary\.json|
 # what a command starts from
 
 def whole(state, path, defaults=None, bases=None) -> dict:
-    """A checkpoint's state as the scripts use it, or CheckpointError(reason): an adapter state
-    (one with a 'base') completed with its base file's weights, checked to hold a GPT (model.py),
-    a tokenizer record, and for a training checkpoint (one with an optimizer) the run's position and
-    a config whose values have the types of `defaults` (train.py's). bases: a dict that keeps read
-    bases, for callers reading many adapters of one base."""
+    """A checkpoint's state as the scripts use it, or Error(reason): an adapter state (one with a
+    'base') completed with its base file's weights, checked to hold a GPT (weights.py), a tokenizer
+    record, and for a training checkpoint (one with optimizers) the run's position and a config
+    whose values have the types of `defaults` (train.py's). bases: a dict that keeps read bases,
+    for callers reading many adapters of one base."""
     if not isinstance(state, dict):
-        raise CheckpointError(f"unusable checkpoint (its state is a {type(state).__name__}, not a dict)")
+        raise Error(f"unusable checkpoint (its state is a {type(state).__name__}, not a dict)")
+    base = state.get("base") and _base(state["base"], path, {} if bases is None else bases)
     try:
-        if isinstance(state.get("base"), dict):
-            state = with_base(state, _base(state["base"], path, {} if bases is None else bases))
+        state = with_base(state, base) if base else state
         check_state(state)
-    except CheckpointError:
-        raise
-    except ValueError as e:
-        raise CheckpointError(f"unusable checkpoint ({e})") from None
+    except Error as e:
+        raise Error(f"unusable checkpoint ({e})") from None
     except Exception as e:  # a crafted state that still checksums; never a traceback
-        raise CheckpointError(f"corrupt checkpoint ({type(e).__name__}: {oneline(e)})") from None
+        raise Error(f"corrupt checkpoint ({type(e).__name__}: {oneline(e)})") from None
     tok = state.get("tokenizer")
     if not isinstance(tok, dict):
-        raise CheckpointError("unusable checkpoint (no tokenizer)")
+        raise Error("unusable checkpoint (no tokenizer)")
     if tok.get("kind") not in KINDS or not isinstance(tok.get("vocab_size"), int) \
             or not isinstance(tok.get("eot_id"), int) or not isinstance(tok.get("fingerprint"), str):
-        raise CheckpointError("unusable checkpoint (its tokenizer record is incomplete)")
-    if "optimizer" not in state:
+        raise Error("unusable checkpoint (its tokenizer record is incomplete)")
+    if "optimizer" in state:  # saved before optimizers had names: AdamW's, and Muon's beside it
+        state["optimizers"] = {"adamw": state.pop("optimizer"),
+                               **({"muon": state.pop("muon")} if "muon" in state else {})}
+    if "optimizers" not in state:
         return state
-    pos, opt, config = state.get("data_pos"), state["optimizer"], state.get("config")
+    pos, opts, config = state.get("data_pos"), state["optimizers"], state.get("config")
     if not (isinstance(state.get("iter_num"), int) and state["iter_num"] >= 0 and isinstance(pos, list)
             and len(pos) == 2 and all(isinstance(p, int) and p >= 0 for p in pos)):
-        raise CheckpointError("unusable checkpoint (its iteration or data position is not a count)")
-    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
-        raise CheckpointError("unusable checkpoint (its optimizer state is malformed)")
-    if not isinstance(config, dict) or not isinstance(state.get("rng"), dict) or not isinstance(state.get("data"), dict):
-        raise CheckpointError("unusable checkpoint (no config, RNG state or data record)")
+        raise Error("unusable checkpoint (its iteration or data position is not a count)")
+    if not (isinstance(opts, dict) and all(isinstance(o, dict) and isinstance(o.get("state"), dict)
+                                           and isinstance(o.get("param_groups"), list) for o in opts.values())):
+        raise Error("unusable checkpoint (its optimizer state is malformed)")
+    if not isinstance(config, dict) or not isinstance(state.get("rng"), dict) \
+            or not isinstance(state.get("data"), dict):
+        raise Error("unusable checkpoint (no config, RNG state or data record)")
     for key, value in config.items():
         if defaults and key in defaults and not fits(value, defaults[key]):
-            raise CheckpointError(f"unusable checkpoint (its config has {key}={value!r}, not a "
-                                  f"{type(defaults[key]).__name__})")
+            raise Error(f"unusable checkpoint (its config has {key}={value!r}, not a "
+                        f"{type(defaults[key]).__name__})")
     return state
 
 
 def _base(ref, path, bases):
     """The state of the base an adapter names: a file, relative to the adapter's folder, whose
     checksum must be ref['sha256']."""
+    if not (isinstance(ref, dict) and isinstance(ref.get("path"), str) and isinstance(ref.get("sha256"), str)):
+        raise Error("unusable checkpoint (its reference to a base is malformed)")
     base_path = os.path.join(os.path.dirname(os.path.abspath(path)), ref["path"])
     try:
         sha = checkpoint.read_header(base_path)["checksum"]
-    except CheckpointError as e:
-        raise CheckpointError(f"its base {base_path} is missing or unreadable ({e}); this adapter needs that file")
+    except Error as e:
+        raise Error(f"its base {base_path} is missing or unreadable ({e}); this adapter needs that file") from None
     if sha != ref["sha256"]:
-        raise CheckpointError(f"its base {base_path} is not the file it was trained on (sha256 {sha[:12]}, "
-                              f"expected {ref['sha256'][:12]})")
+        raise Error(f"its base {base_path} is not the file it was trained on (sha256 {sha[:12]}, "
+                    f"expected {ref['sha256'][:12]})")
     if (base_path, sha) not in bases:
         bases[(base_path, sha)] = checkpoint.load(base_path)
     return bases[(base_path, sha)]
@@ -114,52 +125,45 @@ def load(path) -> dict:
     state = checkpoint.load(path)
     try:
         return whole(state, path)
-    except CheckpointError as e:
-        raise CheckpointError(f"cannot use {path}: {e}") from None
+    except Error as e:
+        raise Error(f"cannot use {path}: {e}") from None
 
 
 def find(init_from, out_dir, defaults=None):
-    """(path, state, skipped): what train.py, sample.py, evaluate.py and export.py start from. init_from
-    is 'resume' (the newest usable checkpoint in out_dir, skipping damaged ones: skipped says which
-    and why), a tier name or a path (checkpoint.resolve), or another format's weights (interop.NAMES:
-    'gpt2' .. 'gpt2-xl', 'hf:DIR', 'nanogpt:PATH'), a state without training state.
-    `defaults`: the training config's, whose types a training checkpoint's config must have."""
+    """(path, state): what train.py, sample.py, evaluate.py and export.py start from. init_from is
+    'resume' (the newest usable checkpoint in out_dir: each damaged one skipped is a warning), a
+    tier name or a path (checkpoint.resolve), or another format's weights (interop.NAMES: 'gpt2' ..
+    'gpt2-xl', 'hf:DIR', 'nanogpt:PATH'), a state without training state. `defaults`: the training
+    config's, whose types a training checkpoint's config must have."""
     check = functools.partial(whole, defaults=defaults, bases={})
     if init_from == "resume":
-        return checkpoint.find_resume(out_dir, check)
+        if not has_run(out_dir):
+            raise Error(f"no checkpoint in {out_dir} (train a model first: python prepare.py && "
+                        f"python train.py; or name one)")
+        path, state, skipped = checkpoint.find_resume(out_dir, check)
+        for reason in skipped:
+            warn(reason)
+        return path, state
     if interop.NAMES.fullmatch(os.fspath(init_from)):
-        try:
-            path, state = interop.load(init_from)
-        except ValueError as e:
-            raise CheckpointError(str(e)) from None
+        path, state = interop.load(init_from)
         try:  # the model check our checkpoints pass (interop checked model_args before allocating)
             check_state(state)
-        except ValueError as e:
-            raise CheckpointError(f"cannot use {init_from}: {e}") from None
-        return path, state, []
+        except Error as e:
+            raise Error(f"cannot use {init_from}: {e}") from None
+        return path, state
     path = checkpoint.resolve(init_from, out_dir)
     state = checkpoint.load(path)
     try:
-        return path, check(state, path), []
-    except CheckpointError as e:
-        raise CheckpointError(f"cannot use {path}: {e}") from None
-
-
-def find_or_exit(init_from, out_dir, prog, hint='', defaults=None):
-    """find() for scripts: (path, state); the files it skipped are warnings on stderr, and failure
-    is one line and exit status 1."""
-    try:
-        path, state, skipped = find(init_from, out_dir, defaults)
-    except CheckpointError as e:
-        raise SystemExit(f"{prog}: error: {e}{'' if interop.NAMES.fullmatch(os.fspath(init_from)) else hint}") from None
-    for reason in skipped:
-        print(f"warning: {reason}", file=sys.stderr)
-    return path, state
+        return path, check(state, path)
+    except Error as e:
+        raise Error(f"cannot use {path}: {e}") from None
 
 
 def listing(out_dir, defaults=None) -> str:
     """train.py --list: who trains in out_dir now, and the table of its checkpoints, each verified
     and checked as find() does."""
+    if not os.path.isdir(out_dir):
+        raise Error(f"out_dir {out_dir!r} is not a folder: no run to list (set --out_dir)")
     check = functools.partial(whole, defaults=defaults, bases={})
     held = owner(out_dir)
     table = checkpoint.format_listing(checkpoint.list_checkpoints(out_dir, check=check))
@@ -173,8 +177,21 @@ def identify(path) -> str:
         return "scratch"
     try:
         return f"{path} (sha256 {checkpoint.read_header(path)['checksum'][:12]})"
-    except CheckpointError:
+    except Error:
         return str(path)
+
+
+def check_same_start(iter_num, path, world_size):
+    """Error unless every rank starts from the same point (under DDP, after loading): on node-local
+    disks they can differ, and then the ranks' collectives would not match and hang."""
+    import torch.distributed as dist
+    starts = [None] * world_size
+    dist.all_gather_object(starts, (iter_num, identify(path)))
+    other = next((r for r, s in enumerate(starts) if s != starts[0]), None)
+    if other is not None:
+        raise Error(f"the ranks start from different points: rank 0 from {starts[0][1]} at iter "
+                    f"{starts[0][0]}, rank {other} from {starts[other][1]} at iter {starts[other][0]}; "
+                    f"every rank must see the same out_dir (a shared file system)")
 
 
 def command_line() -> str:
@@ -214,15 +231,51 @@ def in_dir(init_from, out_dir) -> bool:
     return (path if os.path.isdir(path) else os.path.dirname(path)) == os.path.realpath(out_dir)
 
 # -----------------------------------------------------------------------------
+# train.py's config
+
+# train.py's keys that take a number from an interval
+RANGES = dict(
+    n_layer='[1, inf)', n_head='[1, inf)', n_embd='[1, inf)', block_size='[1, inf)',
+    dropout='[0, 1)', batch_size='[1, inf)', gradient_accumulation_steps='[1, inf)',
+    max_iters='[1, inf)', max_epochs='(0, inf)', learning_rate='(0, inf)', weight_decay='[0, inf)',
+    beta1='[0, 1)', beta2='[0, 1)', grad_clip='[0, inf)', warmup_iters='[0, inf)',
+    lr_decay_iters='[1, inf)', min_lr='[0, inf)', log_interval='[1, inf)', eval_interval='[1, inf)',
+    eval_iters='[1, inf)', ckpt_interval='[0, inf)', rolling_interval='[0, inf)',
+    keep_last='[0, inf)', keep_epochs='[0, inf)', seed='[0, 2147483647]', peak_flops='(0, inf)',
+    lora_rank='[0, inf)', lora_alpha='(0, inf)', lora_dropout='[0, 1)', dist_timeout='[1, inf)',
+    decay_frac='(0, 1]')
+
+
+def check_config(c, where=''):
+    """Error unless train.py's config c holds together: each value in its RANGES interval, and no
+    setting that contradicts another. Checked for the whole config: files, the command line, and a
+    checkpoint's (where: ' (in the config of PATH)')."""
+    check_ranges(c, RANGES, where)
+    if c['n_embd'] % c['n_head']:
+        raise Error(f"n_embd={c['n_embd']} must be a multiple of n_head={c['n_head']}{where}")
+    for key, allowed in (('optimizer', CHOICES), ('lr_schedule', ('wsd', 'cosine'))):
+        if c[key] not in allowed:
+            raise Error(f"{key}={c[key]!r} must be one of {', '.join(allowed)}{where}")
+    if c['min_lr'] > c['learning_rate']:
+        raise Error(f"min_lr={c['min_lr']:g} is above learning_rate={c['learning_rate']:g}: the "
+                    f"decay would raise the rate{where}; set min_lr at most learning_rate")
+    if not c['out_dir']:
+        raise Error("out_dir is empty (name a folder, e.g. --out_dir=out)")
+    GPTConfig(lora_rank=c['lora_rank'], lora_targets=c['lora_targets'])  # an Error for bad targets
+
+# -----------------------------------------------------------------------------
 # how a training run starts or continues
 
-SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # what a checkpoint's weights fix
+# what a checkpoint's weights fix: every GPTConfig field but those a new run from them chooses itself
+# (the vocabulary, from its data; dropout; adapters, whose rank and targets a run that continues keeps)
+FREE = ("vocab_size", "padded_vocab_size", "dropout", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+SHAPE = tuple(f.name for f in fields(GPTConfig) if f.name not in FREE)
 # what a run saved before these keys existed trained with (the defaults have changed since)
 EARLIER = {"optimizer": "adamw", "lr_schedule": "cosine"}
 
 
 def start_point(config, explicit, defaults) -> dict:
-    """What a training command starts from and the config it runs with; CheckpointError(reason) when
+    """What a training command starts from and the config it runs with; Error(reason) when
     it must not start. The same command line starts a run and, after a crash, a Ctrl-C or a requeue,
     continues it: init_from 'auto' resumes the run in out_dir (its checkpoints) when there is one. A new
     run (scratch, or another checkpoint's weights) into an out_dir that holds a run is refused, unless
@@ -239,43 +292,41 @@ def start_point(config, explicit, defaults) -> dict:
     continuing = init_from == "resume" or (init_from != "scratch" and not reset_state and in_dir(init_from, out_dir))
     origin = None if init_from == "scratch" else f"{init_from} reset_state={reset_state}"
     if continuing and overwrite:
-        raise CheckpointError(f"--overwrite=True starts a new run and --init_from={init_from} continues the one "
+        raise Error(f"--overwrite=True starts a new run and --init_from={init_from} continues the one "
                               f"in {out_dir}: choose one")
     path = state = None
     if not continuing and has_run(out_dir) and not overwrite:
-        path, state, skipped = find("resume", out_dir, defaults)
+        path, state = find("resume", out_dir, defaults)
         if init_from == "scratch" or state.get("origin") != origin:
-            raise CheckpointError(f"{out_dir} holds a run ({os.path.basename(path)} at iter {state['iter_num']}); "
+            raise Error(f"{out_dir} holds a run ({os.path.basename(path)} at iter {state['iter_num']}); "
                                   f"continue it by leaving out --init_from, start over with --overwrite=True "
                                   f"(moves it to {out_dir}/previous-*/), or use another --out_dir")
         print(f"{out_dir} holds the run this command started from {init_from}: continuing it")
         continuing = True
     elif init_from != "scratch":
-        path, state, skipped = find(init_from, out_dir, defaults)
+        path, state = find(init_from, out_dir, defaults)
     if state is None:
         return dict(init_from=init_from, path=None, state=None, continuing=False, origin=origin,
                     config=dict(config, init_from=init_from))
-    for reason in skipped:
-        print(f"warning: {reason}", file=sys.stderr)
     args = state["model_args"]
     for k in SHAPE + (("lora_rank", "lora_targets") if continuing else ()):  # an adapter's shape too
         if k in explicit and config[k] != args.get(k, defaults[k]):
-            raise CheckpointError(f"{path} has {k}={args.get(k, defaults[k])} but --{k}={config[k]} was given "
+            raise Error(f"{path} has {k}={args.get(k, defaults[k])} but --{k}={config[k]} was given "
                                   f"(a checkpoint's shape cannot change)")
-    if continuing and "optimizer" not in state:
-        raise CheckpointError(f"{path} holds weights only (export.py wrote it), no run to continue; start a new "
+    if continuing and "optimizers" not in state:
+        raise Error(f"{path} holds weights only (export.py wrote it), no run to continue; start a new "
                               f"run from it with --reset_state=True")
     if continuing:
         state["config"] = {**EARLIER, **state["config"]}
         was = state["config"]["optimizer"]
         if "optimizer" in explicit and config["optimizer"] != was:  # its state is the other optimizer's
-            raise CheckpointError(f"{path} was trained with optimizer={was} and --optimizer={config['optimizer']} "
+            raise Error(f"{path} was trained with optimizer={was} and --optimizer={config['optimizer']} "
                                   f"cannot continue its state; leave it out, or start a new run from its weights "
                                   f"(--init_from={path} --reset_state=True and another --out_dir)")
     # weights only (export.py, gpt2, hf:, nanogpt:) start a new run; a continued run never resets
-    reset_state = "optimizer" not in state or (reset_state and not continuing)
+    reset_state = "optimizers" not in state or (reset_state and not continuing)
     if reset_state:  # a new run keeps only the weights, and so their shape
-        config = dict(config, **{k: args[k] for k in SHAPE if k not in explicit})
+        config = dict(config, **{k: args.get(k, defaults[k]) for k in SHAPE if k not in explicit})
     else:  # the run's own config; how this command starts (init_from, ...) is not the run's to set
         ours = explicit | {"init_from", "reset_state", "overwrite"}
         config = dict(config, **{k: v for k, v in state["config"].items() if k in defaults and k not in ours})
@@ -293,11 +344,17 @@ def decay_start(c, n_windows):
     max_epochs); None for cosine."""
     if c["lr_schedule"] != "wsd":
         return None
-    iters = c["max_iters"]
-    if c["max_epochs"] is not None:
-        iters = min(iters, math.ceil(c["max_epochs"] * n_windows / (c["batch_size"] * c["gradient_accumulation_steps"])))
-    end = c["lr_decay_iters"] or iters
+    end = c["lr_decay_iters"] or planned_iters(c, n_windows)
     return end - round(c["decay_frac"] * end)
+
+
+def planned_iters(c, n_windows) -> int:
+    """The iterations a run with config c trains: max_iters, or fewer when max_epochs ends it first
+    (n_windows: per epoch)."""
+    if c["max_epochs"] is None:
+        return c["max_iters"]
+    windows_per_iter = c["batch_size"] * c["gradient_accumulation_steps"]
+    return min(c["max_iters"], math.ceil(c["max_epochs"] * n_windows / windows_per_iter))
 
 
 def before_decay(path, state, config, n_windows, defaults, verbose=True):
@@ -308,11 +365,11 @@ def before_decay(path, state, config, n_windows, defaults, verbose=True):
     if began is None or start is None or began >= min(start, state["iter_num"]):
         return path, state
     try:
-        step_path, step, _ = find(f"step_{began}", os.path.dirname(path), defaults)
-    except CheckpointError as e:
+        step_path, step = find(f"step_{began}", os.path.dirname(path), defaults)
+    except Error as e:
         if verbose:
-            print(f"warning: the decay of {path} began at iter {began} and no checkpoint from there is usable "
-                  f"({e}); continuing from iter {state['iter_num']}, the learning rate back up", file=sys.stderr)
+            warn(f"the decay of {path} began at iter {began} and no checkpoint from there is usable "
+                 f"({e}); continuing from iter {state['iter_num']}, the learning rate back up")
         return path, state
     if verbose:
         print(f"extending a run whose decay began at iter {began}: continuing from {step_path}, saved there "
@@ -332,42 +389,63 @@ _held = []  # (fd, path) of the lock this process holds, for its whole life
 def lock(out_dir):
     """Make this process out_dir's only trainer: an exclusive flock on out_dir/train.lock, which the
     kernel releases when the process ends, however it ends (the file a killed owner leaves is only a
-    note). The file holds the owner's pid, host, start time and command; CheckpointError naming
-    them when another process holds it. Removed at a normal exit."""
+    note). The file holds the owner's pid, host, start time and command; Error naming them when
+    another process holds it, and for a train.lock that is not a note of ours (a link, a folder, a
+    file with other content), which is never written. Removed at a normal exit."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise CheckpointError(f"out_dir {out_dir!r} is a file, not a folder")
+        raise Error(f"out_dir {out_dir!r} is a file, not a folder")
     path, created = os.path.join(out_dir, LOCK), not os.path.exists(out_dir)
     deadline = time.time() + 1.0  # `train.py --list` probes the lock for an instant
     try:
         os.makedirs(out_dir, exist_ok=True)
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_note(path, os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 if time.time() > deadline:
-                    raise CheckpointError(f"{out_dir} is in use by {owner(out_dir)}; wait for it to end or stop "
-                                          f"it (its Ctrl-C or SIGTERM saves), or use another --out_dir") from None
+                    raise Error(f"{out_dir} is in use by {owner(out_dir)}; wait for it to end or stop it "
+                                f"(its Ctrl-C or SIGTERM saves), or use another --out_dir") from None
                 time.sleep(0.05)
                 continue
             if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break
             os.close(fd)  # its owner removed it on exit between our open and flock: take the new one
         note = os.read(fd, 4096)
+        if note.strip() and _parse_note(note) is None:
+            os.close(fd)
+            raise Error(f"{path} is not a lock note of train.py's; move it away (it is left as it is)")
         info = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
                     command=shlex.join(sys.argv))
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
     except OSError as e:
-        raise CheckpointError(f"cannot write to out_dir {out_dir!r} ({LOCK}): {oneline(e)}") from None
+        raise Error(f"cannot write to out_dir {out_dir!r} ({LOCK}): {oneline(e)}") from None
     _held.append((fd, path, created))
     atexit.register(unlock)
     old = _parse_note(note)
     if old and old.get("host") == info["host"] and _alive_trainer(old.get("pid")):
-        print(f"warning: {path} names pid {old['pid']} on this host, still running, yet its lock did not hold: "
-              f"file locks do not work on this file system (some NFS setups); make sure no other training "
-              f"process writes into {out_dir}", file=sys.stderr)
+        warn(f"{path} names pid {old['pid']} on this host, still running, yet its lock did not hold: "
+             f"file locks do not work on this file system (some NFS setups); make sure no other training "
+             f"process writes into {out_dir}")
+
+
+def _open_note(path, flags):
+    """The lock file's descriptor, opened without following a link: Error unless it is a regular
+    file of one name (a link to another file would have that file overwritten)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError:
+        if os.path.islink(path):
+            raise Error(f"{path} is a symbolic link, not train.py's lock note; remove it") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise Error(f"{path} is not train.py's lock note ({'a hard link' if stat.S_ISREG(st.st_mode) else 'not a file'}); "
+                    f"remove it")
+    return fd
 
 
 def unlock():
@@ -391,8 +469,8 @@ def owner(out_dir):
     or None when no process does."""
     path = os.path.join(out_dir, LOCK)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        fd = _open_note(path, os.O_RDONLY)
+    except (OSError, Error):
         return None
     try:
         try:
@@ -410,7 +488,7 @@ def owner(out_dir):
 def _parse_note(data):
     try:
         info = json.loads(data.decode())
-        return info if isinstance(info, dict) else None
+        return info if isinstance(info, dict) and "pid" in info else None
     except ValueError:
         return None
 
@@ -426,66 +504,32 @@ def _alive_trainer(pid):
 # -----------------------------------------------------------------------------
 # out_dir before the first write
 
-def files_kept(iters, *, ckpt_interval, rolling_interval, keep_last, save_best, epoch_iters, keep_epochs):
-    """How many checkpoint files the tiers can hold at once over the next `iters` iterations
-    (epoch_iters: iterations per epoch, None without epoch_ files); an upper bound, since one save
-    published under several names is a single file."""
-    files = 2 * bool(ckpt_interval) + bool(save_best)  # latest + latest_backup, best
-    if rolling_interval:
-        files += min(iters // rolling_interval, keep_last if keep_last > 0 else iters)
-    if epoch_iters:  # at most one per rolling_interval (train.py)
-        every = epoch_iters * max(1, math.ceil(rolling_interval / epoch_iters))
-        files += min(int(iters // every), keep_epochs if keep_epochs > 0 else iters)
-    return files
+def files_kept(iters, tiers) -> int:
+    """How many checkpoint files the tiers can hold at once over the next `iters` iterations.
+    tiers: {name: (every, keep)}, a tier saved at most every `every` iterations (0: never) whose
+    newest `keep` files are kept (0: all). An upper bound: one save under several names is one file."""
+    return sum(min(int(iters // every), keep or iters) for every, keep in tiers.values() if every)
 
 
 def prepare_out_dir(out_dir, *, new_run, file_bytes, files):
     """Before a run's first write into out_dir: it must take files; for a new run, what an older
-    run left there moves aside (move_aside); and the tiers' files (files_kept) of file_bytes each
-    should fit on its disk: a warning if they may not, CheckpointError if not even one save fits,
-    as for an out_dir that cannot be written. Warn now, not hours into a run."""
-    problem = check_writable(out_dir)
-    if problem:
-        raise CheckpointError(problem)
+    run left there moves aside (move_aside); and `files` checkpoints (files_kept) of file_bytes each
+    should fit on its disk beside what is there: a warning if they may not, an Error if not even one
+    save fits (it needs a scratch copy too). Warn now, not hours into a run."""
+    check_writable(out_dir, "out_dir")
     moved = move_aside(out_dir) if new_run else None
     if moved:
         print(f"moved what was in {out_dir} to {moved}")
-    problem = check_disk(out_dir, file_bytes=file_bytes, files=files)
-    if problem and problem.startswith("cannot"):
-        raise CheckpointError(problem)
-    if problem:
-        print(f"warning: {problem}", file=sys.stderr)
-
-
-def check_writable(out_dir):
-    """None if out_dir is (or could be made) a folder that takes a new file; else one line why."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        return f"out_dir {out_dir!r} is a file, not a folder"
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        return f"cannot write to out_dir {out_dir!r}: {oneline(e)}"
-    problem = _write_test(out_dir)
-    return f"cannot write to out_dir {out_dir!r}: {problem}" if problem else None
-
-
-def check_disk(out_dir, *, file_bytes, files):
-    """None if `files` checkpoints of file_bytes fit on out_dir's filesystem beside what is there;
-    else one line: 'cannot ...' when not even one save fits (it needs a scratch copy too)."""
-    probe = out_dir
-    while not os.path.isdir(probe):  # out_dir may not exist yet: its nearest existing parent
-        probe = os.path.dirname(os.path.abspath(probe))
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(out_dir).free
     have = checkpoint.disk_bytes(checkpoint.tier_files(out_dir).values())  # replaced, not added to
     if free < 2 * file_bytes:
-        return (f"cannot save a checkpoint: one takes {file_bytes / 1e9:.1f} GB (twice that while it is written) "
-                f"and {probe} has {free / 1e9:.1f} GB free; free space or use another --out_dir")
+        raise Error(f"cannot save a checkpoint: one takes {file_bytes / 1e9:.1f} GB (twice that while it is "
+                    f"written) and {out_dir} has {free / 1e9:.1f} GB free; free space or use another --out_dir")
     need = files * file_bytes + file_bytes - have
     if need > free:
-        return (f"the checkpoint tiers may need {need / 1e9:.1f} GB ({files} files of {file_bytes / 1e9:.1f} GB) "
-                f"and {probe} has {free / 1e9:.1f} GB free; lower keep_last / keep_epochs or raise "
-                f"rolling_interval, or free space")
-    return None
+        warn(f"the checkpoint tiers may need {need / 1e9:.1f} GB ({files} files of {file_bytes / 1e9:.1f} GB) "
+             f"and {out_dir} has {free / 1e9:.1f} GB free; lower keep_last / keep_epochs or raise "
+             f"rolling_interval, or free space")
 
 
 def move_aside(out_dir) -> str:
@@ -502,9 +546,9 @@ def move_aside(out_dir) -> str:
         os.mkdir(dest)
         for n in names:
             os.rename(os.path.join(out_dir, n), os.path.join(dest, n))
-        checkpoint.fsync(out_dir)
+        fsync(out_dir)
     except OSError as e:  # renames only: every file is whole, in out_dir or in dest
-        raise CheckpointError(f"cannot move the old run in {out_dir} aside to {dest}: {oneline(e)}") from None
+        raise Error(f"cannot move the old run in {out_dir} aside to {dest}: {oneline(e)}") from None
     return dest
 
 
@@ -518,12 +562,12 @@ def keep_base(out_dir, path, state) -> dict:
         if os.path.exists(dest):
             os.remove(dest)
         try:
-            checkpoint.read_header(path)  # one of our files (CheckpointError for gpt2, hf:, nanogpt: names)
+            checkpoint.read_header(path)  # one of our files (an Error for gpt2, hf:, nanogpt: names)
             os.link(path, dest)
-        except (OSError, CheckpointError):  # another filesystem, or gpt2 / hf: / nanogpt: weights
+        except (OSError, Error):  # another filesystem, or gpt2 / hf: / nanogpt: weights
             checkpoint.save(dest, {k: state[k] for k in ("model", "model_args", "tokenizer") if k in state})
     except OSError as e:
-        raise CheckpointError(f"cannot keep the base of this run as {dest}: {oneline(e)}") from None
+        raise Error(f"cannot keep the base of this run as {dest}: {oneline(e)}") from None
     return {"path": "base.safetensors", "sha256": checkpoint.read_header(dest)["checksum"]}
 
 # -----------------------------------------------------------------------------
@@ -550,44 +594,3 @@ def set_rng_state(tree: dict) -> None:
     torch.set_rng_state(tree["torch"])
     if tree.get("cuda") and torch.cuda.is_initialized():
         torch.cuda.set_rng_state(tree["cuda"][0])  # the current device's (older files: GPU 0's, rank 0's)
-
-# -----------------------------------------------------------------------------
-# an output file, before the work that fills it
-
-def check_output(path, what, folder=False):
-    """None if path can be written now, else one line why, naming `what` (e.g. '--json=x.json'):
-    a name that is not blank; nothing there, a file to replace or a device (/dev/null), but no FIFO,
-    whose open would wait for a reader forever (folder=True: a folder to create, or an empty one to
-    replace, as export.py --format=hf does); in an existing folder that takes a new file. Every
-    script that writes checks each output before its work, so no result is lost to a typo at the
-    end; prepare.py and train.py check their out_dir (check_writable)."""
-    path = os.fspath(path)
-    if not path.strip():
-        return f"{what}: the name is blank"
-    if os.path.isdir(path):
-        if not folder:
-            return f"{what} is a folder, not a file: name a file in it"
-        if os.listdir(path):
-            return f"{what} is a folder that is not empty"
-    elif os.path.exists(path):
-        mode = os.stat(path).st_mode
-        if folder or not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
-            return f"{what} exists and is not a {'folder' if folder else 'regular file'}"
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        return f"{what}: the folder {parent} does not exist" + (" (it is a file)" if os.path.exists(parent) else "")
-    problem = _write_test(parent)
-    return f"{what}: cannot write in {parent}: {problem}" if problem else None
-
-
-def _write_test(folder):
-    """None if a new file can be written in folder, else the OS's reason: permissions, a read-only
-    mount, /proc are found out by trying."""
-    probe = os.path.join(folder, f".write-test-{os.getpid()}")
-    try:
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        return oneline(e)
-    return None

@@ -13,15 +13,18 @@ The checkpoint carries its tokenizer, so sampling works even after data/ is gone
 import codecs
 import os
 import sys
-from contextlib import nullcontext
 
 import torch
 
 import dataset as ds
 import hardware
 import runs
-from configurator import check_input, check_ranges, configure, not_utf8, script_keys
-from model import from_state
+from configurator import check_ranges, configure, script_keys
+from errors import Error, report
+from files import not_utf8, read_text
+from weights import from_state
+
+sys.excepthook = report  # an Error is one line, 'sample.py: error: ...'
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'
@@ -41,40 +44,25 @@ dtype = 'auto'
 defaults = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
 # a training config file may be given: its training-only keys are ignored, a typo is still an error
-config, _ = configure(defaults, sys.argv[1:], prog='sample.py', source=__file__,
+config, _ = configure(defaults, sys.argv[1:], source=__file__,
                       ignore=script_keys(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')))
 # max_new_tokens: prompt + output are allocated up front (model.generate_stream), 8 bytes a token
 RANGES = dict(num_samples='[1, inf)', max_new_tokens='[0, 1e7]', temperature='[0, inf)',
               top_k='[1, inf)', top_p='(0, 1]', seed='[0, 9223372036854775807]')
-check_ranges(config, RANGES, 'sample.py')
+check_ranges(config, RANGES)
 globals().update(config)
 
-device, dtype = hardware.resolve(device, dtype, prog='sample.py')
-device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+device, dtype = hardware.resolve(device, dtype)
+ctx = hardware.autocast(device, dtype)
 
 if start.startswith('FILE:'):
-    problem = check_input(start[5:])  # a named FIFO would wait for a writer forever
-    if problem:
-        raise SystemExit(f"sample.py: error: cannot read prompt file {start[5:]}: {problem}")
-    try:
-        with open(start[5:], encoding='utf-8') as f:
-            start = f.read()
-    except OSError as e:
-        raise SystemExit(f"sample.py: error: cannot read prompt file {start[5:]}: {e.strerror}")
-    except UnicodeDecodeError as e:
-        raise SystemExit(f"sample.py: error: prompt file {start[5:]} is not UTF-8 text (byte {e.start}: {e.reason})")
+    start = read_text(start[5:], 'prompt file')
 if not_utf8(start):
-    raise SystemExit("sample.py: error: the prompt is not valid UTF-8 text")
-path, state = runs.find_or_exit(ckpt, out_dir, 'sample.py',
-                                     hint=' (train a model first: python prepare.py && python train.py)')
+    raise Error("the prompt is not valid UTF-8 text")
+path, state = runs.find(ckpt, out_dir)
 model = from_state(state).eval().to(device)
 model.merge_lora()  # a LoRA run's adapters fold into the weights: the same outputs, faster
-try:
-    tokenizer = ds.load_tokenizer(state['tokenizer'])
-except ds.DatasetError as e:  # e.g. gpt2's file not cached offline: one line, in this script's name
-    raise SystemExit(f"sample.py: error: {e.reason}") from None
+tokenizer = ds.load_tokenizer(state['tokenizer'])
 print(f"# {path}: iter {state.get('iter_num')}, val loss {state.get('val_loss')}", file=sys.stderr)
 state = None
 
@@ -129,14 +117,13 @@ try:
             key, _, value = line[1:].strip().partition(' ')
             try:
                 if key:
-                    new, _ = configure({k: defaults[k] for k in SETTINGS}, [f'--{key}={value.strip()}'],
-                                       prog='sample.py')
-                    check_ranges(new, RANGES, 'sample.py')  # the other keys are at their (valid) defaults
+                    new, _ = configure({k: defaults[k] for k in SETTINGS}, [f'--{key}={value.strip()}'])
+                    check_ranges(new, RANGES)  # the other keys are at their (valid) defaults
                     if isinstance(new[key], str):  # top_k's default is None, which takes any value
-                        raise SystemExit(f"sample.py: error: {key} must be a number, got {value.strip()!r}")
+                        raise Error(f"{key} must be a number, got {value.strip()!r}")
                     globals()[key] = new[key]
-            except SystemExit as e:
-                print(e, file=sys.stderr)
+            except Error as e:  # a typo in a setting: said as any error is, and the session goes on
+                report(Error, e, None)
             print('# ' + ', '.join(f"{k}={globals()[k]}" for k in SETTINGS), file=sys.stderr)
             continue
         stream(line, torch.Generator(device=device).manual_seed(seed))

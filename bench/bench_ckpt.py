@@ -53,7 +53,7 @@ def build(name):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'], vocab_size=vocab,
                           block_size=cfg['block_size'], padded_vocab_size=pad_vocab(vocab)))
-    [opt] = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.99), 'cpu')
+    opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.99), 'cpu')['adamw']
     sec_per_iter = None
     if STATES[name][2] is None:  # a few real steps at the config's batch: its iteration time here
         x = torch.randint(0, vocab, (cfg['batch_size'], cfg['block_size']))

@@ -24,7 +24,8 @@ import dataset as ds  # noqa: E402
 import metrics  # noqa: E402
 import runs  # noqa: E402
 from configurator import script_defaults  # noqa: E402
-from model import GPT, GPTConfig, from_state, pad_vocab  # noqa: E402
+from model import GPT, GPTConfig, pad_vocab  # noqa: E402
+from weights import from_state  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
 parser.add_argument('--ckpt', help='a checkpoint file (default: the default config with random weights)')

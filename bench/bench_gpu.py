@@ -45,7 +45,8 @@ import checkpoint  # noqa: E402
 import configurator  # noqa: E402
 import dataset as ds  # noqa: E402
 import hardware  # noqa: E402
-from model import GPT, GPTConfig, convert_to_fp8, fp8_problem, pad_vocab  # noqa: E402
+from errors import Error  # noqa: E402
+from model import GPT, GPTConfig, pad_vocab  # noqa: E402
 
 # name: (seconds ESTIMATED for one H200 from the work each does, none measured yet; seconds measured
 # with --small on the 2-core development CPU under other sessions' load, muon's estimated), in order
@@ -407,12 +408,17 @@ def section_muon():
 
 
 def section_fp8():
-    """Float8 (torchao, model.convert_to_fp8) against bfloat16: fwd + bwd + fused AdamW steps in this
+    """Float8 (torchao, hardware.convert_to_fp8) against bfloat16: fwd + bwd + fused AdamW steps in this
     process, each block compiled once for all the layers (regional compilation: seconds, where the
     whole of GPT-2 XL through train.py would take minutes); the head and loss stay eager in both. MFU
     counts model FLOPs against the bf16 peaks, as the field does. A size that does not fit the time
     left (seconds estimated for one H200) is skipped; one that fails does not stop the others."""
-    why = find_torchao() or (None if args.small else fp8_problem(args.device))  # --small: the path, on a CPU
+    why = find_torchao()
+    try:
+        if not why and not args.small:  # --small: the path, on a CPU
+            hardware.check_fp8(args.device)
+    except Error as e:
+        why = str(e)
     if why:
         return dict(status=f'skipped: {why}')
     sizes = {'gpt2_small': (dict(n_layer=12, n_head=12, n_embd=768), 12, 30),  # dims, micro-batch, seconds
@@ -433,7 +439,7 @@ def section_fp8():
                 peak_mem(reset=True)
                 model = build({**dims, 'block_size': DIMS['block_size']})
                 if kind == 'fp8':
-                    convert_to_fp8(model)
+                    hardware.convert_to_fp8(model)
                 if COMPILE:
                     for block in model.transformer.h:
                         block.compile(dynamic=False)

@@ -69,7 +69,7 @@ try:
             file = os.path.join(out, 'latest.safetensors')
             state = checkpoint.load(file)
             res['size'] = os.path.getsize(file)
-            res['adam'] = sum(t.numel() * t.element_size() for s in state['optimizer']['state'].values()
+            res['adam'] = sum(t.numel() * t.element_size() for s in state['optimizers']['adamw']['state'].values()
                               for k, t in s.items() if k != 'step')
             line = next(line for line in stdout.splitlines() if 'parameters' in line)
             res['trained'] = line[:line.index(' parameters') + 11] + (line[line.index(' ('):line.index(')') + 1]

@@ -28,7 +28,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--skip_hf", action="store_true", help="skip the HF encode_batch comparison")
 args, extra = parser.parse_known_args()  # the rest goes to prepare.py
 # what prepare.py will read them as (its inputs, glob, text_key); a bad key is an error here already
-opts, _ = configure(prepare.defaults, extra, prog="bench_prepare.py", repeatable={"input"})
+opts, _ = configure(prepare.defaults, extra, repeatable={"input"})
 inputs = [opts["input"]] if isinstance(opts["input"], str) else opts["input"]
 
 

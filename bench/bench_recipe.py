@@ -34,7 +34,7 @@ sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
 import dataset as ds  # noqa: E402
 import metrics  # noqa: E402
-from model import from_state  # noqa: E402
+from weights import from_state  # noqa: E402
 
 # nanoGPT's CPU recipe (its README's shakespeare_char command: 4x4x128, block 64, batch 12, AdamW lr 1e-3
 # cosine to 1e-4 over the run, beta2 0.99, warmup 100), on our model; 3,138 of its iterations took 283 s

@@ -56,7 +56,7 @@ def profile(cfg, vocab_size, steps=3):
     """Top ops of a few eager training steps, by self CPU time."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     model = build(cfg, vocab_size)
-    [opt] = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.99), 'cpu')
+    opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.99), 'cpu')['adamw']
     x = torch.randint(0, vocab_size, (cfg['batch_size'], cfg['block_size']))
 
     def step():

@@ -31,13 +31,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
 import runs  # noqa: E402
+from errors import Error  # noqa: E402
 
 # train.py with every fsync slowed down (each save fsyncs its file and the directory)
 SLOW = """
 import runpy, sys, time
-import checkpoint
-fsync, delay = checkpoint.fsync, float(sys.argv[1])
-checkpoint.fsync = lambda path: (time.sleep(delay), fsync(path))[1]
+import files
+fsync, delay = files.fsync, float(sys.argv[1])
+files.fsync = lambda path: (time.sleep(delay), fsync(path))[1]
 sys.argv = [sys.argv[2]] + sys.argv[3:]
 runpy.run_path(sys.argv[0], run_name='__main__')
 """
@@ -84,8 +85,8 @@ def reached(out):
 def final_state(out):
     s = checkpoint.load(os.path.join(out, 'latest.safetensors'))
     tensors = {f'm/{k}': v for k, v in s['model'].items()}
-    for opt in ('optimizer', 'muon'):  # AdamW's, and Muon's when train.py's optimizer is muon (the default)
-        for i, st in s.get(opt, {'state': {}})['state'].items():
+    for opt, saved in s['optimizers'].items():  # AdamW's, and Muon's with optimizer=muon (the default)
+        for i, st in saved['state'].items():
             tensors.update({f'{opt}/{i}/{k}': v for k, v in st.items()})
     return s['iter_num'], tensors
 
@@ -151,7 +152,7 @@ def torture(name, kills, corrupt):
                 damage(latest)
                 try:
                     runs.find('resume', out)  # what the restart will resume from
-                except checkpoint.CheckpointError:  # nothing valid left: train.py would rightly refuse to start
+                except Error:  # nothing valid left: train.py would rightly refuse to start
                     with open(latest, 'r+b') as f:
                         f.write(intact)
                     spared += 1

@@ -16,6 +16,7 @@ import torch
 
 import checkpoint
 import runs
+from errors import Error, report
 from conftest import ROOT, TINY, run
 from test_rerun import digests
 
@@ -32,6 +33,10 @@ def run_inline(script, argv, env=None):
         status, message = 0, ''
     except SystemExit as e:
         status, message = (e.code if isinstance(e.code, int) else 1), ('' if isinstance(e.code, int) else str(e.code))
+    except Error as e:  # what the script's sys.excepthook (errors.report) prints, exit status 1
+        with contextlib.redirect_stderr(err):
+            report(Error, e, None)
+        status, message = 1, ''
     except BaseException as e:  # noqa: BLE001 - what a user would see as a traceback
         status, message = 'traceback', f"{type(e).__name__}: {e}"
     finally:
@@ -136,7 +141,7 @@ def test_sample(out, bad, expect):
 
 def test_sample_prompt_file_not_utf8(out, tmp_path):
     (tmp_path / 'p.txt').write_bytes(b'def \xff\xfe f():')
-    check('sample.py', [f'--out_dir={out}', f'--start=FILE:{tmp_path / "p.txt"}'], 'is not UTF-8 text', [out])
+    check('sample.py', [f'--out_dir={out}', f'--start=FILE:{tmp_path / "p.txt"}'], 'not UTF-8 text', [out])
 
 
 def test_prepare(data, tmp_path):

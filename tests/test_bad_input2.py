@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-import runs
+import files
 from configurator import check_ranges, configure
+from errors import Error
 from test_bad_input import check, data, out, run_inline  # noqa: F401  (fixtures)
 
 HUGE = 99999999999999999999  # past int64
@@ -34,8 +35,8 @@ def test_integers_past_torch_in_a_config_file_and_check_ranges(out, tmp_path):
     (tmp_path / 'big.py').write_text(f'max_new_tokens = {HUGE}\n')
     check('sample.py', [str(tmp_path / 'big.py'), f'--out_dir={out}'], 'past the 64-bit integers', [out])
     for value in (HUGE, 10 ** 400, -HUGE):  # 10**400 once raised OverflowError in math.isfinite
-        with pytest.raises(SystemExit, match='must be in'):
-            check_ranges({'k': value}, {'k': '(-inf, inf)'}, 'x.py')
+        with pytest.raises(Error, match='must be in'):
+            check_ranges({'k': value}, {'k': '(-inf, inf)'})
     assert configure({'k': 1}, [f'--k={2 ** 63 - 1}'])[0]['k'] == 2 ** 63 - 1  # the largest still passes
 
 
@@ -98,10 +99,13 @@ def test_check_output(tmp_path):
     os.mkfifo(tmp_path / 'fifo')
     ok = [(tmp_path / 'new.json', False), (tmp_path / 'old.json', False), ('/dev/null', False),
           (tmp_path / 'empty', True), (tmp_path / 'new_dir', True)]
-    assert [runs.check_output(p, 'x', folder=f) for p, f in ok] == [None] * len(ok)
+    for p, f in ok:
+        files.check_output(p, 'x', folder=f)
     bad = [(tmp_path / 'full', False), (tmp_path / 'full', True), (tmp_path / 'fifo', False),
            (tmp_path / 'old.json', True), ('', False), (tmp_path / 'a' / 'b', False)]
-    assert all(runs.check_output(p, 'x', folder=f).startswith('x') for p, f in bad)
+    for p, f in bad:
+        with pytest.raises(Error, match='^x'):
+            files.check_output(p, 'x', folder=f)
     assert sorted(os.listdir(tmp_path)) == ['empty', 'fifo', 'full', 'old.json']  # the probes are gone
 
 

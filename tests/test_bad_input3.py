@@ -16,7 +16,9 @@ import torch
 import checkpoint
 import interop
 from conftest import ROOT, TINY
-from model import GPT, GPTConfig, check_args, from_state, param_count
+from errors import Error
+from model import GPT, GPTConfig
+from weights import check_args, from_state, param_count
 from test_bad_input import check, crafted, data, out, run_inline  # noqa: F401  (fixtures)
 
 
@@ -89,7 +91,7 @@ def test_check_args_and_param_count():
     args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=257, padded_vocab_size=320, lora_rank=4)
     assert param_count(check_args(args)) == sum(p.numel() for p in GPT(GPTConfig(**args)).parameters())
     for edit in (dict(dropout=2), dict(padded_vocab_size=100), dict(lora_rank=10 ** 30), dict(lora_targets='x')):
-        with pytest.raises(ValueError, match='model_args'):
+        with pytest.raises(Error, match='model_args'):
             check_args({**args, **edit})
 
 
@@ -112,7 +114,7 @@ def test_fifos_and_devices_as_input(data, out, tmp_path):
     cases = [(ev, f'--mcq={fifo}', fifo_), (ev, f'--mcq={exam} --fewshot=1 --fewshot_file={fifo}', fifo_),
              (ev, '--mcq=/dev/zero', device), (ev, f'--prompts={fifo} --generate=True', fifo_), (ev, f'--text={fifo}', fifo_),
              (ev[:2], str(fifo), fifo_), (sample, f'--start=FILE:{fifo}', fifo_), (sample, '--start=FILE:/dev/zero', device),
-             (sample, f'--ckpt=nanogpt:{fifo}', 'not a regular file'), (sample, f'--ckpt=hf:{hf}', 'not a regular file'),
+             (sample, f'--ckpt=nanogpt:{fifo}', 'not a regular file'), (sample, f'--ckpt=hf:{hf}', fifo_),
              (['train.py', *TINY, '--dataset=tiny', f'--data_dir={data}', f'--out_dir={tmp_path / "o"}'], f'--eval_mcq={fifo}',
               fifo_)]
     for (script, *common), bad, expect in cases:

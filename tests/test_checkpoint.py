@@ -13,7 +13,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint as ck  # noqa: E402
 import runs  # noqa: E402
-from checkpoint import CheckpointError  # noqa: E402
+from errors import Error as CheckpointError  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 def tiny_model():

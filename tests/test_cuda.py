@@ -65,11 +65,11 @@ def test_a_cpu_checkpoint_resumes_with_fused_adamw(tiny_data, tmp_path):
     out = str(tmp_path)
     run('train.py', *TINY, '--dataset=tiny', '--device=cpu', f'--data_dir={tiny_data}', f'--out_dir={out}',
         '--max_iters=4')
-    assert not checkpoint.load(os.path.join(out, 'latest.safetensors'))['optimizer']['param_groups'][0]['fused']
+    assert not checkpoint.load(os.path.join(out, 'latest.safetensors'))['optimizers']['adamw']['param_groups'][0]['fused']
     run('train.py', *GPU, f'--data_dir={tiny_data}', f'--out_dir={out}', '--max_iters=8', '--init_from=resume',
         '--dtype=float16')
     state = checkpoint.load(os.path.join(out, 'latest.safetensors'))
-    assert state['iter_num'] == 8 and state['optimizer']['param_groups'][0]['fused'] is True
+    assert state['iter_num'] == 8 and state['optimizers']['adamw']['param_groups'][0]['fused'] is True
 
 
 def test_sigterm_then_resume(tiny_data, tmp_path):

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from configurator import configure, script_keys
+from errors import Error
 from conftest import ROOT, read_log, run, run_on_tty
 
 NAMES = ['Anna', 'Boris', 'Chen', 'Dara', 'Emil', 'Fatima', 'Goran', 'Hana', 'Ivan', 'Jana']
@@ -160,10 +161,10 @@ def test_sample_and_evaluate_take_a_training_config(facts, tmp_path):
     train_keys = script_keys(os.path.join(ROOT, 'train.py'))
     assert {'batch_size', 'learning_rate', 'out_dir', 'compile'} <= train_keys
     defaults = {'out_dir': 'out', 'temperature': 0.8}
-    cfg, explicit = configure(defaults, [str(config)], 'sample.py', ignore=train_keys)
+    cfg, explicit = configure(defaults, [str(config)], ignore=train_keys)
     assert cfg == {'out_dir': facts['out'], 'temperature': 0.8} and explicit == {'out_dir'}
     (tmp_path / 'typo.py').write_text("temprature = 0.5\n")
-    with pytest.raises(SystemExit, match="unknown config key 'temprature' in .*typo.py \\(did you mean 'temperature'"):
-        configure(defaults, [str(tmp_path / 'typo.py')], 'sample.py', ignore=train_keys)
-    with pytest.raises(SystemExit, match="unknown config key 'batch_size'"):  # on the command line: an error
-        configure(defaults, ['--batch_size=4'], 'sample.py', ignore=train_keys)
+    with pytest.raises(Error, match="unknown config key 'temprature' in .*typo.py \\(did you mean 'temperature'"):
+        configure(defaults, [str(tmp_path / 'typo.py')], ignore=train_keys)
+    with pytest.raises(Error, match="unknown config key 'batch_size'"):  # on the command line: an error
+        configure(defaults, ['--batch_size=4'], ignore=train_keys)

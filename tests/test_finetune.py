@@ -99,7 +99,7 @@ def test_lora_resume_is_exact(work, tmp_path, optimizer, trainable):
     assert 'holds the run this command started' in r.stdout and 'resumed from' in r.stdout
     assert losses(stopped) == losses(straight)
     state = runs.load(os.path.join(stopped, 'latest.safetensors'))
-    assert bool(state.get('muon', {}).get('state')) == (optimizer == 'muon')  # Muon's momenta, resumed too
+    assert bool(state['optimizers'].get('muon', {}).get('state')) == (optimizer == 'muon')  # Muon's, resumed too
     a, b = state['model'], runs.load(os.path.join(straight, 'latest.safetensors'))['model']
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -17,7 +17,7 @@ from optim import configure_optimizers
 def test_snapshot_is_one_buffer_the_size_of_the_state(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=48, block_size=32, vocab_size=100, padded_vocab_size=128))
-    [opt] = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.99), 'cpu')
+    opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.99), 'cpu')['adamw']
     model(torch.randint(0, 100, (2, 32)), torch.randint(0, 100, (2, 32)))[1].backward()
     opt.step()
     state = {'model': model.state_dict(), 'optimizer': opt.state_dict(), 'iter_num': 1}
@@ -74,7 +74,8 @@ def test_no_host_reads_between_log_lines(tiny_data, tmp_path):
 
 def test_fp8_converts_the_block_linears_and_keeps_the_checkpoint(tiny_data, tmp_path):
     pytest.importorskip('torchao')  # an optional dependency (requirements-dev.txt installs it)
-    from model import LoRALinear, convert_to_fp8
+    from hardware import convert_to_fp8
+    from model import LoRALinear
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100, lora_rank=4))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params = {n: p for n, p in model.named_parameters()}

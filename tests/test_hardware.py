@@ -11,7 +11,8 @@ import hardware
 import runs
 from conftest import TINY, read_log, run
 from model import GPT, GPTConfig, pad_vocab
-from optim import configure_optimizers, load_optimizer_state
+from errors import Error
+from optim import configure_optimizers, load_state
 
 # real torch.cuda.get_device_name() strings -> bfloat16 dense TFLOP/s (None: MFU unknown)
 NAMES = [
@@ -50,9 +51,9 @@ def test_resolve_refuses_devices_that_are_not_there():
     if not torch.cuda.is_available():
         bad.append('cuda')
     for device in bad:
-        with pytest.raises(SystemExit, match='available: cpu'):
+        with pytest.raises(Error, match='available: cpu'):
             hardware.resolve(device, 'auto')
-    with pytest.raises(SystemExit, match='dtype must be'):
+    with pytest.raises(Error, match='dtype must be'):
         hardware.resolve('cpu', 'float64')
 
 
@@ -91,7 +92,7 @@ def test_padded_vocabulary_is_exact_and_never_sampled():
     with torch.no_grad():
         padded.transformer.wte.weight[257:] = 0.0
     padded.train()
-    [opt] = configure_optimizers(padded, 0.1, 1e-2, (0.9, 0.99), 'cpu')
+    opt = configure_optimizers(padded, 0.1, 1e-2, (0.9, 0.99), 'cpu')['adamw']
     for _ in range(3):
         padded(x, x)[1].backward()
         opt.step()
@@ -105,10 +106,10 @@ def test_optimizer_flags_survive_loading():
     model(torch.randn(2, 4)).sum().backward()
     fused.step()
     plain = torch.optim.AdamW(model.parameters())
-    load_optimizer_state(plain, fused.state_dict())
+    load_state(plain, fused.state_dict())
     assert not plain.param_groups[0]['fused'] and plain.state[model.weight]['step'] == 1
     again = torch.optim.AdamW(model.parameters(), fused=True)
-    load_optimizer_state(again, plain.state_dict())  # torch's own load would keep fused=None here
+    load_state(again, plain.state_dict())  # torch's own load would keep fused=None here
     assert again.param_groups[0]['fused'] is True
     assert torch.equal(again.state[model.weight]['exp_avg'], fused.state[model.weight]['exp_avg'])
 
@@ -138,13 +139,17 @@ def test_epoch_checkpoints_have_a_floor_and_a_cap(tiny_data, tmp_path):
     assert r.stdout.count('epoch_') <= 3  # at most one per 20 of the 60 iterations
 
 
-def test_disk_estimate(tmp_path):
-    files = runs.files_kept(60000, ckpt_interval=250, rolling_interval=1000, keep_last=5, save_best=True,
-                                  epoch_iters=3.2, keep_epochs=3)
+def test_disk_estimate(tmp_path, capsys):
+    # train.py's tiers: {tier: (every so many iterations, files kept)}
+    files = runs.files_kept(60000, {'latest': (True, 2), 'best': (True, 1), 'step': (1000, 5),
+                                    'epoch': (3.2 * 313, 3)})
     assert files == 2 + 1 + 5 + 3
-    assert runs.files_kept(100, ckpt_interval=10, rolling_interval=0, keep_last=10, save_best=False,
-                                 epoch_iters=10, keep_epochs=0) == 2 + 10
-    assert runs.check_disk(str(tmp_path / 'new'), file_bytes=1000, files=5) is None
-    assert runs.check_disk(str(tmp_path), file_bytes=2**60, files=5).startswith('cannot save')
+    assert runs.files_kept(100, {'latest': (True, 2), 'best': (False, 1), 'step': (0, 10),
+                                 'epoch': (10, 0)}) == 2 + 10
+    runs.prepare_out_dir(str(tmp_path / 'new'), new_run=True, file_bytes=1000, files=5)
+    assert capsys.readouterr().err == ''
+    with pytest.raises(Error, match='^cannot save'):
+        runs.prepare_out_dir(str(tmp_path), new_run=False, file_bytes=2**60, files=5)
     free = __import__('shutil').disk_usage(tmp_path).free
-    assert 'lower keep_last' in runs.check_disk(str(tmp_path), file_bytes=free // 10, files=20)
+    runs.prepare_out_dir(str(tmp_path), new_run=False, file_bytes=free // 10, files=20)
+    assert 'lower keep_last' in capsys.readouterr().err

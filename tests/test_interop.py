@@ -12,7 +12,9 @@ import dataset as ds
 import interop
 import runs
 from conftest import TINY, make_corpus, run
-from model import GPT, GPTConfig, from_state
+from errors import Error
+from model import GPT, GPTConfig
+from weights import from_state
 
 transformers = pytest.importorskip('transformers')  # a dev requirement; slow to import, so once here
 TEXTS = ["Hello, world! The quick brown fox jumps over 13 lazy dogs.",
@@ -67,7 +69,7 @@ def test_hf_export_equals_ours_in_transformers(exported, kind):
 def test_export_import_round_trip(exported, kind, tmp_path):
     path, hf_dir = exported[kind]
     state = checkpoint.load(path)
-    got_path, got, _ = runs.find(f'hf:{hf_dir}', 'unused')
+    got_path, got = runs.find(f'hf:{hf_dir}', 'unused')
     assert got_path == hf_dir and 'optimizer' not in got
     assert got['tokenizer'] == state['tokenizer'] and got['model_args'] == state['model_args']
     assert got['model'].keys() == state['model'].keys()
@@ -107,11 +109,11 @@ def test_bias_false_and_options_gpt2_cannot_express(tmp_path):
         assert (model(x, x)[0] - hf(x).logits).abs().max() < 1e-4  # zero biases compute the same
     Extended = dataclasses.make_dataclass('Extended', [('rotary', bool, False)], bases=(GPTConfig,))
     model.config = Extended(**dataclasses.asdict(model.config), rotary=True)
-    with pytest.raises(ValueError, match='rotary=True cannot be expressed'):
+    with pytest.raises(Error, match='rotary=True cannot be expressed'):
         interop.hf_weights(model)
     model.config.rotary = False
     model.transformer.h[0].attn.c_attn.lora_A = torch.nn.Parameter(torch.zeros(4, 32))
-    with pytest.raises(ValueError, match='no place for: transformer.h.0.attn.c_attn.lora_A'):
+    with pytest.raises(Error, match='no place for: transformer.h.0.attn.c_attn.lora_A'):
         interop.hf_weights(model)
 
 
@@ -140,7 +142,7 @@ def test_nanogpt_checkpoint_import(tmp_path):
             'optimizer': torch.optim.AdamW(nano.parameters()).state_dict(), 'iter_num': 600,
             'best_val_loss': torch.tensor(3.25), 'config': {'dataset': 'openwebtext', 'batch_size': 12}}
     torch.save(ckpt, tmp_path / 'ckpt.pt')
-    _, state, _ = runs.find(f'nanogpt:{tmp_path / "ckpt.pt"}', 'unused')
+    _, state = runs.find(f'nanogpt:{tmp_path / "ckpt.pt"}', 'unused')
     assert state['tokenizer']['kind'] == 'gpt2' and state['iter_num'] == 600 and state['best_val_loss'] == 3.25
     assert state['model_args'] == dataclasses.asdict(GPTConfig(**dict(args, vocab_size=50257, padded_vocab_size=50304)))
     ours = from_state(state).eval()
@@ -149,7 +151,7 @@ def test_nanogpt_checkpoint_import(tmp_path):
     with torch.no_grad():
         assert torch.equal(ours(x, x)[0], nano(x, x)[0][..., :50257])  # its padding only changed cut-off logits
     torch.save(dict(ckpt, model_args=dict(args, vocab_size=65)), tmp_path / 'char.pt')
-    with pytest.raises(checkpoint.CheckpointError, match='vocab_size=65'):
+    with pytest.raises(Error, match='vocab_size=65'):
         runs.find(f'nanogpt:{tmp_path / "char.pt"}', 'unused')
 
 

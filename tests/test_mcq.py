@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import dataset as ds
 import metrics
+from errors import Error
 from conftest import run
 from model import GPT, GPTConfig
 
@@ -74,7 +75,7 @@ def test_template_fields_come_from_the_record(tmp_path):
     path.write_text('{"question": "2+2?", "subject": "math", "choices": ["3", "4"], "answer": 1}\n'
                     '{"question": "Capital?", "choices": ["Rome", "Oslo"], "answer": 0}\n')
     assert metrics.load_mcq(path)[0] == dict(question='2+2?', choices=['3', '4'], answer=1)  # as before
-    with pytest.raises(metrics.EvalError) as e:
+    with pytest.raises(Error) as e:
         metrics.load_mcq(path, '{subject}: {question}')
     assert str(e.value).startswith(f"{path}, line 2: mcq_template '{{subject}}: {{question}}' names the field "
                                    f"'subject', which this item lacks") and '\n' not in str(e.value)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import dataset as ds
 import metrics
+from errors import Error
 from model import GPT, GPTConfig
 
 TEXT = "def add(a, b):\n    return a + b  # 더하기\n"  # Korean: more bytes than characters
@@ -190,7 +191,7 @@ def test_both_mcq_formats(tmp_path):
 def test_bad_exam_lines_name_file_and_line(tmp_path, line, message):
     path = tmp_path / 'exam.jsonl'
     path.write_text('{"question": "fine", "choices": ["a", "b"], "answer": 0}\n\n' + line + '\n')
-    with pytest.raises(metrics.EvalError) as e:
+    with pytest.raises(Error) as e:
         metrics.load_mcq(path)
     assert str(e.value).startswith(f"{path}, line 3: ") and message in str(e.value) and '\n' not in str(e.value)
 
@@ -200,7 +201,7 @@ def test_prompts_file(tmp_path):
     path.write_text('def add(a, b):\n\n"class A:\\n    def "\n')
     assert metrics.load_prompts(path) == ['def add(a, b):', 'class A:\n    def ']
     path.write_bytes(b'fine\nalso fine\nbad \xff byte\n')
-    with pytest.raises(metrics.EvalError, match=r'prompts.txt, line 3: not UTF-8 text \(byte 0xff\)'):
+    with pytest.raises(Error, match=r'prompts.txt, line 3: not UTF-8 text \(byte 0xff\)'):
         metrics.load_prompts(path)
 
 

@@ -98,7 +98,7 @@ def test_initial_loss_and_training_reduces_it():
     y = torch.randint(0, 64, (4, 16), generator=g)
     _, loss0 = model(x, y)
     assert abs(loss0.item() - math.log(64)) < 0.1  # near-uniform predictions at init
-    [opt] = configure_optimizers(model, 0.1, 1e-2, (0.9, 0.95), 'cpu')
+    opt = configure_optimizers(model, 0.1, 1e-2, (0.9, 0.95), 'cpu')['adamw']
     for _ in range(10):
         _, loss = model(x, y)
         opt.zero_grad(set_to_none=True)
@@ -147,7 +147,7 @@ def test_gradient_checkpointing_matches():
 
 def test_optimizer_groups():
     model = tiny()
-    [opt] = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 'cpu')
+    opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 'cpu')['adamw']
     decay, no_decay = opt.param_groups
     assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
@@ -190,6 +190,6 @@ def test_cross_entropy_matches_torch():
 @pytest.mark.parametrize("kw", [dict(), dict(bias=False), dict(vocab_size=257, padded_vocab_size=320),
                                 dict(lora_rank=4, lora_targets='attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj')])
 def test_state_shapes_match_the_model(kw):
-    from model import state_shapes
+    from weights import state_shapes
     model = tiny(**kw)
     assert state_shapes(model.config) == {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -12,7 +12,8 @@ import torch
 
 import checkpoint
 from conftest import ROOT, TINY, losses, read_log, run
-from model import GPT, GPTConfig, mark_trainable
+from model import GPT, GPTConfig
+from weights import mark_trainable
 from optim import Muon, configure_optimizers
 from test_ddp import ARGS as DDP_ARGS, torchrun
 from test_train import wait_for_iter
@@ -45,15 +46,17 @@ def test_every_trainable_parameter_is_in_one_group(optimizer, lora, trainable):
         mark_trainable(model, trainable, base_vocab_size=64)
     optimizers = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), 'cpu', optimizer)
     assert len(optimizers) == (2 if optimizer == 'muon' and (not lora or trainable == 'all') else 1)
-    grouped = [id(p) for opt in optimizers for g in opt.param_groups for p in g['params']]
+    assert list(optimizers) == ['adamw', 'muon'][:len(optimizers)]
+    grouped = [id(p) for opt in optimizers.values() for g in opt.param_groups for p in g['params']]
     trains = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert sorted(grouped) == sorted(id(p) for p in trains.values())  # each exactly once, nothing frozen
     if optimizer == 'muon':  # the block matrices: Muon; embeddings, gains, biases, LoRA adapters: AdamW
         names = {id(p): n for n, p in trains.items()}
-        on_muon = {names[id(p)] for opt in optimizers[1:] for g in opt.param_groups for p in g['params']}
+        muon = optimizers['muon'].param_groups if 'muon' in optimizers else []
+        on_muon = {names[id(p)] for g in muon for p in g['params']}
         assert on_muon == {n for n, p in trains.items() if n.startswith('transformer.h.') and n.endswith('.weight')
                            and p.dim() == 2}
-        assert all(opt.param_groups[0]['adjust_lr_fn'] == 'match_rms_adamw' for opt in optimizers[1:])
+        assert 'muon' not in optimizers or optimizers['muon'].param_groups[0]['adjust_lr_fn'] == 'match_rms_adamw'
 
 
 @pytest.fixture
@@ -111,7 +114,7 @@ def test_sigterm_then_kill9_then_resume_is_exact(straight, tiny_data, tmp_path):
     run('train.py', *RUN, f'--data_dir={tiny_data}', f'--out_dir={out}', f'--optimizer={optimizer}')
     assert losses(out) == losses(ref) and same_weights(out, ref)
     state = checkpoint.load(os.path.join(out, 'latest.safetensors'))
-    assert ('muon' in state) == (optimizer == 'muon')  # AdamW's state alone stays under 'optimizer'
+    assert list(state['optimizers']) == ['adamw', 'muon'][:1 + (optimizer == 'muon')]  # by name
 
 
 def test_the_other_optimizer_is_refused(straight, tiny_data):
@@ -137,7 +140,7 @@ def test_float16_with_muon(tiny_data, tmp_path):
     run('train.py', *RUN, f'--data_dir={tiny_data}', f'--out_dir={tmp_path}', '--optimizer=muon', '--dtype=float16',
         '--max_iters=6')
     state = checkpoint.load(os.path.join(tmp_path, 'latest.safetensors'))
-    assert state['scaler']['scale'] > 0 and state['muon']['state']
+    assert state['scaler']['scale'] > 0 and state['optimizers']['muon']['state']
     assert all(math.isfinite(v) for v in losses(str(tmp_path)).values())
 
 
@@ -167,6 +170,7 @@ def test_a_run_from_before_the_optimizer_key_resumes_with_adamw(tiny_data, tmp_p
     state = checkpoint.load(os.path.join(out, 'latest.safetensors'))
     for key in ('optimizer', 'lr_schedule', 'decay_frac'):
         del state['config'][key]
+    state['optimizer'] = state.pop('optimizers')['adamw']  # the layout before optimizers had names
     for name in os.listdir(out):
         if name.endswith('.safetensors'):
             os.remove(os.path.join(out, name))
@@ -174,5 +178,5 @@ def test_a_run_from_before_the_optimizer_key_resumes_with_adamw(tiny_data, tmp_p
     r = run('train.py', *RUN, f'--data_dir={tiny_data}', f'--out_dir={out}', '--max_iters=9')
     assert 'resumed from' in r.stdout
     state = checkpoint.load(os.path.join(out, 'latest.safetensors'))
-    assert state['iter_num'] == 9 and 'muon' not in state
+    assert state['iter_num'] == 9 and list(state['optimizers']) == ['adamw'] and 'optimizer' not in state
     assert state['config']['optimizer'] == 'adamw' and state['config']['lr_schedule'] == 'cosine'

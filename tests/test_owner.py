@@ -64,7 +64,7 @@ def same_run(out, reference):
     assert sorted(os.listdir(out)) == sorted(os.listdir(reference))
     assert losses(out) == losses(reference)
     a, b = (checkpoint.load(os.path.join(d, 'latest.safetensors')) for d in (out, reference))
-    for key in ('model', 'optimizer'):
+    for key in ('model', 'optimizers'):
         ta, tb = checkpoint.flatten(a[key])[1], checkpoint.flatten(b[key])[1]
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 

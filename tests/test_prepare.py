@@ -13,7 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import dataset  # noqa: E402
+import files  # noqa: E402
 import prepare  # noqa: E402
+from errors import Error  # noqa: E402
 
 KOREAN = "다람쥐 헌 쳇바퀴에 타고파. 한국어 문장도 바이트 그대로 돌아와야 합니다.\n"
 EDGE = "tabs\tand\r\nCRLF, NBSP\u00a0x, NEL\u0085y, ideographic\u3000z, emoji 🦀🐍, e\u0301, 12345, it's <|endoftext|>\n"
@@ -130,10 +132,10 @@ def test_bad_inputs_one_line_errors(tmp_path):
     cases = [([f"--input={tmp_path / name}"], expected) for name, expected in cases]
     cases += [([corpus, "--vocab_size=70000"], "65535"), ([corpus, "--tokenizer=nonexistent.json"], "nonexistent.json")]
     for args, expected in cases:
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(Error) as e:
             run(tmp_path, *args, "--dataset=d")
-        msg = str(e.value.code)
-        assert msg.startswith("prepare.py: error:") and expected in msg and "\n" not in msg, msg
+        msg = str(e.value)
+        assert expected in msg and "\n" not in msg, msg
     assert dataset.read_meta(tmp_path / "data" / "d") == good  # existing data untouched
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["d"]  # and no temp dirs left
     for arg in (f"--input={tmp_path / 'latin1.txt'}", "--vocab_size=70000"):  # no traceback from the script
@@ -148,17 +150,17 @@ def test_bad_files_in_directory_are_skipped_unless_strict(tmp_path, capsys):
     meta = run(tmp_path, f"--input={tmp_path / 'corpus'}", "--tokenizer=byte")
     assert list(meta["inputs"]["skipped"]) == [str(tmp_path / "corpus" / "image.png")]
     assert "1 files skipped" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="image.png"):
+    with pytest.raises(Error, match="image.png"):
         run(tmp_path, f"--input={tmp_path / 'corpus'}", "--tokenizer=byte", "--strict")
     (tmp_path / "only").mkdir()
     (tmp_path / "only" / "a.bin").write_bytes(b"\0\1\2")
-    with pytest.raises(SystemExit, match="all 1 files were skipped"):
+    with pytest.raises(Error, match="all 1 files were skipped"):
         run(tmp_path, f"--input={tmp_path / 'only'}", "--tokenizer=byte")
 
 
 def test_tiny_corpus_is_an_error(tmp_path):
     (tmp_path / "tiny.txt").write_text("just a few words\n", encoding="utf-8")
-    with pytest.raises(SystemExit, match="corpus too small.*min_split_tokens=1025"):
+    with pytest.raises(Error, match="corpus too small.*min_split_tokens=1025"):
         prepare.main([f"--input={tmp_path / 'tiny.txt'}", f"--data_dir={tmp_path / 'data'}", "--tokenizer=byte"])
     assert not (tmp_path / "data" / "tiny").exists()
 
@@ -236,7 +238,7 @@ def test_crash_between_publish_renames_is_undone(tmp_path):
     dead.wait()
     out = tmp_path / "data" / "corpus"
     out.rename(tmp_path / "data" / f".corpus.tmp-{dead.pid}.old")  # as publish() leaves it if killed midway
-    dataset.clean_stale(out)
+    files.clean_stale(out)
     assert dataset.read_meta(out) == meta
 
 
@@ -249,12 +251,12 @@ def test_default_corpus_is_the_stdlib_without_tests():
 
 
 def test_read_meta_errors_are_one_line(tmp_path):
-    with pytest.raises(SystemExit, match="not found") as e:
+    with pytest.raises(Error, match="not found") as e:
         dataset.read_meta(tmp_path / "nothing")
-    assert "\n" not in str(e.value.code)
+    assert "\n" not in str(e.value)
     make_corpus(tmp_path / "corpus")
     run(tmp_path, f"--input={tmp_path / 'corpus'}", "--tokenizer=byte")
     with open(tmp_path / "data" / "corpus" / "val.bin", "r+b") as f:
         f.truncate(2)
-    with pytest.raises(SystemExit, match="damaged"):
+    with pytest.raises(Error, match="damaged"):
         dataset.read_meta(tmp_path / "data" / "corpus")

@@ -14,6 +14,7 @@ import torch
 
 import checkpoint
 from conftest import ROOT, TINY, args, losses, read_log, run
+from errors import Error
 from test_train import start, wait_for_iter
 
 
@@ -115,7 +116,7 @@ def test_background_write_error_surfaces_and_keeps_earlier_files(tmp_path):
     try:
         writer.wait()
         raise AssertionError('the failed write was not reported')
-    except checkpoint.CheckpointError as e:
+    except Error as e:
         assert 'unsupported type' in str(e)
     assert checkpoint.load(tmp_path / 'latest.safetensors')['iter_num'] == 7
 
