@@ -120,11 +120,19 @@ def check_writable(folder, what) -> None:
         raise Error(f"cannot write to {what} {folder!r}: {oneline(e)}") from None
 
 
+def check_name(path, what) -> None:
+    """Error unless path is a file name: a number given for one (--json=3) is not."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise Error(f"{what or 'a file'}: {path!r} is not a file name (quote a name that looks like "
+                    f"a number: '\"{path}\"')")
+
+
 def check_output(path, what, folder=False) -> None:
     """Error unless path can be written now, naming `what` (e.g. '--json=x.json'): a name that is
     not blank; nothing there, a file to replace or a device (/dev/null), but no FIFO, whose open
     would wait for a reader forever (folder=True: a folder to create, or an empty one to fill, as
     export.py --format=hf does); in an existing folder that takes a new file."""
+    check_name(path, what)
     path = os.fspath(path)
     if not path.strip():
         raise Error(f"{what}: the name is blank")
@@ -165,6 +173,7 @@ def check_input(path, what='') -> None:
     open waits for a writer that may never come, and no device. A pipe a process hands over stays
     fine: `--mcq=<(cat exam)` (/dev/fd/63) or /dev/stdin of `cat exam |` are anonymous pipes, whose
     writer is alive by then; they live on the kernel's pipefs, so st_dev tells them apart."""
+    check_name(path, what)
     try:
         st = os.stat(path)
     except OSError:
