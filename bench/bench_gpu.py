@@ -1,7 +1,8 @@
 """
-Every GPU figure sturdygpt wants, from one run that fits one 10-minute command on one H200 or H100:
+Every GPU figure sturdygpt wants, from one run on one H200 or H100 that ends within --budget_s
+(default 540 s):
 
-    PYTHONUNBUFFERED=1 python bench/bench_gpu.py --budget_s=540 --out=$OUT    # a lent GPU (docs/gpu.md)
+    python bench/bench_gpu.py --out=out-bench-gpu      # every section; its JSON and log go there
     python bench/bench_gpu.py --only=train_compiled,train_eager --batch_size=16
     python bench/bench_gpu.py --small --device=cpu     # every section on a tiny model: checks this script
 
@@ -12,12 +13,13 @@ bytes of 200 stdlib files). Before each, a section that would not end inside --b
 estimate is skipped ("skipped: budget"); a run still going at its section's limit is killed. Each
 section's figures go, as soon as it ends, to OUT/bench_gpu.json (rewritten whole: tmp + rename), and
 every train.py / torchrun / prepare.py run's output to OUT/bench_gpu.log under a header line (a run
-writes to OUT/NAME.running.log until it ends): at most 6 files under --out (default $OUT, else a
-temporary folder). The table printed last is ready for docs/gpu.md, which lists every figure and the
-JSON's layout.
+writes to OUT/NAME.running.log until it ends): at most 6 files under --out (default: a new
+temporary folder, named in the device line). The table printed last is ready for docs/gpu.md, which
+lists every figure and the JSON's layout.
 
-fp8 needs torchao: installed, or a wheel carried in .whl/ (docs/gpu.md), which is unpacked here;
-without it the section says so and is skipped. --small runs everything eager, in float32 on a CPU.
+fp8 needs torchao: installed, or a wheel in .whl/ at the repository's root (docs/gpu.md: for a
+machine without network), which is unpacked here; without either the section says so and is
+skipped. --small runs everything eager, in float32 on a CPU.
 """
 import argparse
 import functools
@@ -49,7 +51,7 @@ from errors import Error  # noqa: E402
 from model import GPT, GPTConfig, pad_vocab  # noqa: E402
 
 # name: (seconds ESTIMATED for one H200 from the work each does, none measured yet; seconds measured
-# with --small on the 2-core development CPU under other sessions' load, muon's estimated), in order
+# with --small on the 2-core development CPU under other load, muon's estimated), in order
 SECTIONS = {
     'train_compiled': (100, 7),  # GPT-2 small (config/slm.py) through train.py, bf16, compiled: tokens/s, MFU, memory
     'train_eager': (35, 5),  # the same, eager
@@ -68,7 +70,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument('--only', default=','.join(SECTIONS), help='comma-separated sections')
 ap.add_argument('--device', default='cuda')
 ap.add_argument('--budget_s', type=float, default=540, help='seconds for the whole run, setup included')
-ap.add_argument('--out', default=os.environ.get('OUT') or None, help='folder for the JSON and the log')
+ap.add_argument('--out', help='folder for the JSON and the log (default: a new temporary folder)')
 ap.add_argument('--batch_size', type=int, default=12, help='micro-batch of the GPT-2 small train.py runs')
 ap.add_argument('--iters', type=int, default=30, help='iterations of each GPT-2 small train.py run')
 ap.add_argument('--small', action='store_true', help='a tiny model, no compilation: checks this script')
@@ -259,13 +261,13 @@ def mfu_text(figures):
 
 
 def find_torchao():
-    """Why torchao cannot be imported, or None. One not installed is taken from a wheel carried in
-    .whl/ (docs/gpu.md), unpacked into a temporary folder that this process and train.py import from."""
+    """Why torchao cannot be imported, or None. One not installed is taken from a wheel in .whl/
+    (docs/gpu.md), unpacked into a temporary folder that this process and train.py import from."""
     if importlib.util.find_spec('torchao'):
         return None
     wheels = sorted(glob.glob(os.path.join(ROOT, '.whl', 'torchao-*.whl')))
     if not wheels:
-        return "torchao is not installed and no .whl/torchao-*.whl was carried (docs/gpu.md says how)"
+        return "torchao is not installed and there is no .whl/torchao-*.whl (docs/gpu.md says how)"
     site = tempfile.mkdtemp(prefix='torchao_')
     with zipfile.ZipFile(wheels[-1]) as z:
         z.extractall(site)
@@ -685,7 +687,7 @@ if __name__ == '__main__':
                 limit = min(T0 + args.budget_s, t0 + max(3 * estimate, 120))
                 try:
                     entry.update({'status': 'ok', **globals()[f'section_{name}']()})
-                except Exception as e:  # the other sections still run: one GPU session should answer them all
+                except Exception as e:  # the other sections still run: one run should answer them all
                     with open(LOG, 'a') as f:
                         traceback.print_exc(file=f)
                     traceback.print_exc()
