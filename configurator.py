@@ -10,10 +10,10 @@ scripts:
 Fixes nanoGPT's known gaps: keys set by a config file are checked too (a typo is an error naming
 the closest valid key), an int is accepted for a float, a None default can be overridden, values
 may contain '=', and a bare --flag means --flag=True for a boolean key (true/false, yes/no, 1/0 all
-work); any other key needs a value. As with argparse, --key value works too: a key that is not boolean takes the next argument
-as its value unless that starts with '--', a boolean one only when it is one of those words (so
-`--force config/x.py` still reads x.py). -h / --help prints the script's docstring and its block of
-defaults, comments included.
+work); any other key needs a value. As with argparse, --key value works too: a key that is not
+boolean takes the next argument as its value unless that starts with '--', a boolean one only when
+it is one of those words (so `--force config/x.py` still reads x.py). -h / --help prints the
+script's docstring and its block of defaults, comments included.
 
 Config files are Python and are executed, as in nanoGPT: run only config files you trust.
 
@@ -48,12 +48,14 @@ def fits(value, default) -> bool:
     return number and (isinstance(default, float) or isinstance(value, int))
 
 
-INT64 = (-2 ** 63, 2 ** 63 - 1)  # torch's integers (sizes, counts, seeds): a larger one is an OverflowError deep inside
+# torch's integers (sizes, counts, seeds): a larger one is an OverflowError deep inside
+INT64 = (-2 ** 63, 2 ** 63 - 1)
 
 
 def past_int64(value) -> bool:
     """Whether value is an int that no torch call takes, whatever the key (every script's ints)."""
-    return isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and not INT64[0] <= value <= INT64[1])
 
 
 def _check(key, value, defaults, where):
@@ -108,8 +110,8 @@ def print_help(source):
     with open(source, encoding='utf-8') as f:
         text = f.read()
     out = [(ast.get_docstring(ast.parse(text)) or '').strip(), '',
-           "Config keys and their defaults; set them in a config file (Python, executed: use only files you "
-           "trust) or as --key=value or --key value:", '']
+           "Config keys and their defaults; set them in a config file (Python, executed: use only "
+           "files you trust) or as --key=value or --key value:", '']
     out += [f"  {line}" for line in _defaults_block(text)]
     try:
         sys.stdout.write('\n'.join(out) + '\n')
@@ -123,7 +125,8 @@ def script_keys(source) -> set:
     as configure(ignore=...), so the config file that trained a run can be given to them."""
     with open(source, encoding='utf-8') as f:
         tree = ast.parse('\n'.join(_defaults_block(f.read())))
-    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    return {n.id for n in ast.walk(tree)
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
 
 
 def script_defaults(source, argv=()) -> dict:
@@ -134,10 +137,11 @@ def script_defaults(source, argv=()) -> dict:
         tree = ast.parse('\n'.join(_defaults_block(f.read())))
     defaults = {}
     for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
             try:
                 defaults[node.targets[0].id] = literal_eval(node.value)
-            except ValueError:  # a default taken from a module (metrics.MCQ_TEMPLATE): not a literal
+            except ValueError:  # a default from a module (metrics.MCQ_TEMPLATE): not a literal
                 pass
     return configure(defaults, list(argv))[0]
 
@@ -150,7 +154,8 @@ def configure(defaults: dict, argv: list, source: str = None, ignore=(), repeata
     ignore: keys that a config file may set for another script (see script_keys): skipped silently
     there, still an error on the command line.
     repeatable: keys that take several values, like argparse's action='append': given twice on the
-    command line, or as a list in a config file, the value is a list of them (each of the default's type)."""
+    command line, or as a list in a config file, the value is a list of them (each of the default's
+    type)."""
     if source and ('-h' in argv or '--help' in argv):
         print_help(source)
         raise SystemExit(0)
@@ -173,13 +178,16 @@ def configure(defaults: dict, argv: list, source: str = None, ignore=(), repeata
                 line = getattr(e, 'lineno', None) or (tb.tb_lineno if tb else '?')
                 raise Error(f"config file {arg}, line {line}: {type(e).__name__}: {e}") from None
             # every name the file assigns counts as set by the user, even to the default's value
-            assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            assigned = {n.id for n in ast.walk(tree)
+                        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
             for key in sorted(assigned & scope.keys()):
                 value = scope[key]
-                if key.startswith('_') or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+                helper = isinstance(value, (types.ModuleType, types.FunctionType, type))
+                if key.startswith('_') or helper:
                     continue  # helpers a config file may define
+                # another script's key, e.g. batch_size in a training config given to sample.py
                 if key in ignore and key not in defaults:
-                    continue  # another script's key, e.g. batch_size in a training config given to sample.py
+                    continue
                 if key in repeatable and isinstance(value, list):
                     config[key] = [_check(key, v, defaults, arg) for v in value]
                 else:
@@ -193,7 +201,8 @@ def configure(defaults: dict, argv: list, source: str = None, ignore=(), repeata
             default = defaults[key]
             following = argv[i] if i < len(argv) else None
             if isinstance(default, bool):
-                # a boolean takes the next argument only when it is one, so `--force config.py` still works
+                # a boolean takes the next argument only when it is one,
+                # so `--force config.py` still works
                 takes = following is not None and following.lower() in BOOL_WORDS
             else:  # anything else takes it unless it is the next option (`--input --force`)
                 takes = following is not None and not following.startswith('--')
@@ -224,12 +233,14 @@ def check_ranges(config: dict, ranges: dict, where: str = '') -> None:
         value = config[key]
         if value is None:
             continue
-        if isinstance(value, (bool, str)):  # a key with a None default takes any value: not a number here
+        # a key with a None default takes any value: not a number here
+        if isinstance(value, (bool, str)):
             problems.append(f"{key} must be a number in {interval}, got {value!r}{where}")
             continue
         lo, hi = (float(b) for b in interval[1:-1].split(','))
-        ok = not past_int64(value) and math.isfinite(value) and (lo <= value if interval[0] == '[' else lo < value) and \
-            (value <= hi if interval[-1] == ']' else value < hi)
+        ok = (not past_int64(value) and math.isfinite(value)
+              and (lo <= value if interval[0] == '[' else lo < value)
+              and (value <= hi if interval[-1] == ']' else value < hi))
         if not ok:
             problems.append(f"{key} must be in {interval}, got {value!r}{where}")
     if problems:

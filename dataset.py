@@ -46,35 +46,42 @@ def read_meta(data_dir) -> dict:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except FileNotFoundError:
-        raise Error(f"{path} not found (prepare it first: python prepare.py --dataset={name} ...)") from None
+        raise Error(f"{path} not found "
+                    f"(prepare it first: python prepare.py --dataset={name} ...)") from None
     except (OSError, ValueError) as e:
-        raise Error(f"{path} is unreadable: {e} (rebuild it: python prepare.py --force ...)") from None
+        raise Error(f"{path} is unreadable: {e} "
+                    f"(rebuild it: python prepare.py --force ...)") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise Error(f"{path} has format_version {version}, this code reads {FORMAT_VERSION} "
                            f"(rebuild it: python prepare.py --force ...)")
     tok = meta.get("tokenizer")
-    if not (isinstance(tok, dict) and tok.get("kind") in KINDS and isinstance(tok.get("vocab_size"), int)
-            and 1 <= tok["vocab_size"] <= np.iinfo(DTYPE).max + 1 and isinstance(tok.get("eot_id"), int)
+    if not (isinstance(tok, dict) and tok.get("kind") in KINDS
+            and isinstance(tok.get("vocab_size"), int)
+            and 1 <= tok["vocab_size"] <= np.iinfo(DTYPE).max + 1
+            and isinstance(tok.get("eot_id"), int)
             and 0 <= tok["eot_id"] < tok["vocab_size"]):
         raise Error(f"{path} has no usable tokenizer record (kind, vocab_size, eot_id) "
                            f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
     for split in SPLITS:
-        size = os.path.getsize(p) if os.path.exists(p := os.path.join(data_dir, f"{split}.bin")) else -1
+        p = os.path.join(data_dir, f"{split}.bin")
+        size = os.path.getsize(p) if os.path.exists(p) else -1
         try:
             expected = meta["splits"][split]["tokens"] * np.dtype(DTYPE).itemsize
         except (KeyError, TypeError):
-            raise Error(f"{path} lacks the {split} token count (rebuild it: python prepare.py --force ...)") from None
+            raise Error(f"{path} lacks the {split} token count "
+                        f"(rebuild it: python prepare.py --force ...)") from None
         if size != expected:
             raise Error(f"{p} has {size} bytes, meta.json says {expected} "
-                               f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
+                        f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
     return meta
 
 
 def fingerprint(meta) -> str:
-    """Identity of a dataset's token streams: its inputs, every setting and the tokenizer. Checkpoints
-    keep it, so a run never resumes its data position on different data."""
-    key = json.dumps([meta["inputs_fingerprint"], meta["settings"], meta["tokenizer"]["fingerprint"]], sort_keys=True)
+    """Identity of a dataset's token streams: its inputs, every setting and the tokenizer.
+    Checkpoints keep it, so a run never resumes its data position on different data."""
+    key = json.dumps([meta["inputs_fingerprint"], meta["settings"],
+                      meta["tokenizer"]["fingerprint"]], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -93,11 +100,12 @@ def tokenizer_state(data_dir) -> dict:
             with open(path, "rb") as f:
                 state["json"] = f.read().decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise Error(f"{path} is missing or unreadable ({getattr(e, 'strerror', None) or e}) "
-                               f"(the dataset is damaged; rebuild it: python prepare.py --force ...)") from None
+            why = getattr(e, 'strerror', None) or e
+            raise Error(f"{path} is missing or unreadable ({why}) (the dataset is damaged; "
+                        f"rebuild it: python prepare.py --force ...)") from None
         if hashlib.sha256(state["json"].encode("utf-8")).hexdigest() != state["fingerprint"]:
             raise Error(f"{path} does not match its fingerprint in meta.json "
-                               f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
+                        f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
     return state
 
 def check_fits(state, source, data_dir, tokenizer, meta, new_run) -> None:
@@ -105,15 +113,21 @@ def check_fits(state, source, data_dir, tokenizer, meta, new_run) -> None:
     weights also one that extends it (prepare.py --extend_vocab); and, to continue its run, the
     same data. The error says what differs and what to do."""
     theirs = state["tokenizer"]
-    if theirs["fingerprint"] != tokenizer["fingerprint"] and not (new_run and extends(tokenizer, theirs)):
-        kind = theirs["kind"]  # gpt2 and byte go by name, a BPE by its tokenizer.json (an hf: folder holds its own)
-        bpe = os.path.join(source, "tokenizer.json") if os.path.isdir(source) else "PATH/tokenizer.json"
-        raise Error(f"{source} was trained with a different tokenizer than {data_dir} ({kind} {theirs['fingerprint'][:12]} "
-                    f"vs {tokenizer['kind']} {tokenizer['fingerprint'][:12]}); prepare the data with the checkpoint's "
-                    f"tokenizer (prepare.py --tokenizer={bpe if kind == 'bpe' else kind}, optionally --extend_vocab=N)")
+    same = theirs["fingerprint"] == tokenizer["fingerprint"]
+    if not same and not (new_run and extends(tokenizer, theirs)):
+        # gpt2 and byte go by name, a BPE by its tokenizer.json (an hf: folder holds its own)
+        kind = theirs["kind"]
+        bpe = (os.path.join(source, "tokenizer.json") if os.path.isdir(source)
+               else "PATH/tokenizer.json")
+        raise Error(f"{source} was trained with a different tokenizer than {data_dir} "
+                    f"({kind} {theirs['fingerprint'][:12]} vs {tokenizer['kind']} "
+                    f"{tokenizer['fingerprint'][:12]}); prepare the data with the checkpoint's "
+                    f"tokenizer (prepare.py --tokenizer={bpe if kind == 'bpe' else kind}, "
+                    f"optionally --extend_vocab=N)")
     if not new_run and state["data"]["fingerprint"] != fingerprint(meta):
-        raise Error(f"{source} was trained on other data than {data_dir} (dataset '{state['data']['dataset']}' "
-                    f"changed or differs); to start a new run from its weights on this data add --reset_state=True")
+        raise Error(f"{source} was trained on other data than {data_dir} "
+                    f"(dataset '{state['data']['dataset']}' changed or differs); "
+                    f"to start a new run from its weights on this data add --reset_state=True")
 
 # -----------------------------------------------------------------------------
 # the training order: fixed windows of block_size + 1 tokens, each visited once per epoch in an
@@ -126,7 +140,8 @@ def epoch_order(seed, epoch, n_windows) -> np.ndarray:
 
 
 def next_windows(pos, count, n_windows, seed):
-    """The next `count` window indices from position pos = (epoch, index), and the position after them."""
+    """The next `count` window indices from position pos = (epoch, index), and the position after
+    them."""
     epoch, index = pos
     out = []
     while count:
@@ -170,75 +185,90 @@ class Tokenizer:
 
 def byte_of_char():
     """Invert GPT-2's bytes_to_unicode(): tokenizer.json spells each byte as a printable char."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
 
 
 def parse_bpe(json_text, source):
-    """(spec, vocab, byte ranks, eot id, merges) of a byte-level BPE tokenizer.json, or a one-line error."""
+    """(spec, vocab, byte ranks, eot id, merges) of a byte-level BPE tokenizer.json, or a one-line
+    error."""
     try:
         spec = json.loads(json_text)
         model, pre = spec["model"], spec.get("pre_tokenizer") or {}
-        ok = (model.get("type") == "BPE" and spec.get("normalizer") is None and not model.get("dropout")
-              and pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space") and pre.get("use_regex", True)
-              and not model.get("continuing_subword_prefix") and not model.get("end_of_word_suffix"))
+        ok = (model.get("type") == "BPE" and spec.get("normalizer") is None
+              and not model.get("dropout") and pre.get("type") == "ByteLevel"
+              and not pre.get("add_prefix_space") and pre.get("use_regex", True)
+              and not model.get("continuing_subword_prefix")
+              and not model.get("end_of_word_suffix"))
         eots = [t["id"] for t in spec.get("added_tokens", []) if t["content"] == EOT]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise Error(f"{source} is not a tokenizer.json ({type(e).__name__}: {e}) "
                            f"(pass one written by prepare.py)") from None
     if not ok or len(eots) != 1:
         raise Error(f"{source} is not a byte-level BPE tokenizer.json with an {EOT} special token "
-                           f"(pass one written by prepare.py, e.g. --tokenizer=data/stdlib/tokenizer.json)")
+                    f"(pass one written by prepare.py, "
+                    f"e.g. --tokenizer=data/stdlib/tokenizer.json)")
     byte_of = byte_of_char()
-    vocab = {tok: i for tok, i in model["vocab"].items() if tok != EOT}  # GPT-2's json lists it twice
+    # GPT-2's json lists it twice
+    vocab = {tok: i for tok, i in model["vocab"].items() if tok != EOT}
     ids = set(vocab.values())
     if (not all(c in byte_of for tok in vocab for c in tok) or not set(byte_of) <= set(vocab)
             or len(ids) != len(vocab) or eots[0] in ids):
-        raise Error(f"{source}: the vocabulary is not byte-level, lacks some of the 256 byte tokens or "
-                           f"repeats ids (pass a byte-level BPE tokenizer.json written by prepare.py)")
+        raise Error(f"{source}: the vocabulary is not byte-level, lacks some of the 256 byte "
+                    f"tokens or repeats ids "
+                    f"(pass a byte-level BPE tokenizer.json written by prepare.py)")
     ranks = {bytes(byte_of[c] for c in tok): i for tok, i in vocab.items()}
     merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
     return spec, vocab, ranks, eots[0], merges
 
 
 def make_state(kind: str, json_text: str = None, source: str = "tokenizer.json") -> dict:
-    """The tokenizer_state() dict of a new tokenizer: "byte", "gpt2", or "bpe" from tokenizer.json text."""
+    """The tokenizer_state() dict of a new tokenizer: "byte", "gpt2", or "bpe" from tokenizer.json
+    text."""
     if kind == "byte":
         return dict(kind="byte", fingerprint="byte", vocab_size=257, eot_id=256, json=None)
     if kind == "gpt2":
         enc = gpt2_encoding()
-        return dict(kind="gpt2", fingerprint="gpt2", vocab_size=enc.n_vocab, eot_id=enc.eot_token, json=None)
+        return dict(kind="gpt2", fingerprint="gpt2", vocab_size=enc.n_vocab,
+                    eot_id=enc.eot_token, json=None)
     assert kind == "bpe", kind
     _, vocab, _, eot_id, _ = parse_bpe(json_text, source)
     vocab_size = max(max(vocab.values()), eot_id) + 1
     if vocab_size > np.iinfo(DTYPE).max:
-        raise Error(f"{source} has {vocab_size} tokens; ids must fit uint16 (use a vocabulary of at most 65535)")
+        raise Error(f"{source} has {vocab_size} tokens; ids must fit uint16 "
+                    f"(use a vocabulary of at most 65535)")
     fingerprint = hashlib.sha256(json_text.encode("utf-8")).hexdigest()
-    return dict(kind="bpe", fingerprint=fingerprint, vocab_size=vocab_size, eot_id=eot_id, json=json_text)
+    return dict(kind="bpe", fingerprint=fingerprint, vocab_size=vocab_size, eot_id=eot_id,
+                json=json_text)
 
 
 def load_tokenizer(state: dict) -> Tokenizer:
     import tiktoken
     kind = state["kind"]
     if kind == "byte":
-        enc = tiktoken.Encoding("byte", pat_str=BYTE_PAT, mergeable_ranks={bytes([b]): b for b in range(256)},
+        enc = tiktoken.Encoding("byte", pat_str=BYTE_PAT,
+                                mergeable_ranks={bytes([b]): b for b in range(256)},
                                 special_tokens={EOT: 256})
         return Tokenizer(state, enc)
     if kind == "gpt2":
         enc = gpt2_encoding()
         if (enc.n_vocab, enc.eot_token) != (state["vocab_size"], state["eot_id"]):
-            raise Error(f"tiktoken's gpt2 has {enc.n_vocab} tokens, eot {enc.eot_token}; the data expects "
-                               f"{state['vocab_size']}, eot {state['eot_id']} (re-run prepare.py --force)")
+            raise Error(f"tiktoken's gpt2 has {enc.n_vocab} tokens, eot {enc.eot_token}; "
+                        f"the data expects {state['vocab_size']}, eot {state['eot_id']} "
+                        f"(re-run prepare.py --force)")
         return Tokenizer(state, enc)
     if kind != "bpe":
-        raise Error(f"unknown tokenizer kind {kind!r} (expected bpe, gpt2 or byte; re-run prepare.py)")
+        raise Error(f"unknown tokenizer kind {kind!r} "
+                    f"(expected bpe, gpt2 or byte; re-run prepare.py)")
     json_text = state["json"]
     if hashlib.sha256(json_text.encode("utf-8")).hexdigest() != state["fingerprint"]:
-        raise Error("tokenizer.json does not match its fingerprint in meta.json (re-run prepare.py --force)")
+        raise Error("tokenizer.json does not match its fingerprint in meta.json "
+                    "(re-run prepare.py --force)")
     spec, vocab, ranks, eot_id, merges = parse_bpe(json_text, "tokenizer.json")
-    enc = tiktoken.Encoding(f"bpe-{state['fingerprint'][:12]}", pat_str=GPT2_PAT, mergeable_ranks=ranks,
-                            special_tokens={EOT: eot_id})
+    enc = tiktoken.Encoding(f"bpe-{state['fingerprint'][:12]}", pat_str=GPT2_PAT,
+                            mergeable_ranks=ranks, special_tokens={EOT: eot_id})
     # tiktoken merges the adjacent pair whose joined bytes have the lowest id, HF the pair listed
     # first in merges: the same only when each merge made a new token and later merges made higher
     # ids (an extended vocabulary's merges continue after the base's EOT id: see extend_bpe)
@@ -262,11 +292,13 @@ def gpt2_encoding():
         return tiktoken.get_encoding("gpt2")
     except Exception as e:
         import tempfile
-        cache = os.environ.get("TIKTOKEN_CACHE_DIR", os.path.join(tempfile.gettempdir(), "data-gym-cache"))
-        raise Error(f"tiktoken could not load the gpt2 encoding: no cached copy in {cache} and the download "
-                           f"failed ({type(e).__name__}) (on a machine with network run TIKTOKEN_CACHE_DIR=DIR python -c "
-                           f"\"import tiktoken; tiktoken.get_encoding('gpt2')\", copy DIR here and set TIKTOKEN_CACHE_DIR "
-                           f"to it)") from None
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR",
+                               os.path.join(tempfile.gettempdir(), "data-gym-cache"))
+        raise Error(f"tiktoken could not load the gpt2 encoding: no cached copy in {cache} "
+                    f"and the download failed ({type(e).__name__}) "
+                    f"(on a machine with network run TIKTOKEN_CACHE_DIR=DIR python -c "
+                    f"\"import tiktoken; tiktoken.get_encoding('gpt2')\", "
+                    f"copy DIR here and set TIKTOKEN_CACHE_DIR to it)") from None
     finally:
         socket.setdefaulttimeout(old)
 
@@ -304,13 +336,16 @@ def extend_bpe(json_text: str, texts, n_merges: int, source: str = "tokenizer.js
         counts.update(pat.findall(text))
     words = [a.tolist() for a in load_tokenizer(state).encode_batch(list(counts))]
     freqs = list(counts.values())
-    pairs, where = Counter(), defaultdict(set)  # pair -> occurrences; pair -> indices of words holding it
+    # pair -> occurrences; pair -> indices of words holding it
+    pairs, where = Counter(), defaultdict(set)
     for i, (w, f) in enumerate(zip(words, freqs)):
         for p in zip(w, w[1:]):
             pairs[p] += f
             where[p].add(i)
-    heap = [(-n, p) for p, n in pairs.items()]  # a max-heap of counts, updated lazily: stale entries
-    heapq.heapify(heap)                         # are skipped when their count no longer matches
+    # a max-heap of counts, updated lazily: stale entries are skipped when their count no longer
+    # matches
+    heap = [(-n, p) for p, n in pairs.items()]
+    heapq.heapify(heap)
     string = {i: s for s, i in vocab.items()}
     new_id, new_merges = state["vocab_size"], []
     while len(new_merges) < n_merges and heap:
@@ -344,7 +379,8 @@ def extend_bpe(json_text: str, texts, n_merges: int, source: str = "tokenizer.js
                 heapq.heappush(heap, (-pairs[q], q))
         new_id += 1
     model = spec["model"]
-    as_text = bool(model["merges"]) and isinstance(model["merges"][0], str)  # older HF: "a b", newer: [a, b]
+    # older HF: "a b", newer: [a, b]
+    as_text = bool(model["merges"]) and isinstance(model["merges"][0], str)
     model["merges"] += [" ".join(m) if as_text else m for m in new_merges]
     model["vocab"].update({a + b: vocab[a + b] for a, b in new_merges})
     return json.dumps(spec, ensure_ascii=False)

@@ -2,16 +2,18 @@
 Evaluate checkpoints: perplexity and bits per byte, generation quality (repetition, distinct-n,
 Python validity), multiple-choice accuracy; one table, and JSON with every number and setting.
 
-    python evaluate.py                                   # newest valid checkpoint in out/, default metrics
-    python evaluate.py --ckpt=best,latest,step_0001000   # several checkpoints, one comparison table
+    python evaluate.py                                  # newest valid one in out/, default metrics
+    python evaluate.py --ckpt=best,latest,step_0001000  # several checkpoints, one comparison table
     python evaluate.py --mcq=exam.jsonl --json=eval.json
-    python evaluate.py --mcq=cloze.jsonl --mcq_template='{question}'   # a cloze task, scored as the harness does
-    python evaluate.py --text=notes/ --stride=64         # perplexity of other text: a file or a folder
-    python evaluate.py --plot=out/curves.png             # training curves from out/log.jsonl (only that)
-    python evaluate.py config/slm.py                     # the run a training config wrote (its out_dir)
+    # a cloze task, scored as the harness does:
+    python evaluate.py --mcq=cloze.jsonl --mcq_template='{question}'
+    python evaluate.py --text=notes/ --stride=64        # perplexity of other text: a file or folder
+    python evaluate.py --plot=out/curves.png            # only training curves, from out/log.jsonl
+    python evaluate.py config/slm.py                    # the out_dir a training config wrote
 
 Every metric and format is defined in README.md, "Evaluating a model", and docs/evaluation.md.
-Progress bars go to stderr on a terminal; stderr also gets one line per finished stage, stdout the table.
+Progress bars go to stderr on a terminal; stderr also gets one line per finished stage, stdout the
+table.
 """
 import fnmatch
 import json as jsonlib  # the config key `json` names the output file
@@ -35,19 +37,21 @@ sys.excepthook = report  # an Error is one line, 'evaluate.py: error: ...'
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # where the checkpoints (and log.jsonl, for --plot) are
-ckpt = 'resume'  # 'resume' (newest valid; its column is named by its file), 'best', 'latest', 'step_0001000', a path; several: 'best,latest'
+# 'resume': the newest valid checkpoint, its column named by its file
+ckpt = 'resume'  # or 'best', 'latest', 'step_0001000', a path; several: 'best,latest'
 # perplexity and bits per byte
-split = 'val'  # the split of the checkpoint's dataset to score ('val' or 'train'); '' skips perplexity
+split = 'val'  # the checkpoint's dataset split to score ('val' or 'train'); '' skips perplexity
 data_dir = 'data'  # where prepared datasets are
-dataset = None  # score this dataset's split instead of the checkpoint's own (re-encoded if tokenizers differ)
-text = None  # score a UTF-8 text file, or the files in a folder, instead of a split (each file a document)
+dataset = None  # score this dataset's split, not the checkpoint's (re-encoded if tokenizers differ)
+text = None  # score a UTF-8 text file, or a folder's files, not a split (each file a document)
 text_glob = '*'  # file name pattern inside a text folder
-stride = None  # None: non-overlapping windows of block_size; S: windows S apart, each scoring its last S tokens
+# None: non-overlapping windows of block_size; S: windows S apart, each scoring its last S tokens
+stride = None
 max_tokens = None  # score only the split's first max_tokens tokens (as stored)
 batch_size = 16  # windows, or multiple-choice rows, per forward
 # generation: repetition, distinct-n, Python validity
 generate = True  # sample the prompts and measure the samples
-prompts = None  # a file, one prompt per line (a line in double quotes is a JSON string); None: 3 code prompts
+prompts = None  # a file, a prompt per line (in double quotes: a JSON string); None: 3 code prompts
 num_samples = 5  # samples per prompt, drawn with seed + the prompt's index
 max_new_tokens = 200  # a sample ends here or at its first end-of-text token
 temperature = 0.8  # as sample.py: 0 is greedy
@@ -55,31 +59,34 @@ top_k = None  # keep only the k most likely tokens
 top_p = 0.95  # nucleus sampling
 code = True  # also the share of samples that parse as Python and that use Python keywords
 # multiple choice
-mcq = None  # a JSONL exam: {"question", "choices": [...], "answer"} or {"question", "A", ..., "E", "answer"}
-mcq_template = metrics.MCQ_TEMPLATE  # each item's prompt over its fields, the harness's 'Question: {question}\nAnswer:'; cloze: '{question}'
-mcq_delimiter = metrics.MCQ_DELIMITER  # between the prompt and each choice (the harness's target_delimiter, ' ')
+# a JSONL exam: {"question", "choices": [...], "answer"} or {"question", "A", ..., "E", "answer"}
+mcq = None
+# each item's prompt over its fields; cloze: '{question}'
+mcq_template = metrics.MCQ_TEMPLATE  # the harness's 'Question: {question}\nAnswer:'
+# between the prompt and each choice
+mcq_delimiter = metrics.MCQ_DELIMITER  # the harness's target_delimiter, ' '
 fewshot = 0  # put this many solved examples (the first of fewshot_file) before each question
-fewshot_file = None  # a JSONL exam (either format) holding the solved examples, shown with mcq_template
+fewshot_file = None  # a JSONL exam (either format) of the solved examples, shown with mcq_template
 # output
 json = None  # also write every number, the samples and the settings to this JSON file
 plot = None  # draw the curves of out_dir/log.jsonl into this image (.png, .svg, .pdf) and stop
 seed = 1337  # the samples' seed: the same seed gives the same samples and numbers
 device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = 'auto'  # 'auto' (bfloat16 / float16 on GPUs, float32 on CPUs), 'float32', 'bfloat16', 'float16'
+dtype = 'auto'  # 'auto' (bfloat16/float16 on GPU, float32 on CPU), 'float32', 'bfloat16', 'float16'
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
 # a training config file may be given: its training-only keys are ignored, a typo is still an error
-config, _ = configure(defaults, sys.argv[1:], source=__file__,
-                      ignore=script_keys(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')))
-# max_new_tokens: prompt + output ids are allocated up front (model.generate_stream), as in sample.py
+train_keys = script_keys(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'))
+config, _ = configure(defaults, sys.argv[1:], source=__file__, ignore=train_keys)
+# max_new_tokens: prompt + output ids are allocated up front (model.generate_stream), like sample.py
 check_ranges(config, {'stride': '[1, inf)', 'max_tokens': '[1, inf)', 'batch_size': '[1, inf)',
-                      'num_samples': '[1, inf)', 'max_new_tokens': '[1, 1e7]', 'temperature': '[0, inf)',
-                      'top_k': '[1, inf)', 'top_p': '(0, 1]', 'fewshot': '[0, inf)',
-                      'seed': '[0, 9223372036854775807]'})
+                      'num_samples': '[1, inf)', 'max_new_tokens': '[1, 1e7]',
+                      'temperature': '[0, inf)', 'top_k': '[1, inf)', 'top_p': '(0, 1]',
+                      'fewshot': '[0, inf)', 'seed': '[0, 9223372036854775807]'})
 globals().update(config)
 
-# every output is checked before the work that fills it, so no evaluation is lost to a typo in --json
+# every output is checked before the work that fills it: no evaluation is lost to a typo in --json
 for key in ('plot', 'json'):
     if config[key] is not None:
         files.check_output(config[key], f"--{key}={config[key]}")
@@ -99,7 +106,8 @@ if generate and num_samples * max_new_tokens * 8 > memory:
          f"{memory / 2**30:,.0f} GiB of memory; lower one of them")
 names = [n.strip() for n in ckpt.split(',') if n.strip()]
 if not names:
-    raise Error(f"--ckpt={ckpt!r} names no checkpoint; give one or more, comma-separated: best,latest")
+    raise Error(f"--ckpt={ckpt!r} names no checkpoint; "
+                f"give one or more, comma-separated: best,latest")
 texts = None
 if text is not None:
     if not os.path.exists(text):
@@ -108,7 +116,8 @@ if text is not None:
     # is not a folder is read as given (read_text refuses a named FIFO, takes <(cat notes))
     paths = [text] if not os.path.isdir(text) else sorted(
         os.path.join(d, f) for d, _, found in os.walk(text) for f in found
-        if not f.startswith('.') and fnmatch.fnmatch(f, text_glob) and os.path.isfile(os.path.join(d, f)))
+        if not f.startswith('.') and fnmatch.fnmatch(f, text_glob)
+        and os.path.isfile(os.path.join(d, f)))
     if not paths:
         raise Error(f"--text={text}: no file matches --text_glob={text_glob}")
     texts = [files.read_text(f) for f in paths]
@@ -137,14 +146,17 @@ def tokens_to_score(state, tokenizer):
     meta = ds.read_meta(path)
     tokens = ds.open_split(path, split)[:max_tokens]
     vocab_size = meta['tokenizer']['vocab_size']
-    if len(tokens) and tokens.max() >= vocab_size:  # its tokenizer would fail on it, and the embedding too
-        raise Error(f"{path} {split} split holds token id {tokens.max()} but its vocabulary has {vocab_size} tokens "
-             f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
+    # its tokenizer would fail on it, and the embedding too
+    if len(tokens) and tokens.max() >= vocab_size:
+        raise Error(f"{path} {split} split holds token id {tokens.max()} "
+                    f"but its vocabulary has {vocab_size} tokens "
+                    f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
     source = f"{path} {split} split" + (f" (first {max_tokens:,} tokens)" if max_tokens else "")
     if meta['tokenizer']['fingerprint'] != tokenizer.fingerprint:
         data_tok = ds.load_tokenizer(ds.tokenizer_state(path))
         docs = np.split(tokens, np.flatnonzero(tokens == data_tok.eot_id) + 1)
-        tokens = metrics.encode_docs(tokenizer, [data_tok.decode(d[d != data_tok.eot_id]) for d in docs if len(d)])
+        decoded = [data_tok.decode(d[d != data_tok.eot_id]) for d in docs if len(d)]
+        tokens = metrics.encode_docs(tokenizer, decoded)
         source += f", re-encoded with the checkpoint's {tokenizer.kind} tokenizer"
     return tokens, source
 
@@ -167,7 +179,8 @@ def cells(r):
 
 
 def note(msg):
-    """A line on stderr: what was loaded, and each finished stage with its time, for a terminal and a log alike."""
+    """A line on stderr: what was loaded, and each finished stage with its time, for a terminal and
+    a log alike."""
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -175,36 +188,46 @@ results = []
 for k, name in enumerate(names, 1):
     t0 = time.time()
     path, state = runs.find(name, out_dir)
-    # 'resume' says how it was found, not what: name the column by the file it found (latest, step_0000600)
-    label = os.path.splitext(os.path.basename(os.path.normpath(path)))[0] if name == 'resume' else name
-    model = from_state(state).eval().to(device)  # a LoRA adapter checkpoint comes back with its base
+    # 'resume' says how it was found, not what: name the column by the file it found
+    # (latest, step_0000600)
+    label = name
+    if name == 'resume':
+        label = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+    model = from_state(state).eval().to(device)  # a LoRA adapter checkpoint comes with its base
     r = dict(name=label, path=path, iter_num=state.get('iter_num'), val_loss=state.get('val_loss'),
              block_size=model.config.block_size, params=model.num_params())
     count = f" ({k}/{len(names)})" if len(names) > 1 else ''
     note(f"# {label}{count}: {path}, iter {r['iter_num']}, {r['params'] / 1e6:.2f}M parameters")
     if stride and stride > model.config.block_size:  # tokens between its windows would go unscored
-        raise Error(f"--stride={stride} is larger than the block_size {model.config.block_size} of {path}")
+        raise Error(f"--stride={stride} is larger than the block_size {model.config.block_size} "
+                    f"of {path}")
     tokenizer = ds.load_tokenizer(state['tokenizer'])
     r['tokenizer'] = dict(kind=tokenizer.kind, fingerprint=tokenizer.fingerprint)
     with ctx:
         if split or texts is not None:
             t = time.time()
             tokens, source = tokens_to_score(state, tokenizer)
-            p = metrics.perplexity(model, tokens, tokenizer, stride, batch_size, device, progress=True)
-            scheme = (f"non-overlapping windows of {p['block_size']} tokens" if p['stride'] == p['block_size'] else
-                      f"windows of {p['block_size']} tokens every {p['stride']}, each scoring its last {p['stride']}")
+            p = metrics.perplexity(model, tokens, tokenizer, stride, batch_size, device,
+                                   progress=True)
+            if p['stride'] == p['block_size']:
+                scheme = f"non-overlapping windows of {p['block_size']} tokens"
+            else:
+                scheme = (f"windows of {p['block_size']} tokens every {p['stride']}, "
+                          f"each scoring its last {p['stride']}")
             r['perplexity'] = dict(p, scored=f"{source}, {p['bytes']:,} bytes; {scheme}")
-            note(f"# {label}: perplexity over {p['tokens']:,} tokens ({p['windows']:,} windows) in {time.time() - t:.1f}s")
+            note(f"# {label}: perplexity over {p['tokens']:,} tokens ({p['windows']:,} windows) "
+                 f"in {time.time() - t:.1f}s")
         if prompt_list:
             t = time.time()
-            samples = metrics.generate_samples(model, tokenizer, prompt_list, num_samples, max_new_tokens,
-                                               temperature, top_k, top_p, seed, device, progress=True)
+            samples = metrics.generate_samples(model, tokenizer, prompt_list, num_samples,
+                                               max_new_tokens, temperature, top_k, top_p, seed,
+                                               device, progress=True)
             r['generation'] = dict(metrics.generation_metrics(samples, code), samples=samples)
             note(f"# {label}: {len(samples)} samples generated in {time.time() - t:.1f}s")
         if items:
             t = time.time()
-            r['mcq'] = metrics.score_mcq(model, tokenizer, items, shots, batch_size, device, mcq_template,
-                                         mcq_delimiter, progress=True)
+            r['mcq'] = metrics.score_mcq(model, tokenizer, items, shots, batch_size, device,
+                                         mcq_template, mcq_delimiter, progress=True)
             note(f"# {label}: {len(items)} multiple-choice items scored in {time.time() - t:.1f}s")
     note(f"# {label}: evaluated in {time.time() - t0:.1f}s")
     results.append(r)
@@ -218,10 +241,12 @@ for name, what in scored.items():
     if len(set(scored.values())) == 1:
         break
 if prompt_list:
-    print(f"generation: {len(prompt_list)} prompts x {num_samples} samples, up to {max_new_tokens} new tokens, "
-          f"temperature {temperature}, top_k {top_k}, top_p {top_p}, seed {seed}")
+    print(f"generation: {len(prompt_list)} prompts x {num_samples} samples, "
+          f"up to {max_new_tokens} new tokens, temperature {temperature}, top_k {top_k}, "
+          f"top_p {top_p}, seed {seed}")
 if items:
-    print(f"multiple choice: {mcq}, {len(items)} items, {fewshot}-shot, chance {results[0]['mcq']['chance']:.3f}, "
+    print(f"multiple choice: {mcq}, {len(items)} items, {fewshot}-shot, "
+          f"chance {results[0]['mcq']['chance']:.3f}, "
           f"each choice scored after {mcq_template!r} + {mcq_delimiter!r}")
 columns = [cells(r) for r in results]
 table = [[''] + [r['name'] for r in results]]
@@ -232,6 +257,7 @@ for row in table:
     print('  '.join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]))
 
 if json:
-    out = dict(settings=dict(config, device=device, dtype=dtype, prompt_texts=prompt_list), checkpoints=results)
+    out = dict(settings=dict(config, device=device, dtype=dtype, prompt_texts=prompt_list),
+               checkpoints=results)
     files.write_atomic(json, jsonlib.dumps(out, indent=1, ensure_ascii=False))
     print(f"wrote {json}")

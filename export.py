@@ -1,11 +1,14 @@
 """
-Export a model to use it elsewhere: a Hugging Face GPT-2 directory (transformers, lm-evaluation-harness,
-the Hub, anything that reads that format), or our own weights-only file.
+Export a model to use it elsewhere: a Hugging Face GPT-2 directory (transformers,
+lm-evaluation-harness, the Hub, anything that reads that format), or our own weights-only file.
 
-    python export.py --ckpt=best --format=hf --out=hf_model                  # model.safetensors, config, tokenizer, card
+    # model.safetensors, config, tokenizer, card
+    python export.py --ckpt=best --format=hf --out=hf_model
     python export.py --ckpt=best --format=hf --out=hf_model --push_to_hub=USER/NAME
-    python export.py --ckpt=best --out=model.safetensors                     # weights only, for sample.py / train.py
-    python export.py --ckpt=nanogpt:ckpt.pt --format=hf --out=hf_model       # any model train.py can start from
+    # weights only, for sample.py / train.py
+    python export.py --ckpt=best --out=model.safetensors
+    # any model train.py can start from
+    python export.py --ckpt=nanogpt:ckpt.pt --format=hf --out=hf_model
 
 Only the weights are written, never the optimizer state, and nothing existing is overwritten. A LoRA
 checkpoint exports merged: base + adapter folded into plain weights, needing no LoRA at inference.
@@ -29,9 +32,11 @@ sys.excepthook = report  # an Error is one line, 'export.py: error: ...'
 # -----------------------------------------------------------------------------
 out_dir = 'out'
 ckpt = 'best'  # 'best', 'resume', 'latest', 'step_0001000', a path, gpt2, hf:DIR, nanogpt:PATH
-format = 'sturdygpt'  # 'sturdygpt' (our .safetensors, weights only) or 'hf' (a Hugging Face GPT-2 directory)
+# 'sturdygpt' (our .safetensors, weights only) or 'hf' (a Hugging Face GPT-2 directory)
+format = 'sturdygpt'
 out = ''  # the file (sturdygpt) or new directory (hf) to write
-push_to_hub = ''  # with format=hf: also upload the directory to this Hub repo, USER/NAME (HF_TOKEN or `hf auth login`)
+# with format=hf: also upload the directory to this Hub repo (HF_TOKEN or `hf auth login`)
+push_to_hub = ''  # USER/NAME
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
@@ -58,7 +63,8 @@ t0 = time.time()
 if format == 'sturdygpt':
     info = ('tokenizer', 'config', 'data', 'iter_num', 'epoch', 'train_loss', 'val_loss',
             'best_val_loss', 'time')
-    checkpoint.save(out, {'model': model.state_dict(), 'model_args': dataclasses.asdict(model.config),
+    checkpoint.save(out, {'model': model.state_dict(),
+                          'model_args': dataclasses.asdict(model.config),
                           **{k: state[k] for k in info if k in state}})
 else:  # built beside --out and renamed into place: an interrupted export leaves no half directory
     tmp = files.temp_dir(out)
@@ -77,16 +83,18 @@ def size(p):
     return sum(os.path.getsize(f) for f in paths) / 1e6
 
 
-print(f"wrote {out} ({format}, {size(out):.1f} MB) from {path} ({size(path):.1f} MB) in {time.time() - t0:.2f}s")
+print(f"wrote {out} ({format}, {size(out):.1f} MB) from {path} ({size(path):.1f} MB) "
+      f"in {time.time() - t0:.2f}s")
 
 if push_to_hub:
     from huggingface_hub import HfApi
     try:
         api = HfApi()  # token: HF_TOKEN, else the one `hf auth login` saved
         api.create_repo(push_to_hub, exist_ok=True)
-        url = api.upload_folder(repo_id=push_to_hub, folder_path=out, commit_message=f"sturdygpt export of {path}")
+        url = api.upload_folder(repo_id=push_to_hub, folder_path=out,
+                                commit_message=f"sturdygpt export of {path}")
     except Exception as e:  # offline, not logged in, no permission
-        raise Error(f"cannot upload to the Hub ({type(e).__name__}: {oneline(e)[:200]}); the export is "
-                    f"kept in {out}: log in (`hf auth login` or HF_TOKEN=...) and upload it with "
-                    f"`hf upload {push_to_hub} {out}`") from None
+        raise Error(f"cannot upload to the Hub ({type(e).__name__}: {oneline(e)[:200]}); "
+                    f"the export is kept in {out}: log in (`hf auth login` or HF_TOKEN=...) and "
+                    f"upload it with `hf upload {push_to_hub} {out}`") from None
     print(f"uploaded {out} to {url}")

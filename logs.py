@@ -4,7 +4,7 @@ the config asks, and out_dir/summary.json at the end. A record is a dict with 's
 line or eval.
 
     check(config)                           the loggers asked for import, before anything is written
-    Log(config, iter_num, wandb_id, ...)    .write(record), .close(); rank 0's, nothing for the others
+    Log(config, iter_num, wandb_id, ...)    .write(record), .close(); rank 0's, nothing for others
     trim(out_dir, last_iter)                a resumed run's log.jsonl holds each iteration once
     write_summary(out_dir, summary)
 
@@ -21,9 +21,11 @@ from files import write_atomic
 
 # our record keys -> the names wandb and TensorBoard show (nanoGPT's panels: mfu in percent)
 KEYS = {'loss': 'train/loss', 'lr': 'train/lr', 'mfu': 'train/mfu', 'step': 'train/iter',
-        'ms_per_iter': 'train/dt_ms', 'tokens_per_sec': 'train/tokens_per_sec', 'peak_mem_gib': 'train/peak_mem_gib',
+        'ms_per_iter': 'train/dt_ms', 'tokens_per_sec': 'train/tokens_per_sec',
+        'peak_mem_gib': 'train/peak_mem_gib',
         'peak_mem_reserved_gib': 'train/peak_mem_reserved_gib', 'train_loss': 'eval/train_loss',
-        'val_loss': 'eval/val_loss', 'val_ppl': 'eval/val_ppl', **{k: f'eval/{k}' for k in metrics.TRAINING_KEYS}}
+        'val_loss': 'eval/val_loss', 'val_ppl': 'eval/val_ppl',
+        **{k: f'eval/{k}' for k in metrics.TRAINING_KEYS}}
 
 
 def check(config):
@@ -38,39 +40,44 @@ def check(config):
             import wandb
         except ImportError:
             raise Error("wandb_log=True needs wandb: pip install wandb") from None
-        if getattr(wandb, '__file__', None) is None:  # a folder named wandb (its offline runs) stood in for it
-            raise Error(f"wandb_log=True needs wandb: pip install wandb (the folder {list(wandb.__path__)[0]} "
-                           f"holds wandb's runs, it is not the package)")
+        # a folder named wandb (its offline runs) stood in for it
+        if getattr(wandb, '__file__', None) is None:
+            raise Error(f"wandb_log=True needs wandb: pip install wandb "
+                        f"(the folder {list(wandb.__path__)[0]} "
+                        f"holds wandb's runs, it is not the package)")
 
 
 class Log:
-    """Rank 0's logs of one training process (other ranks pass active=False: it then does nothing)."""
+    """Rank 0's logs of one training process (other ranks pass active=False: it then does
+    nothing)."""
 
     def __init__(self, config, iter_num, wandb_id, continuing, active=True):
         """Start wandb and TensorBoard as config asks. A new run whose wandb cannot start (no login,
         no network) is an Error; a run that goes on (a requeue, a reboot) must not stop for its
         logger, so it logs offline with a warning, and `wandb sync` uploads that later."""
-        self.out_dir, self.wandb, self.tb, self.wandb_from, self.error = config['out_dir'], None, None, 0, None
+        self.out_dir, self.wandb, self.tb = config['out_dir'], None, None
+        self.wandb_from, self.error = 0, None
         self.wandb_id = wandb_id  # kept in checkpoints: a resumed run logs into the same wandb run
         if not active:
             return
         if config['wandb_log']:
             import wandb
-            args = dict(project=config['wandb_project'], name=config['wandb_run_name'], config=config, id=wandb_id,
-                        resume='allow')
+            args = dict(project=config['wandb_project'], name=config['wandb_run_name'],
+                        config=config, id=wandb_id, resume='allow')
             try:
                 self.wandb = wandb.init(**args)
             except Exception as e:  # not logged in, or no network
                 why = ' '.join(str(e).split())[:200]
                 if not continuing:
-                    raise Error(f"wandb could not start ({why}); log in with `wandb login` or WANDB_API_KEY, or "
-                                   f"log locally with WANDB_MODE=offline") from None
-                warn(f"wandb could not start ({why}); logging offline instead: `wandb sync` uploads it "
-                     f"into the same run later")
+                    raise Error(f"wandb could not start ({why}); log in with `wandb login` or "
+                                f"WANDB_API_KEY, or log locally with WANDB_MODE=offline") from None
+                warn(f"wandb could not start ({why}); logging offline instead: "
+                     f"`wandb sync` uploads it into the same run later")
                 self.wandb = wandb.init(**args, mode='offline')
             self.wandb_id = self.wandb.id
-            # after a kill -9 the iterations since the checkpoint run again; wandb already has them (the
-            # same numbers on a deterministic run) and refuses steps below its own, so they are not re-sent
+            # after a kill -9 the iterations since the checkpoint run again; wandb already has
+            # them (the same numbers on a deterministic run) and refuses steps below its own, so
+            # they are not re-sent
             self.wandb_from = self.wandb.step
         if config['tensorboard_log']:
             from torch.utils.tensorboard import SummaryWriter
@@ -78,12 +85,14 @@ class Log:
             try:
                 # purge_step: a resumed run hides what a killed process logged after its checkpoint
                 self.tb = SummaryWriter(path, purge_step=iter_num or None, flush_secs=10)
-                self.tb.add_text('config', '\n'.join(f"    {k} = {v!r}" for k, v in config.items()), iter_num)
+                text = '\n'.join(f"    {k} = {v!r}" for k, v in config.items())
+                self.tb.add_text('config', text, iter_num)
             except OSError as e:
                 raise Error(f"cannot write {path}: {oneline(e)}") from None
 
     def write(self, record):
-        """record to log.jsonl, and its numbers to wandb and TensorBoard; a failed write sets .error."""
+        """record to log.jsonl, and its numbers to wandb and TensorBoard; a failed write sets
+        .error."""
         step = record['step']
         scalars = {KEYS[k]: v for k, v in record.items() if k in KEYS and v is not None}
         try:
@@ -107,7 +116,8 @@ class Log:
             try:
                 self.tb.close()
             except OSError as e:
-                raise Error(f"cannot write {os.path.join(self.out_dir, 'tb')}: {oneline(e)}") from None
+                path = os.path.join(self.out_dir, 'tb')
+                raise Error(f"cannot write {path}: {oneline(e)}") from None
 
 
 def trim(out_dir, last_iter):

@@ -1,12 +1,12 @@
 """
 Measuring a model: what evaluate.py prints and what train.py logs at each eval.
 
-    perplexity(model, tokens, tokenizer, stride)      loss, perplexity and bits per byte of a token stream
-    generate_samples(model, tokenizer, prompts, ...)  seeded samples, num_samples per prompt in one batch
-    generation_metrics(samples)                       distinct-1..4, repetition rate, Python validity
-    load_mcq(path), score_mcq(model, tokenizer, items) multiple choice, acc / acc_norm as lm-evaluation-harness
-    training_metrics(...)                             the numbers train.py's eval_mcq / eval_generate log
-    plot_log(log_path, png_path)                      training curves from log.jsonl (needs matplotlib)
+    perplexity(model, tokens, tokenizer, stride)      loss, perplexity and bits per byte of tokens
+    generate_samples(model, tokenizer, prompts, ...)  seeded samples, num_samples per prompt at once
+    generation_metrics(samples)                       distinct-1..4, repetition, Python validity
+    load_mcq(path), score_mcq(model, tokenizer, items) MCQ acc / acc_norm as lm-evaluation-harness
+    training_metrics(...)                             what train.py's eval_mcq / eval_generate log
+    plot_log(log_path, png_path)                      log.jsonl's training curves (needs matplotlib)
 
 Bad input raises an Error, whose text names the file and line. The loops take progress=True for a
 progress bar on a terminal (evaluate.py); by default they are silent (train.py). README.md
@@ -30,7 +30,8 @@ from errors import Error
 from files import not_utf8, read_text
 
 DEFAULT_PROMPTS = ['def add(a, b):', 'class DataLoader:', 'import numpy as np']
-UNIT = re.compile(r'\w+|[^\w\s]|\n')  # the units of distinct-n and repetition: words, symbols, line ends
+# the units of distinct-n and repetition: words, symbols, line ends
+UNIT = re.compile(r'\w+|[^\w\s]|\n')
 KEYWORDS = set(keyword.kwlist)
 TRAINING_KEYS = ('mcq_acc', 'mcq_acc_norm', 'repetition', 'distinct_1', 'distinct_2', 'distinct_3',
                  'distinct_4', 'code_parses', 'code_keywords')  # what training_metrics() returns
@@ -39,9 +40,10 @@ MCQ_DELIMITER = ' '  # the harness's target_delimiter, between the prompt and ea
 
 
 def progress_bar(show, total, desc, unit):
-    """tqdm's bar (count, rate, ETA) on stderr, when show is true and stderr is a terminal: disable=None
-    turns it off for a file or a pipe, where a log wants evaluate.py's one line per finished stage,
-    not redraws joined by carriage returns. leave=False: that line replaces the finished bar."""
+    """tqdm's bar (count, rate, ETA) on stderr, when show is true and stderr is a terminal:
+    disable=None turns it off for a file or a pipe, where a log wants evaluate.py's one line per
+    finished stage, not redraws joined by carriage returns. leave=False: that line replaces the
+    finished bar."""
     return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=None if show else True,
                 file=sys.stderr, dynamic_ncols=True)
 
@@ -49,8 +51,9 @@ def progress_bar(show, total, desc, unit):
 def _nll(model, x, y):
     """Negative log-likelihood (B, T) of targets y after inputs x, 0 where y is -1 (not scored). The
     vocabulary projection runs only at scored positions and without the padding columns (pad_vocab),
-    in row chunks: 64 rows of logits stay in a CPU's cache (2x faster than log_softmax over 2048 rows,
-    see model.CrossEntropy), 4096 on a GPU, and memory stays bounded with GPT-2's 50k vocabulary."""
+    in row chunks: 64 rows of logits stay in a CPU's cache (2x faster than log_softmax over 2048
+    rows, see model.CrossEntropy), 4096 on a GPU, and memory stays bounded with GPT-2's 50k
+    vocabulary."""
     h = model.hidden_states(x)
     mask = y >= 0
     V, rows = model.config.vocab_size, 64 if x.device.type == 'cpu' else 4096
@@ -69,26 +72,31 @@ def _nll(model, x, y):
 
 def encode_docs(tokenizer, texts) -> np.ndarray:
     """Documents as prepare.py stores them: each one's tokens followed by the end-of-text token."""
-    parts = [np.append(ids.astype(np.int64), tokenizer.eot_id) for ids in tokenizer.encode_batch(list(texts))]
+    parts = [np.append(ids.astype(np.int64), tokenizer.eot_id)
+             for ids in tokenizer.encode_batch(list(texts))]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 @torch.inference_mode()
-def perplexity(model, tokens, tokenizer, stride=None, batch_size=16, device='cpu', progress=False) -> dict:
+def perplexity(model, tokens, tokenizer, stride=None, batch_size=16, device='cpu',
+               progress=False) -> dict:
     """Loss on every token of `tokens` (documents each followed by end-of-text, as encode_docs and
     prepare.py make them); the first is predicted from an end-of-text token, as a document start is
     in training. Windows of block_size tokens start `stride` apart (None: block_size, so they do not
     overlap); each scores only the tokens no earlier window scored, so with a stride S < block_size
     every token after the first window has at least block_size - S tokens of context.
-    bits_per_byte: the total loss in bits over the UTF-8 bytes of the text (end-of-text excluded)."""
+    bits_per_byte: the total loss in bits over the UTF-8 bytes of the text (end-of-text
+    excluded)."""
     T = model.config.block_size
     S = stride or T
     if S > T:
-        raise Error(f"stride {S} is larger than the checkpoint's block_size {T}: tokens would be skipped")
+        raise Error(f"stride {S} is larger than the checkpoint's block_size {T}: "
+                    f"tokens would be skipped")
     seq = np.concatenate([[tokenizer.eot_id], np.asarray(tokens, dtype=np.int64)])
     N = len(seq) - 1  # targets seq[1..N]
     text_ids = seq[1:][seq[1:] != tokenizer.eot_id]
-    n_bytes = sum(len(tokenizer.decode_bytes(c)) for c in np.split(text_ids, range(1 << 20, len(text_ids), 1 << 20)))
+    chunks = np.split(text_ids, range(1 << 20, len(text_ids), 1 << 20))
+    n_bytes = sum(len(tokenizer.decode_bytes(c)) for c in chunks)
     if not n_bytes:
         raise Error("no text to score (the text or split is empty)")
     windows, prev = [], 0  # (first input, end, first scored target), in target indices
@@ -103,14 +111,16 @@ def perplexity(model, tokens, tokenizer, stride=None, batch_size=16, device='cpu
         for k in range(0, len(windows), batch_size):
             group = windows[k:k + batch_size]
             x = torch.zeros(len(group), max(e - b for b, e, _ in group), dtype=torch.long)
-            y = torch.full_like(x, -1)  # right padding: causal attention keeps it out of scored positions
+            # right padding: causal attention keeps it out of scored positions
+            y = torch.full_like(x, -1)
             for r, (b, e, first) in enumerate(group):
                 x[r, :e - b] = torch.from_numpy(seq[b:e])
                 y[r, first - b:e - b] = torch.from_numpy(seq[first + 1:e + 1])
             total += _nll(model, x.to(device), y.to(device)).double().sum().item()
             bar.update(len(group))
     loss = total / N
-    return dict(loss=loss, ppl=math.exp(min(loss, 700)), bits_per_byte=total / math.log(2) / n_bytes,
+    return dict(loss=loss, ppl=math.exp(min(loss, 700)),
+                bits_per_byte=total / math.log(2) / n_bytes,
                 tokens=N, bytes=n_bytes, windows=len(windows), block_size=T, stride=S)
 
 # -----------------------------------------------------------------------------
@@ -128,9 +138,11 @@ def load_prompts(path=None) -> list:
             try:
                 line = json.loads(line)
             except ValueError as e:
-                raise Error(f"{path}, line {n}: a line starting with a quote must be a JSON string ({e})") from None
+                raise Error(f"{path}, line {n}: a line starting with a quote must be "
+                            f"a JSON string ({e})") from None
             if not isinstance(line, str) or not_utf8(line):  # "\ud800": JSON, but no text
-                raise Error(f"{path}, line {n}: a line starting with a quote must be a JSON string of text")
+                raise Error(f"{path}, line {n}: a line starting with a quote must be "
+                            f"a JSON string of text")
         if line.strip():
             prompts.append(line)
     if not prompts:
@@ -152,12 +164,14 @@ def generate_samples(model, tokenizer, prompts, num_samples=5, max_new_tokens=20
             x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
             gen = torch.Generator(device=device).manual_seed(seed + i)
             new = []  # model.generate, a step at a time for the progress bar: the same tokens
-            for step in model.generate_stream(x, max_new_tokens, temperature, top_k, top_p, generator=gen):
+            for step in model.generate_stream(x, max_new_tokens, temperature, top_k, top_p,
+                                              generator=gen):
                 new.append(step)
                 bar.update(1)
             for row in torch.cat([x] + new, dim=1)[:, len(ids):].tolist():
                 end = row.index(eot) if eot in row else len(row)
-                samples.append(dict(prompt=prompt, text=tokenizer.decode(row[:end]), cut_off=eot not in row))
+                samples.append(dict(prompt=prompt, text=tokenizer.decode(row[:end]),
+                                    cut_off=eot not in row))
     return samples
 
 
@@ -169,7 +183,8 @@ def distinct(units_per_sample, n) -> float:
 
 def repeats(units, copies=3, share=0.5) -> bool:
     """True when the sample ends in a loop: its last units are one n-gram (of any length) repeated
-    back to back at least `copies` times, and the repetition covers at least `share` of its units."""
+    back to back at least `copies` times, and the repetition covers at least `share` of its
+    units."""
     N = len(units)
     for p in range(1, N // copies + 1):
         k = 0  # units at the end that equal the unit p before them
@@ -187,7 +202,8 @@ def code_parses(code, cut_off=False, keep_lines=1) -> bool:
     (the prompt's and the first generated one) are never dropped, so a sample cannot pass on its
     prompt alone."""
     lines = code.split('\n')
-    last = max([i for i, line in enumerate(lines) if line[:1].strip() and line[0] not in '#)]}'], default=0)
+    last = max([i for i, line in enumerate(lines)
+                if line[:1].strip() and line[0] not in '#)]}'], default=0)
     stop = max(last, keep_lines) if cut_off else len(lines)
     for k in range(len(lines), stop - 1, -1):
         try:
@@ -209,9 +225,11 @@ def generation_metrics(samples, code=True) -> dict:
     out = {f'distinct_{n}': distinct(units, n) for n in (1, 2, 3, 4)}
     out['repetition'] = float(np.mean([repeats(u) for u in units]))
     if code:
-        out['code_parses'] = float(np.mean([code_parses(s['prompt'] + s['text'], s['cut_off'],
-                                                        s['prompt'].count('\n') + 2) for s in samples]))
-        out['code_keywords'] = float(np.mean([bool(KEYWORDS & set(re.findall(r'\w+', s['text']))) for s in samples]))
+        parses = [code_parses(s['prompt'] + s['text'], s['cut_off'], s['prompt'].count('\n') + 2)
+                  for s in samples]
+        out['code_parses'] = float(np.mean(parses))
+        keywords = [bool(KEYWORDS & set(re.findall(r'\w+', s['text']))) for s in samples]
+        out['code_keywords'] = float(np.mean(keywords))
     return out
 
 # -----------------------------------------------------------------------------
@@ -227,8 +245,8 @@ def template_fields(template) -> set:
                         f"{{question}}, a literal brace {{{{ or }}}}") from None
     fields = {re.match(r'[^.\[]*', name).group() for name in names}
     if not fields or any(f == '' or f.isdigit() for f in fields):
-        raise Error(f"mcq_template {template!r} must name the item's fields, e.g. '{{question}}' or "
-                        f"'Question: {{question}}\\nAnswer:'")
+        raise Error(f"mcq_template {template!r} must name the item's fields, "
+                    f"e.g. '{{question}}' or 'Question: {{question}}\\nAnswer:'")
     return fields
 
 
@@ -237,15 +255,17 @@ def fill(template, item, where='an item') -> str:
     try:
         return template.format(**item)
     except KeyError as e:
-        raise Error(f"{where}: mcq_template {template!r} names the field {e.args[0]!r}, which this item "
-                        f"lacks (it has {', '.join(item)})") from None
+        raise Error(f"{where}: mcq_template {template!r} names the field {e.args[0]!r}, "
+                    f"which this item lacks (it has {', '.join(item)})") from None
     except (IndexError, AttributeError, ValueError, TypeError) as e:
-        raise Error(f"{where}: mcq_template {template!r} does not fit this item ({type(e).__name__}: {e})") from None
+        raise Error(f"{where}: mcq_template {template!r} does not fit this item "
+                    f"({type(e).__name__}: {e})") from None
 
 
 def _mcq_item(obj, where, template=MCQ_TEMPLATE):
-    """{question, choices, answer (0-based)} from one JSONL record in either format, plus the record's
-    other fields that the template names (checked here, so a bad template fails before any model)."""
+    """{question, choices, answer (0-based)} from one JSONL record in either format, plus the
+    record's other fields that the template names (checked here, so a bad template fails before
+    any model)."""
     if not isinstance(obj, dict) or not isinstance(obj.get('question'), str):
         raise Error(f'{where}: expected a JSON object with a "question" string')
     letters = string.ascii_uppercase
@@ -274,19 +294,21 @@ def _mcq_item(obj, where, template=MCQ_TEMPLATE):
     else:
         raise Error(f'{where}: "answer" must be a letter or a {base}-based index, got {answer!r}')
     if not 0 <= index < len(choices):
-        raise Error(f'{where}: answer {obj.get("answer")!r} is out of range for {len(choices)} choices '
-                        f'({"0-based with a choices list" if base == 0 else "1-based with A, B, ..."})')
+        convention = "0-based with a choices list" if base == 0 else "1-based with A, B, ..."
+        raise Error(f'{where}: answer {obj.get("answer")!r} is out of range for '
+                    f'{len(choices)} choices ({convention})')
     item = dict(question=obj['question'], choices=[str(c) for c in choices], answer=index)
     item.update({f: obj[f] for f in template_fields(template) if f not in item and f in obj})
-    fill(template, {**obj, **item}, where)  # names a field the record lacks, or does not fit it: say so now
+    # names a field the record lacks, or does not fit it: say so now
+    fill(template, {**obj, **item}, where)
     return item
 
 
 def load_mcq(path, template=MCQ_TEMPLATE) -> list:
-    """The items of a JSONL exam, one per line: {"question", "choices": [...], "answer": 0-based index
-    or letter} (MMLU exports) or {"question", "A", "B", ..., "answer": 1-based index or letter}
-    (KorMedMCQA); blank lines are skipped. Each item also keeps the record's fields that template
-    (an mcq_template) names, and Error says which line lacks one."""
+    """The items of a JSONL exam, one per line: {"question", "choices": [...], "answer": 0-based
+    index or letter} (MMLU exports) or {"question", "A", "B", ..., "answer": 1-based index or
+    letter} (KorMedMCQA); blank lines are skipped. Each item also keeps the record's fields that
+    template (an mcq_template) names, and Error says which line lacks one."""
     items = []
     for n, line in enumerate(read_text(path).split('\n'), 1):
         if not line.strip():
@@ -296,7 +318,8 @@ def load_mcq(path, template=MCQ_TEMPLATE) -> list:
         except ValueError as e:
             raise Error(f"{path}, line {n}: not valid JSON ({e})") from None
         if not_utf8(json.dumps(obj, ensure_ascii=False)):
-            raise Error(f"{path}, line {n}: an escape like \"\\ud800\" stands for no text (a lone surrogate)")
+            raise Error(f"{path}, line {n}: an escape like \"\\ud800\" stands for no text "
+                        f"(a lone surrogate)")
         items.append(_mcq_item(obj, f"{path}, line {n}", template))
     if not items:
         raise Error(f"{path} holds no questions (one JSON object per line)")
@@ -308,21 +331,22 @@ def mcq_context(item, shots=(), template=MCQ_TEMPLATE, delimiter=MCQ_DELIMITER) 
     doc_to_text) + delimiter (target_delimiter) + its right choice, followed by a blank line (the
     fewshot_delimiter), then the item as template. The default gives 'Question: ...\\nAnswer:';
     '{question}' gives a cloze task's raw text (HellaSwag, LAMBADA, ARC-style completions)."""
-    solved = ''.join(fill(template, s) + delimiter + s['choices'][s['answer']] + '\n\n' for s in shots)
+    solved = ''.join(fill(template, s) + delimiter + s['choices'][s['answer']] + '\n\n'
+                     for s in shots)
     return solved + fill(template, item)
 
 
 @torch.inference_mode()
 def score_mcq(model, tokenizer, items, shots=(), batch_size=32, device='cpu', template=MCQ_TEMPLATE,
               delimiter=MCQ_DELIMITER, progress=False) -> dict:
-    """acc and acc_norm as lm-evaluation-harness defines them for multiple_choice tasks: every choice
-    is scored by the log-likelihood of delimiter + choice after mcq_context(item, shots, template,
-    delimiter); acc takes the highest, acc_norm the highest divided by len(choice) in characters (the
-    delimiter not counted). Prompt and choice tokens split as in the harness (_encode_pair): trailing
-    whitespace of the prompt moves to the choice, the prompt is encoded alone and with the choice,
-    and the choice's tokens are those after the prompt's count (an empty prompt is the end-of-text
-    token); too long a row loses tokens on the left. Each (item, choice) is one row; rows go longest
-    first, batch_size to a forward, right-padded."""
+    """acc and acc_norm as lm-evaluation-harness defines them for multiple_choice tasks: every
+    choice is scored by the log-likelihood of delimiter + choice after mcq_context(item, shots,
+    template, delimiter); acc takes the highest, acc_norm the highest divided by len(choice) in
+    characters (the delimiter not counted). Prompt and choice tokens split as in the harness
+    (_encode_pair): trailing whitespace of the prompt moves to the choice, the prompt is encoded
+    alone and with the choice, and the choice's tokens are those after the prompt's count (an empty
+    prompt is the end-of-text token); too long a row loses tokens on the left. Each (item, choice)
+    is one row; rows go longest first, batch_size to a forward, right-padded."""
     T = model.config.block_size
     rows = []  # (tokens, number of scored tokens at the end)
     for item in items:
@@ -351,11 +375,14 @@ def score_mcq(model, tokenizer, items, shots=(), batch_size=32, device='cpu', te
     for item in items:
         lls = ll[start:start + len(item['choices'])]
         start += len(lls)
-        acc.append(np.argmax(lls) == item['answer'])  # argmax: the first of equal scores, as the harness
-        acc_norm.append(np.argmax(lls / np.array([len(c) for c in item['choices']])) == item['answer'])
+        # argmax: the first of equal scores, as the harness
+        acc.append(np.argmax(lls) == item['answer'])
+        lengths = np.array([len(c) for c in item['choices']])
+        acc_norm.append(np.argmax(lls / lengths) == item['answer'])
         per_item.append(lls.tolist())
-    return dict(acc=float(np.mean(acc)), acc_norm=float(np.mean(acc_norm)), correct=int(np.sum(acc)),
-                items=len(items), chance=float(np.mean([1 / len(it['choices']) for it in items])),
+    return dict(acc=float(np.mean(acc)), acc_norm=float(np.mean(acc_norm)),
+                correct=int(np.sum(acc)), items=len(items),
+                chance=float(np.mean([1 / len(it['choices']) for it in items])),
                 loglikelihoods=per_item)
 
 
@@ -366,21 +393,24 @@ def training_metrics(model, tokenizer, mcq_items=None, prompts=None, seed=1337, 
     settings. Silent (no progress bars). Call with the model in eval mode."""
     out = {}
     if mcq_items:
-        mcq = score_mcq(model, tokenizer, mcq_items, device=device, template=mcq_template, delimiter=mcq_delimiter)
+        mcq = score_mcq(model, tokenizer, mcq_items, device=device, template=mcq_template,
+                        delimiter=mcq_delimiter)
         out.update(mcq_acc=mcq['acc'], mcq_acc_norm=mcq['acc_norm'])
     if prompts:
-        out.update(generation_metrics(generate_samples(model, tokenizer, prompts, seed=seed, device=device)))
+        samples = generate_samples(model, tokenizer, prompts, seed=seed, device=device)
+        out.update(generation_metrics(samples))
     return out
 
 # -----------------------------------------------------------------------------
 # training curves
 
-PLOTTED = ('loss', 'lr', 'tokens_per_sec', 'train_loss', 'val_loss') + TRAINING_KEYS  # what plot_log draws
+# what plot_log draws
+PLOTTED = ('loss', 'lr', 'tokens_per_sec', 'train_loss', 'val_loss') + TRAINING_KEYS
 
 
 def read_log(path) -> list:
-    """The entries of train.py's log.jsonl: JSON objects with a "step" count, whose PLOTTED values are
-    numbers or null; Error naming the first line that is not one."""
+    """The entries of train.py's log.jsonl: JSON objects with a "step" count, whose PLOTTED values
+    are numbers or null; Error naming the first line that is not one."""
     entries = []
     for n, line in enumerate(read_text(path).split('\n'), 1):
         if not line.strip():
@@ -391,9 +421,12 @@ def read_log(path) -> list:
             raise Error(f"{path}, line {n}: not valid JSON (a torn last line? remove it)") from None
         step = e.get('step') if isinstance(e, dict) else None
         if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
-            raise Error(f"{path}, line {n}: not a record of train.py's (a JSON object with a \"step\" count)")
+            raise Error(f"{path}, line {n}: not a record of train.py's "
+                        f"(a JSON object with a \"step\" count)")
         for key in PLOTTED:
-            if e.get(key) is not None and not (isinstance(e[key], (int, float)) and not isinstance(e[key], bool)):
+            value = e.get(key)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if value is not None and not number:
                 raise Error(f"{path}, line {n}: {key}={e[key]!r} is not a number")
         entries.append(e)
     return entries
@@ -414,8 +447,9 @@ def plot_log(log_path, png_path) -> None:
     formats = plt.figure().canvas.get_supported_filetypes()
     plt.close('all')
     if fmt not in formats:
-        raise Error(f"--plot={png_path}: {'no extension' if not fmt else f'.{fmt} is not an image format'}; "
-                        f"end the name with one of {', '.join('.' + f for f in sorted(formats))}")
+        what = 'no extension' if not fmt else f'.{fmt} is not an image format'
+        raise Error(f"--plot={png_path}: {what}; "
+                    f"end the name with one of {', '.join('.' + f for f in sorted(formats))}")
     train, evals = {}, {}
     for e in read_log(log_path):
         if 'loss' in e:
@@ -430,30 +464,37 @@ def plot_log(log_path, png_path) -> None:
     def series(d, key):
         steps = sorted(s for s in d if d[s].get(key) is not None)
         return steps, [d[s][key] for s in steps]
-    # train loss every log interval: a thin light line; the evals' train and val loss: marked lines in
-    # colours far from it and from each other, drawn on top
-    axes[0].plot(*series(train, 'loss'), label='train loss (per log interval)', color='tab:blue', alpha=0.6, lw=1)
-    axes[0].plot(*series(evals, 'train_loss'), 's--', label='train loss (eval)', color='black', ms=5, lw=1.5)
-    axes[0].plot(*series(evals, 'val_loss'), 'o-', label='val loss (eval)', color='tab:red', ms=5, lw=1.5)
+    # train loss every log interval: a thin light line; the evals' train and val loss: marked lines
+    # in colours far from it and from each other, drawn on top
+    axes[0].plot(*series(train, 'loss'), label='train loss (per log interval)', color='tab:blue',
+                 alpha=0.6, lw=1)
+    axes[0].plot(*series(evals, 'train_loss'), 's--', label='train loss (eval)', color='black',
+                 ms=5, lw=1.5)
+    axes[0].plot(*series(evals, 'val_loss'), 'o-', label='val loss (eval)', color='tab:red',
+                 ms=5, lw=1.5)
     axes[0].set_ylabel('loss (nats / token)')
-    axes[0].legend(loc='upper right', fontsize=9, framealpha=0.9)  # losses fall: that corner is free
+    # losses fall: that corner is free
+    axes[0].legend(loc='upper right', fontsize=9, framealpha=0.9)
     axes[1].plot(*series(train, 'lr'), color='tab:green')
     axes[1].set_ylabel('learning rate')
     axes[1].ticklabel_format(axis='y', style='sci', scilimits=(-3, 3))
     axes[2].plot(*series(train, 'tokens_per_sec'), color='tab:purple')
     axes[2].set_ylabel('tokens / s')
-    # shares are often equal (acc and acc_norm; repetition and code_parses both 0): each later line is
-    # thinner and dashed otherwise, its markers smaller, of another shape and every other one hollow,
-    # so a line drawn later never hides an earlier one
+    # shares are often equal (acc and acc_norm; repetition and code_parses both 0): each later line
+    # is thinner and dashed otherwise, its markers smaller, of another shape and every other one
+    # hollow, so a line drawn later never hides an earlier one
     dashes, markers = ['-', '--', ':', '-.'], 'os^Dv<>ph'
     for i, key in enumerate(extra):
-        axes[-1].plot(*series(evals, key), marker=markers[i % len(markers)], ls=dashes[i % len(dashes)],
-                      ms=11 - i, lw=3.2 - 0.3 * i, mfc='none' if i % 2 else None, mew=1.5, label=key)
+        axes[-1].plot(*series(evals, key), marker=markers[i % len(markers)],
+                      ls=dashes[i % len(dashes)], ms=11 - i, lw=3.2 - 0.3 * i,
+                      mfc='none' if i % 2 else None, mew=1.5, label=key)
     if extra:
         axes[-1].set_ylabel('share (0 to 1)')
         axes[-1].set_ylim(-0.05, 1.05)
-        # below the panel, as wide as it: a legend beside the curves would leave the panels above a blank margin
-        axes[-1].legend(loc='upper center', bbox_to_anchor=(0.5, -0.18), ncol=5, fontsize=9, frameon=False)
+        # below the panel, as wide as it: a legend beside the curves would leave the panels above
+        # a blank margin
+        axes[-1].legend(loc='upper center', bbox_to_anchor=(0.5, -0.18), ncol=5, fontsize=9,
+                        frameon=False)
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].set_title(f"training curves of {log_path}")

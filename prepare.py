@@ -52,16 +52,18 @@ from errors import Error, oneline, report
 
 # -----------------------------------------------------------------------------
 # inputs (string defaults, not None, so that a value is taken as typed: --dataset=2024 is a name)
-input = ''  # a file (.txt, .jsonl, any text) or folder; repeat --input for several; '': this Python's stdlib
+# a file (.txt, .jsonl, any text) or folder; repeat --input for several
+input = ''  # '': this Python's stdlib
 glob = ''  # file name pattern inside folders; '': * (*.py for the stdlib)
 text_key = 'text'  # the JSONL field holding the text
 dataset = ''  # output name: data_dir/NAME; '': stdlib, or the first input's name
 data_dir = 'data'  # root folder of datasets
 tokenizer = 'bpe'  # bpe (train one), gpt2, byte, or a tokenizer.json (or its folder) to reuse
 vocab_size = 8192  # the BPE's vocabulary, end-of-text included (257..65535)
-bpe_train_bytes = 1e8  # train the BPE on a deterministic sample of about this many bytes of the train split
-extend_vocab = None  # with tokenizer=PATH/tokenizer.json: learn this many more BPE merges; base ids stay
-max_docs = None  # keep only the first N documents (files sorted by path, JSONL records in order), for quick runs
+bpe_train_bytes = 1e8  # train the BPE on a deterministic train-split sample of about this size
+extend_vocab = None  # with tokenizer=PATH/tokenizer.json: learn N more BPE merges; base ids stay
+# for quick runs: keep only the first N documents (files sorted by path, JSONL records in order)
+max_docs = None
 val_fraction = 0.05  # share of pieces that go to val
 min_split_tokens = 1025  # fewest tokens per split (block_size + 1)
 strict = False  # abort on a bad file inside a folder instead of skipping it
@@ -88,19 +90,23 @@ def list_sources(roots, glob, exclude):
             st = os.stat(root)
             sources.append((root, os.path.basename(root), True, st.st_size, st.st_mtime_ns))
             continue
-        if os.path.exists(root) and not os.path.isdir(root):  # a FIFO, socket or device: reading would block
+        # a FIFO, socket or device: reading would block
+        if os.path.exists(root) and not os.path.isdir(root):
             raise Error(f"--input={root} is not a regular file or a folder")
         if not os.path.isdir(root):
             raise Error(f"--input={root}: no such file or directory (check the path)")
         found = []
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in exclude]  # .git etc.
-            found += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".") and fnmatch.fnmatch(f, glob)]
+            # .git etc. are not walked
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in exclude]
+            found += [os.path.join(dirpath, f) for f in filenames
+                      if not f.startswith(".") and fnmatch.fnmatch(f, glob)]
         base = os.path.basename(os.path.abspath(root))
         for path in sorted(found):
             st = os.stat(path)
             if stat.S_ISREG(st.st_mode):  # a FIFO or socket would block the read
-                sources.append((path, f"{base}/{os.path.relpath(path, root)}", False, st.st_size, st.st_mtime_ns))
+                sources.append((path, f"{base}/{os.path.relpath(path, root)}", False, st.st_size,
+                                st.st_mtime_ns))
     return sources
 
 
@@ -116,14 +122,17 @@ def read_pieces(path, key, text_key):
                 try:
                     record = json.loads(line)
                 except ValueError as e:
-                    raise BadFile(f"{path}:{lineno}: invalid JSON ({e}); expected one JSON object per line")
+                    raise BadFile(f"{path}:{lineno}: invalid JSON ({e}); "
+                                  f"expected one JSON object per line")
                 text = record.get(text_key) if isinstance(record, dict) else None
                 if not isinstance(text, str):
-                    raise BadFile(f"{path}:{lineno}: no string field {text_key!r} (set --text_key=FIELD)")
+                    raise BadFile(f"{path}:{lineno}: no string field {text_key!r} "
+                                  f"(set --text_key=FIELD)")
                 try:
                     text.encode("utf-8")
                 except UnicodeEncodeError:
-                    raise BadFile(f"{path}:{lineno}: {text_key!r} holds a lone surrogate escape, not text")
+                    raise BadFile(f"{path}:{lineno}: {text_key!r} holds a lone surrogate escape, "
+                                  f"not text")
                 if text:
                     yield f"{key}\0{n}", text, True, len(line)
                 n += 1
@@ -149,7 +158,8 @@ def read_pieces(path, key, text_key):
 
 
 def char_boundary(block):
-    """The last cut in block that does not split a UTF-8 character (for a line longer than a piece)."""
+    """The last cut in block that does not split a UTF-8 character (for a line longer than a
+    piece)."""
     for i in range(1, min(4, len(block)) + 1):
         if block[-i] < 0x80:  # ASCII: a character ends here
             return len(block) - i + 1
@@ -160,7 +170,8 @@ def char_boundary(block):
 
 def piece_hash(key):
     """Two independent uniform numbers in [0, 1) for a piece: its split, and its BPE-sample draw."""
-    h = hashlib.blake2b(key.encode(errors="surrogateescape"), digest_size=16).digest()  # any file name
+    # surrogateescape: any file name
+    h = hashlib.blake2b(key.encode(errors="surrogateescape"), digest_size=16).digest()
     return int.from_bytes(h[:8], "little") / 2**64, int.from_bytes(h[8:], "little") / 2**64
 
 
@@ -172,11 +183,13 @@ def main(argv=None) -> dict:
 
 
 def prepare(args):
-    """Prepare the dataset that args (the resolved config, as attributes) describes; returns its meta.json."""
+    """Prepare the dataset that args (the resolved config, as attributes) describes; returns its
+    meta.json."""
     t0 = time.time()
     # -------------------------------------------------------------------------
     # inputs, settings, and the cache check (stat only, no heavy imports before it)
-    for key in ('extend_vocab', 'max_docs'):  # None defaults take any value: these must be whole numbers
+    # None defaults take any value: these must be whole numbers
+    for key in ('extend_vocab', 'max_docs'):
         value = getattr(args, key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise Error(f"--{key}={value!r} must be a whole number (e.g. 1000)")
@@ -185,24 +198,35 @@ def prepare(args):
     if any(inputs):
         roots, glob, exclude = inputs, args.glob or "*", ()
     else:
-        roots, glob, exclude = [sysconfig.get_paths()["stdlib"]], args.glob or "*.py", STDLIB_EXCLUDE
-    name = args.dataset or (os.path.splitext(os.path.basename(os.path.normpath(roots[0])))[0] if any(inputs) else "stdlib")
+        stdlib = sysconfig.get_paths()["stdlib"]
+        roots, glob, exclude = [stdlib], args.glob or "*.py", STDLIB_EXCLUDE
+    if args.dataset:
+        name = args.dataset
+    elif any(inputs):
+        name = os.path.splitext(os.path.basename(os.path.normpath(roots[0])))[0]
+    else:
+        name = "stdlib"
     if not name or name.startswith(".") or os.sep in name:
         raise Error(f"--dataset={name!r} is not a plain folder name (e.g. --dataset=mydata)")
     if not 0.0 < args.val_fraction < 1.0:
         raise Error(f"--val_fraction={args.val_fraction} must be between 0 and 1 (e.g. 0.05)")
     if args.bpe_train_bytes < 1:
-        raise Error(f"--bpe_train_bytes={args.bpe_train_bytes} must be at least 1 (default 100000000)")
+        raise Error(f"--bpe_train_bytes={args.bpe_train_bytes} must be at least 1 "
+                    f"(default 100000000)")
     if args.min_split_tokens < 2:
-        raise Error(f"--min_split_tokens={args.min_split_tokens} must be at least 2 (block_size + 1)")
+        raise Error(f"--min_split_tokens={args.min_split_tokens} must be at least 2 "
+                    f"(block_size + 1)")
     if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
         raise Error(f"--data_dir={args.data_dir} is a file, not a folder")
     for root in roots:  # reading a prepared dataset as text would rebuild it from its own files
         folder = os.path.abspath(root)
-        while folder != os.path.dirname(folder) and not os.path.isfile(os.path.join(folder, "meta.json")):
+        while (folder != os.path.dirname(folder)
+               and not os.path.isfile(os.path.join(folder, "meta.json"))):
             folder = os.path.dirname(folder)
-        if os.path.isfile(os.path.join(folder, "meta.json")) and os.path.isfile(os.path.join(folder, "train.bin")):
-            raise Error(f"--input={root} is inside the prepared dataset {folder}; give the corpus it was made from instead")
+        if (os.path.isfile(os.path.join(folder, "meta.json"))
+                and os.path.isfile(os.path.join(folder, "train.bin"))):
+            raise Error(f"--input={root} is inside the prepared dataset {folder}; "
+                        f"give the corpus it was made from instead")
     kind, tokenizer_path = args.tokenizer, None
     if kind not in ds.KINDS:
         tokenizer_path = os.path.join(kind, "tokenizer.json") if os.path.isdir(kind) else kind
@@ -211,48 +235,60 @@ def prepare(args):
                  f"or the path of a tokenizer.json, e.g. data/stdlib/tokenizer.json)")
         kind = "bpe"
     elif kind == "bpe" and not 257 <= args.vocab_size <= np.iinfo(ds.DTYPE).max:
-        raise Error(f"--vocab_size={args.vocab_size} does not fit the uint16 token files (use 257..65535)")
+        raise Error(f"--vocab_size={args.vocab_size} does not fit the uint16 token files "
+                    f"(use 257..65535)")
     if args.extend_vocab is not None and (not tokenizer_path or args.extend_vocab <= 0):
-        raise Error(f"--extend_vocab={args.extend_vocab} needs a positive number of new tokens and "
-             f"--tokenizer=PATH/tokenizer.json, the base to extend (e.g. --tokenizer=data/stdlib/tokenizer.json)")
+        raise Error(f"--extend_vocab={args.extend_vocab} needs a positive number of new tokens "
+                    f"and --tokenizer=PATH/tokenizer.json, the base to extend "
+                    f"(e.g. --tokenizer=data/stdlib/tokenizer.json)")
     if args.max_docs is not None and args.max_docs <= 0:
-        raise Error(f"--max_docs={args.max_docs} must be a positive number of documents (e.g. 1000)")
+        raise Error(f"--max_docs={args.max_docs} must be a positive number of documents "
+                    f"(e.g. 1000)")
 
     sources = list_sources(roots, glob, exclude)
     if not sources:
-        raise Error(f"no input files in {', '.join(roots)} match --glob={glob} (check --input/--glob)")
+        raise Error(f"no input files in {', '.join(roots)} match --glob={glob} "
+                    f"(check --input/--glob)")
     total_bytes = sum(s[3] for s in sources)
-    listing = "".join(f"{os.path.abspath(p)}\t{size}\t{mtime}\n" for p, _, _, size, mtime in sources)
-    inputs_fingerprint = hashlib.sha256(listing.encode(errors="surrogateescape")).hexdigest()  # stat only: fast
+    listing = "".join(f"{os.path.abspath(p)}\t{size}\t{mtime}\n"
+                      for p, _, _, size, mtime in sources)
+    # stat only: fast
+    inputs_fingerprint = hashlib.sha256(listing.encode(errors="surrogateescape")).hexdigest()
     settings = dict(format_version=ds.FORMAT_VERSION, inputs=[os.path.abspath(r) for r in roots],
-                    glob=glob, exclude=list(exclude), text_key=args.text_key, tokenizer=args.tokenizer,
-                    val_fraction=args.val_fraction, piece_bytes=PIECE_BYTES)
+                    glob=glob, exclude=list(exclude), text_key=args.text_key,
+                    tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+                    piece_bytes=PIECE_BYTES)
     if tokenizer_path:
         with open(tokenizer_path, "rb") as f:
-            settings["tokenizer"] = f"{os.path.abspath(tokenizer_path)} sha256:{hashlib.sha256(f.read()).hexdigest()}"
+            digest = hashlib.sha256(f.read()).hexdigest()
+            settings["tokenizer"] = f"{os.path.abspath(tokenizer_path)} sha256:{digest}"
     elif kind == "bpe":
         settings.update(vocab_size=args.vocab_size, bpe_train_bytes=args.bpe_train_bytes)
-    if args.extend_vocab:  # set only when used: datasets prepared before these flags keep their cache key
+    # set only when used: datasets prepared before these flags keep their cache key
+    if args.extend_vocab:
         settings.update(extend_vocab=args.extend_vocab, bpe_train_bytes=args.bpe_train_bytes)
     if args.max_docs:
         settings.update(max_docs=args.max_docs)
 
     out_dir = os.path.join(args.data_dir, name)
     for root in roots:
-        if os.path.commonpath([os.path.abspath(root), os.path.abspath(out_dir)]) == os.path.abspath(root):
+        root_path = os.path.abspath(root)
+        if os.path.commonpath([root_path, os.path.abspath(out_dir)]) == root_path:
             raise Error(f"--input={root} contains the output folder {out_dir}; "
                  f"keep the corpus and --data_dir apart")
     cap = f", keeping the first {args.max_docs} documents" if args.max_docs else ""
-    print(f"prepare: dataset {name}: {len(sources)} files, {total_bytes / 1e6:.1f} MB{cap} -> {out_dir} "
-          f"(tokenizer {args.tokenizer})")
+    print(f"prepare: dataset {name}: {len(sources)} files, {total_bytes / 1e6:.1f} MB{cap} "
+          f"-> {out_dir} (tokenizer {args.tokenizer})")
     try:
         old = ds.read_meta(out_dir)
     except Error:
         old = None  # missing, damaged or an older format: build it
-    if (old and not args.force and old["settings"] == settings and old["inputs_fingerprint"] == inputs_fingerprint
+    if (old and not args.force and old["settings"] == settings
+            and old["inputs_fingerprint"] == inputs_fingerprint
             and not (args.strict and old["inputs"]["skipped"])
             and min(s["tokens"] for s in old["splits"].values()) >= args.min_split_tokens):
-        print(f"prepare: {out_dir} is up to date, reused it (inputs and settings unchanged; --force rebuilds)")
+        print(f"prepare: {out_dir} is up to date, reused it "
+              f"(inputs and settings unchanged; --force rebuilds)")
         return old
 
     files.clean_stale(out_dir)
@@ -285,8 +321,11 @@ def prepare(args):
     for reason in skipped[:SHOW_SKIPPED]:
         print(f"prepare: skipped {reason}")
     if len(skipped) > SHOW_SKIPPED:
-        print(f"prepare: skipped ... and {len(skipped) - SHOW_SKIPPED} more (all in {out_dir}/meta.json, inputs.skipped)")
-    trained = f"BPE training {meta['bpe_train_seconds']:.1f}s, " if meta["bpe_train_seconds"] else ""
+        print(f"prepare: skipped ... and {len(skipped) - SHOW_SKIPPED} more "
+              f"(all in {out_dir}/meta.json, inputs.skipped)")
+    trained = ""
+    if meta["bpe_train_seconds"]:
+        trained = f"BPE training {meta['bpe_train_seconds']:.1f}s, "
     read = tr["bytes"] + va["bytes"]  # with max_docs, only what was read, not every matched file
     print(f"prepare: {read / 1e6:.1f} MB in {meta['prepare_seconds']:.1f}s ({trained}encoding "
           f"{meta['encode_seconds']:.1f}s at {meta['encode_mb_per_s']:.1f} MB/s, "
@@ -295,16 +334,19 @@ def prepare(args):
 
 
 def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
-    """Read, tokenize and write everything into tmp_dir; returns meta.json without the cache keys."""
-    # a tokenizer that needs no training loads first: a bad tokenizer.json or an offline gpt2 fails fast
+    """Read, tokenize and write everything into tmp_dir; returns meta.json without the cache
+    keys."""
+    # a tokenizer that needs no training loads first: a bad tokenizer.json or an offline gpt2
+    # fails fast
     state = None
     if tokenizer_path:
         with open(tokenizer_path, "rb") as f:
             state = ds.make_state("bpe", f.read().decode("utf-8", errors="replace"), tokenizer_path)
         if args.extend_vocab and state["vocab_size"] + args.extend_vocab > np.iinfo(ds.DTYPE).max:
-            raise Error(f"--extend_vocab={args.extend_vocab} on {tokenizer_path}'s {state['vocab_size']} "
-                 f"tokens makes more than 65535, which the uint16 token files cannot hold (use at most "
-                 f"--extend_vocab={np.iinfo(ds.DTYPE).max - state['vocab_size']})")
+            raise Error(f"--extend_vocab={args.extend_vocab} on {tokenizer_path}'s "
+                        f"{state['vocab_size']} tokens makes more than 65535, which the uint16 "
+                        f"token files cannot hold (use at most "
+                        f"--extend_vocab={np.iinfo(ds.DTYPE).max - state['vocab_size']})")
     elif kind != "bpe":
         state = ds.make_state(kind)
 
@@ -312,7 +354,8 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
     # pass 1: read every document once before writing anything, so that bad files fail or are
     # skipped up front, and so a split that the hash leaves empty can get one piece anyway
     skipped, counts, lowest, highest, good, docs, total_bytes = {}, [0, 0], None, None, [], 0, 0
-    with bar("reading", None if args.max_docs else sum(s[3] for s in sources)) as reading:  # max_docs: no total
+    # max_docs: no total
+    with bar("reading", None if args.max_docs else sum(s[3] for s in sources)) as reading:
         for source in sources:
             path, key, explicit, _, _ = source
             if docs == args.max_docs:
@@ -329,7 +372,8 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
                         break
             except BadFile as e:
                 if explicit or args.strict:
-                    fix = "fix or remove it" if explicit else "fix or remove it, or drop --strict to skip it"
+                    fix = ("fix or remove it" if explicit
+                           else "fix or remove it, or drop --strict to skip it")
                     raise Error(f"{e} ({fix})")
                 skipped[path] = str(e)
                 continue
@@ -339,7 +383,9 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
             good.append(source)
             docs, total_bytes = docs + file_docs, total_bytes + file_bytes
     if not lowest:
-        why = f"all {len(skipped)} files were skipped, e.g. {next(iter(skipped.values()))}" if skipped else "it is empty"
+        why = "it is empty"
+        if skipped:
+            why = f"all {len(skipped)} files were skipped, e.g. {next(iter(skipped.values()))}"
         raise Error(f"no text to prepare: {why} (check --input, --glob and --text_key)")
     force_val = lowest[1] if counts[1] == 0 else None     # the hash sent nothing to val
     force_train = highest[1] if counts[0] == 0 else None  # ... or everything
@@ -350,7 +396,8 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
         for path, key, _, _, _ in good:
             for piece_key, text, end, nbytes in read_pieces(path, key, args.text_key):
                 u, v = piece_hash(piece_key)
-                is_val = (u < args.val_fraction or piece_key == force_val) and piece_key != force_train
+                is_val = ((u < args.val_fraction or piece_key == force_val)
+                          and piece_key != force_train)
                 yield is_val, text, end, nbytes, v
                 docs += end
                 if docs == args.max_docs:
@@ -373,19 +420,23 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
     sample_mb = min(args.bpe_train_bytes, train_bytes) / 1e6
     if args.extend_vocab:
         base = state
-        print(f"prepare: extending {tokenizer_path} ({base['vocab_size']} tokens) by {args.extend_vocab} BPE merges "
-              f"learned on {sample_mb:.1f} MB of the train split")
-        with bar("counting words", total_bytes) as counting:  # the merges after it take far less time
-            json_text = ds.extend_bpe(base["json"], sample(counting), args.extend_vocab, tokenizer_path)
+        print(f"prepare: extending {tokenizer_path} ({base['vocab_size']} tokens) "
+              f"by {args.extend_vocab} BPE merges learned on {sample_mb:.1f} MB of the train split")
+        # the merges after it take far less time
+        with bar("counting words", total_bytes) as counting:
+            json_text = ds.extend_bpe(base["json"], sample(counting), args.extend_vocab,
+                                      tokenizer_path)
         state = ds.make_state("bpe", json_text)
         state["extends"] = {"fingerprint": base["fingerprint"], "vocab_size": base["vocab_size"]}
         if state["vocab_size"] < base["vocab_size"] + args.extend_vocab:
-            print(f"prepare: learned only {state['vocab_size'] - base['vocab_size']} merges: the sample has no "
-                  f"more pairs to merge")
+            print(f"prepare: learned only {state['vocab_size'] - base['vocab_size']} merges: "
+                  f"the sample has no more pairs to merge")
     elif trained:
-        print(f"prepare: training a {args.vocab_size}-token BPE on {sample_mb:.1f} MB of the train split")
+        print(f"prepare: training a {args.vocab_size}-token BPE on {sample_mb:.1f} MB "
+              f"of the train split")
         result = {}
-        reading = bar("BPE sample", total_bytes)  # then the merges, typically a few seconds, without a bar
+        # then the merges, typically a few seconds, without a bar
+        reading = bar("BPE sample", total_bytes)
 
         def train():
             try:
@@ -393,7 +444,7 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
                 result["json"] = ds.train_bpe(sample(reading), args.vocab_size, show_progress=False)
             except Exception as e:
                 result["error"] = e
-        # train in a daemon thread: Rust holds the main thread otherwise, and Ctrl-C would wait for it
+        # train in a daemon thread: Rust would hold the main thread, and Ctrl-C wait for it
         trainer = threading.Thread(target=train, daemon=True)
         trainer.start()
         trainer.join()
@@ -433,7 +484,8 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     t_enc = time.time()
     files = [open(os.path.join(tmp_dir, f"{s}.bin"), "wb") for s in ds.SPLITS]
-    with files[0], files[1], ThreadPoolExecutor(workers) as pool, bar("encoding", total_bytes) as encoding:
+    with files[0], files[1], ThreadPoolExecutor(workers) as pool, \
+            bar("encoding", total_bytes) as encoding:
         inflight = deque()
         for batch in batches():
             inflight.append((batch, pool.submit(encode, batch)))
@@ -446,12 +498,15 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
 
     small = {s: v["tokens"] for s, v in splits.items() if v["tokens"] < args.min_split_tokens}
     if small:
-        raise Error("corpus too small: " + ", ".join(f"{s} has {n} tokens" for s, n in small.items())
-             + f", each split needs at least --min_split_tokens={args.min_split_tokens} (add more text, "
-             f"or change --val_fraction / --min_split_tokens); {out_dir} was left as it was")
+        raise Error("corpus too small: "
+                    + ", ".join(f"{s} has {n} tokens" for s, n in small.items())
+                    + f", each split needs at least --min_split_tokens={args.min_split_tokens} "
+                    f"(add more text, or change --val_fraction / --min_split_tokens); "
+                    f"{out_dir} was left as it was")
     tokens = sum(v["tokens"] for v in splits.values())
     return dict(format_version=ds.FORMAT_VERSION,
-                tokenizer={k: state[k] for k in ("kind", "fingerprint", "vocab_size", "eot_id", "extends")
+                tokenizer={k: state[k]
+                           for k in ("kind", "fingerprint", "vocab_size", "eot_id", "extends")
                            if k in state},
                 dtype=np.dtype(ds.DTYPE).name, splits=splits,
                 inputs=dict(files=len(sources), bytes=sum(s[3] for s in sources), skipped=skipped),
@@ -461,7 +516,8 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
 
 
 def write(item, files, splits, progress, t_start):
-    """Append one encoded batch to train.bin / val.bin, counting it in splits and on the progress bar."""
+    """Append one encoded batch to train.bin / val.bin, counting it in splits and on the progress
+    bar."""
     batch, future = item
     for f, split, ids in zip(files, ds.SPLITS, future.result()):
         ids.tofile(f)
@@ -473,13 +529,15 @@ def write(item, files, splits, progress, t_start):
         s["bytes"] += nbytes
     progress.update(sum(item[3] for item in batch))
     tokens = sum(s["tokens"] for s in splits.values())
-    progress.set_postfix_str(f"{tokens / 1e6 / max(time.time() - t_start, 1e-9):.2f}M tok/s", refresh=False)
+    rate = tokens / 1e6 / max(time.time() - t_start, 1e-9)
+    progress.set_postfix_str(f"{rate:.2f}M tok/s", refresh=False)
 
 
 def bar(stage, total_bytes):
-    """tqdm's progress bar (bytes, rate, ETA) for a stage, on stderr. Only on a terminal: disable=None
-    turns it off when stderr is a file or a pipe, where a log wants the plain lines this script prints
-    to stdout (what was read, the time each stage took), not redraws joined by carriage returns."""
+    """tqdm's progress bar (bytes, rate, ETA) for a stage, on stderr. Only on a terminal:
+    disable=None turns it off when stderr is a file or a pipe, where a log wants the plain lines
+    this script prints to stdout (what was read, the time each stage took), not redraws joined by
+    carriage returns."""
     return tqdm(total=total_bytes, desc=f"prepare: {stage}", unit="B", unit_scale=True, leave=False,
                 disable=None, file=sys.stderr, dynamic_ncols=True)
 

@@ -5,7 +5,7 @@ Sample from a trained model, streaming the text as it is generated.
     python sample.py --start=FILE:prompt.txt --num_samples=5 --max_new_tokens=500
     python sample.py --ckpt=best --temperature=0.7 --top_k=50 --top_p=0.9 --seed=7
     python sample.py --ckpt=gpt2 --start="The meaning of life"   # or hf:DIR, nanogpt:ckpt.pt
-    python sample.py --interactive              # a prompt per line; ':temperature 0.7' changes a setting
+    python sample.py --interactive              # a prompt per line; ':top_k 50' changes a setting
     python sample.py config/slm.py --start=def  # the run a training config wrote (its out_dir)
 
 The checkpoint carries its tokenizer, so sampling works even after data/ is gone.
@@ -28,7 +28,8 @@ sys.excepthook = report  # an Error is one line, 'sample.py: error: ...'
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'
-ckpt = 'resume'  # 'resume' (the newest valid checkpoint), or 'best', 'latest', 'step_0001000', a path, gpt2, hf:DIR, nanogpt:PATH
+# 'resume': the newest valid checkpoint
+ckpt = 'resume'  # or 'best', 'latest', 'step_0001000', a path, gpt2, hf:DIR, nanogpt:PATH
 start = ''  # the prompt, or FILE:path to read it from a file; empty starts a new document
 num_samples = 3
 max_new_tokens = 300
@@ -37,15 +38,15 @@ top_k = None  # keep only the k most likely tokens
 top_p = 0.95  # nucleus sampling: the smallest set of tokens holding this much probability
 seed = 1337
 stop_at_eot = True  # end a sample at the end-of-text token, as the training documents do
-interactive = False  # read a prompt per line and answer it, keeping the model loaded; Ctrl-D or Ctrl-C leaves
+interactive = False  # answer a prompt per line, keeping the model loaded; Ctrl-D or Ctrl-C leaves
 device = 'auto'
 dtype = 'auto'
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
 # a training config file may be given: its training-only keys are ignored, a typo is still an error
-config, _ = configure(defaults, sys.argv[1:], source=__file__,
-                      ignore=script_keys(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')))
+train_keys = script_keys(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'))
+config, _ = configure(defaults, sys.argv[1:], source=__file__, ignore=train_keys)
 # max_new_tokens: prompt + output are allocated up front (model.generate_stream), 8 bytes a token
 RANGES = dict(num_samples='[1, inf)', max_new_tokens='[0, 1e7]', temperature='[0, inf)',
               top_k='[1, inf)', top_p='(0, 1]', seed='[0, 9223372036854775807]')
@@ -73,10 +74,11 @@ def stream(start, generator):
     x = torch.tensor([prompt[-model.config.block_size:]], dtype=torch.long, device=device)
     for i in range(num_samples):
         sys.stdout.write(start)
-        utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')  # a token may end mid-character
+        # a token may end mid-character
+        utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')
         with ctx:
-            for token in model.generate_stream(x, max_new_tokens, temperature=temperature, top_k=top_k,
-                                               top_p=top_p, generator=generator):
+            for token in model.generate_stream(x, max_new_tokens, temperature=temperature,
+                                               top_k=top_k, top_p=top_p, generator=generator):
                 t = token.item()
                 if t == tokenizer.eot_id and stop_at_eot:
                     break
@@ -101,8 +103,9 @@ except ImportError:
 if hasattr(sys.stdin, 'reconfigure'):  # a TextIOWrapper (always, but for a caller's stand-in)
     sys.stdin.reconfigure(errors='surrogateescape')
 try:
-    print(f"# a prompt per line (end a line with \\ to go on to the next); ':temperature 0.7' sets one of "
-          f"{', '.join(SETTINGS)}; ':' shows them; Ctrl-D or Ctrl-C leaves", file=sys.stderr)
+    print(f"# a prompt per line (end a line with \\ to go on to the next); "
+          f"':temperature 0.7' sets one of {', '.join(SETTINGS)}; ':' shows them; "
+          f"Ctrl-D or Ctrl-C leaves", file=sys.stderr)
     while True:
         line = input('> ')
         while line.endswith('\\'):
@@ -110,14 +113,15 @@ try:
         if not line.strip():
             continue
         if not_utf8(line):
-            print("sample.py: error: that line is not valid UTF-8 text (set your terminal to UTF-8); "
-                  "it was skipped", file=sys.stderr)
+            print("sample.py: error: that line is not valid UTF-8 text "
+                  "(set your terminal to UTF-8); it was skipped", file=sys.stderr)
             continue
         if line.startswith(':'):
             key, _, value = line[1:].strip().partition(' ')
             try:
                 if key:
-                    new, _ = configure({k: defaults[k] for k in SETTINGS}, [f'--{key}={value.strip()}'])
+                    new, _ = configure({k: defaults[k] for k in SETTINGS},
+                                       [f'--{key}={value.strip()}'])
                     check_ranges(new, RANGES)  # the other keys are at their (valid) defaults
                     if isinstance(new[key], str):  # top_k's default is None, which takes any value
                         raise Error(f"{key} must be a number, got {value.strip()!r}")
