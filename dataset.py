@@ -6,6 +6,10 @@ A dataset is a folder data/<name>/ holding
     train.bin, val.bin   raw uint16 token ids, no header (np.memmap-able)
     meta.json            format version, tokenizer, token/document counts, inputs and settings
     tokenizer.json       the byte-level BPE (only for tokenizer kind "bpe")
+and, for data with tokens that do not train (question/answer records: meta.json's "flagged"),
+    train.mask, val.mask one uint8 a token: 1 where it trains (answers), 0 where not (prompts)
+    train.idx, val.idx   uint64 offset of each example's first token (a record, or a piece of a
+                         text file), so that training packs whole examples into windows
 
 Tokenizer kinds: "bpe" (a byte-level BPE trained by prepare.py, or a base one that extend_bpe grew
 by more merges, stored as HF tokenizers' tokenizer.json), "gpt2" (tiktoken's GPT-2 encoding) and
@@ -15,6 +19,7 @@ faster than HF's encoder.
 import functools
 import hashlib
 import json
+import math
 import os
 
 import numpy as np
@@ -65,15 +70,22 @@ def read_meta(data_dir) -> dict:
                            f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
     for split in SPLITS:
         p = os.path.join(data_dir, f"{split}.bin")
-        size = os.path.getsize(p) if os.path.exists(p) else -1
         try:
             expected = meta["splits"][split]["tokens"] * np.dtype(DTYPE).itemsize
         except (KeyError, TypeError):
             raise Error(f"{path} lacks the {split} token count "
                         f"(rebuild it: python prepare.py --force ...)") from None
-        if size != expected:
-            raise Error(f"{p} has {size} bytes, meta.json says {expected} "
-                        f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
+        sizes = {p: expected}
+        if meta.get("flagged"):  # a flag per token, an offset per example
+            pieces = meta["splits"][split].get("pieces")
+            sizes[os.path.join(data_dir, f"{split}.mask")] = expected // np.dtype(DTYPE).itemsize
+            pieces = pieces if isinstance(pieces, int) else -1
+            sizes[os.path.join(data_dir, f"{split}.idx")] = 8 * pieces
+        for p, expected in sizes.items():
+            size = os.path.getsize(p) if os.path.exists(p) else -1
+            if size != expected:
+                raise Error(f"{p} has {size} bytes, meta.json says {expected} (the dataset is "
+                            f"damaged; rebuild it: python prepare.py --force ...)")
     return meta
 
 
@@ -92,8 +104,13 @@ def open_split(data_dir, split) -> np.memmap:
 
 
 def tokenizer_state(data_dir) -> dict:
-    """Everything needed to rebuild the dataset's tokenizer, JSON-able (stored in checkpoints)."""
-    state = dict(read_meta(data_dir)["tokenizer"], json=None)
+    """Everything needed to rebuild the dataset's tokenizer, JSON-able (stored in checkpoints),
+    and the template its conversations were rendered with, if it has one (inference renders
+    prompts with it)."""
+    meta = read_meta(data_dir)
+    state = dict(meta["tokenizer"], json=None)
+    if meta.get("template"):
+        state["template"] = meta["template"]
     if state["kind"] == "bpe":
         path = os.path.join(data_dir, "tokenizer.json")
         try:
@@ -108,7 +125,16 @@ def tokenizer_state(data_dir) -> dict:
                         f"(the dataset is damaged; rebuild it: python prepare.py --force ...)")
     return state
 
-def check_fits(state, source, data_dir, tokenizer, meta, new_run) -> None:
+def mixture_fingerprint(datasets) -> str:
+    """Identity of a mixture's token streams ([(meta, weight)]): one dataset's own fingerprint, as
+    before mixtures existed, or each one's with its weight."""
+    if len(datasets) == 1:
+        return fingerprint(datasets[0][0])
+    key = json.dumps([[fingerprint(meta), weight] for meta, weight in datasets])
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def check_fits(state, source, data_dir, tokenizer, data_fingerprint, new_run) -> None:
     """Error unless a checkpoint state fits this dataset: its tokenizer, or for a new run from its
     weights also one that extends it (prepare.py --extend_vocab); and, to continue its run, the
     same data. The error says what differs and what to do."""
@@ -124,7 +150,7 @@ def check_fits(state, source, data_dir, tokenizer, meta, new_run) -> None:
                     f"{tokenizer['fingerprint'][:12]}); prepare the data with the checkpoint's "
                     f"tokenizer (prepare.py --tokenizer={bpe if kind == 'bpe' else kind}, "
                     f"optionally --extend_vocab=N)")
-    if not new_run and state["data"]["fingerprint"] != fingerprint(meta):
+    if not new_run and state["data"]["fingerprint"] != data_fingerprint:
         raise Error(f"{source} was trained on other data than {data_dir} "
                     f"(dataset '{state['data']['dataset']}' changed or differs); "
                     f"to start a new run from its weights on this data add --reset_state=True")
@@ -134,23 +160,254 @@ def check_fits(state, source, data_dir, tokenizer, meta, new_run) -> None:
 # order that is a function of (seed, epoch); the position (epoch, index) is global, so any number
 # of ranks agree on it, and a checkpoint that holds it resumes with the very next batch
 
-@functools.lru_cache(maxsize=1)  # the current epoch's permutation only
-def epoch_order(seed, epoch, n_windows) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n_windows)
+@functools.lru_cache(maxsize=8)  # the current epoch's permutation of each dataset of a mixture
+def epoch_order(seed, epoch, n_windows, dataset=0) -> np.ndarray:
+    key = [seed, epoch, dataset] if dataset else [seed, epoch]  # the first: as before mixtures
+    return np.random.default_rng(key).permutation(n_windows)
 
 
-def next_windows(pos, count, n_windows, seed):
-    """The next `count` window indices from position pos = (epoch, index), and the position after
-    them."""
+def next_windows(pos, count, n_windows, seed, dataset=0):
+    """The next `count` window indices of a mixture's dataset'th dataset from its position pos =
+    (epoch, index), and the position after them."""
     epoch, index = pos
     out = []
     while count:
         take = min(count, n_windows - index)
-        out.append(epoch_order(seed, epoch, n_windows)[index:index + take])
+        out.append(epoch_order(seed, epoch, n_windows, dataset)[index:index + take])
         count, index = count - take, index + take
         if index == n_windows:
             epoch, index = epoch + 1, 0
-    return np.concatenate(out), (epoch, index)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64), (epoch, index)
+
+# -----------------------------------------------------------------------------
+# question/answer records: a record is segments of text, each trained or not; conversations are
+# rendered with a template recorded in meta.json, so inference renders a prompt the same way
+
+ROLES = ("system", "user", "assistant")
+# role prefixes on their own lines; an assistant turn ends with the end-of-text token (trained)
+TEMPLATE = {"system": "System:\n{content}\n", "user": "User:\n{content}\n",
+            "assistant": "Assistant:\n{content}"}
+KEYS = ("text_key", "prompt_key", "completion_key", "messages_key")  # prepare.py's record fields
+
+
+def read_template(spec) -> dict:
+    """prepare.py's --template: '' for TEMPLATE, else a JSON file or JSON text {role: text with
+    {content} once} for each of ROLES; Error when it cannot render."""
+    if not spec:
+        return dict(TEMPLATE)
+    text = files.read_text(spec, "template file") if os.path.isfile(spec) else spec
+    try:
+        template = json.loads(text)
+    except ValueError as e:
+        raise Error(f"--template={spec}: neither a JSON file nor JSON text ({e})") from None
+    if not isinstance(template, dict) or sorted(template) != sorted(ROLES):
+        raise Error(f"--template={spec}: expected an object with exactly the keys "
+                    f"{', '.join(ROLES)}")
+    for role, part in template.items():
+        if not isinstance(part, str) or part.count("{content}") != 1:
+            raise Error(f"--template: the {role} part {part!r} must be text holding {{content}} "
+                        f"once")
+        try:
+            part.format(content="")
+        except (ValueError, IndexError, KeyError) as e:
+            raise Error(f"--template: the {role} part {part!r} cannot render ({e}); a literal "
+                        f"brace is written {{{{ or }}}}") from None
+    return template
+
+
+def segments(record, keys, template) -> list:
+    """A record's [(text, trained)], text None for the end-of-text token: a conversation
+    ({messages_key: [{role, content}, ...]}) rendered with template, the assistant's contents and
+    the end-of-text after each trained; a pair ({prompt_key, completion_key}) as prompt then
+    completion, the completion trained; a document ({text_key}) all trained. The record's last
+    end-of-text is the document's (the caller's). Error(reason) for anything else."""
+    if not isinstance(record, dict):
+        raise Error(f"expected a JSON object, got {type(record).__name__}")
+    text_key, prompt_key, completion_key, messages_key = (keys[k] for k in KEYS)
+    if messages_key in record:
+        return conversation(record[messages_key], template, f"{messages_key!r}")
+    if prompt_key in record or completion_key in record:
+        pair = [record.get(prompt_key), record.get(completion_key)]
+        for name, value in zip((prompt_key, completion_key), pair):
+            check_text(value, f"{name!r}")
+        return [(pair[0], False), (pair[1], True)]
+    if text_key in record:
+        check_text(record[text_key], f"{text_key!r}", empty=True)
+        return [(record[text_key], True)] if record[text_key] else []
+    raise Error(f"no field {text_key!r} (a document), {prompt_key!r} and {completion_key!r} (a "
+                f"pair) or {messages_key!r} (a conversation); the record has "
+                f"{', '.join(record) or 'none'} (set --text_key, --prompt_key, --completion_key or "
+                f"--messages_key)")
+
+
+def check_text(value, what, empty=False):
+    if not isinstance(value, str):
+        raise Error(f"{what} must be a string, got {type(value).__name__}")
+    if not value and not empty:
+        raise Error(f"{what} is empty")
+    if files.not_utf8(value):
+        raise Error(f"{what} holds a lone surrogate escape, not text")
+
+
+def conversation(messages, template, what, answer=True) -> list:
+    """A conversation's segments (see segments). answer=False renders a prompt for inference: the
+    turns given, then the assistant's prefix (template text before {content}), untrained."""
+    if not isinstance(messages, list) or not messages:
+        raise Error(f"{what} must be a non-empty list of {{role, content}} turns")
+    if answer and not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+        raise Error(f"{what} has no assistant turn: nothing in it would train")
+    out = []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            role = m.get("role") if isinstance(m, dict) else m
+            raise Error(f"{what} turn {k + 1}: role {role!r} is none of {', '.join(ROLES)}")
+        check_text(m.get("content"), f"{what} turn {k + 1} content")
+        before, after = template[m["role"]].split("{content}")
+        if m["role"] != "assistant":
+            out.append((before.format() + m["content"] + after.format(), False))
+            continue
+        out += [(before.format(), False), (m["content"] + after.format(), True)]
+        if k < len(messages) - 1:
+            out.append((None, True))  # the end of a turn; the last one is the document's
+    if answer and messages[-1]["role"] != "assistant":
+        raise Error(f"{what}: the last turn is the {messages[-1]['role']}'s; a conversation ends "
+                    f"with the assistant's, which is what trains")
+    if not answer:
+        out.append((template["assistant"].split("{content}")[0].format(), False))
+    return [(t, trained) for t, trained in out if t != ""]
+
+
+def encode_segments(tokenizer, segs) -> tuple:
+    """(ids, flags) of segments, each encoded on its own (as prepare.py stores them and as
+    inference must encode a prompt: one string could tokenize across a boundary differently)."""
+    texts = [t for t, _ in segs if t is not None]
+    encoded = iter(tokenizer.encode_batch(texts))
+    ids, flags = [], []
+    for text, trained in segs:
+        a = np.array([tokenizer.eot_id], dtype=DTYPE) if text is None else next(encoded)
+        ids.append(a)
+        flags.append(np.full(len(a), trained, dtype=np.uint8))
+    if not ids:
+        return np.zeros(0, DTYPE), np.zeros(0, np.uint8)
+    return np.concatenate(ids), np.concatenate(flags)
+
+
+# -----------------------------------------------------------------------------
+# windows: fixed ones of block_size + 1 tokens for plain text; for flagged data (question/answer),
+# whole examples packed in order, so that no answer is trained without its question in context
+
+def pack(starts, n_tokens, block_size) -> tuple:
+    """(first token, length) of each window of at most block_size + 1 tokens holding whole examples
+    (starts: each example's first token), in order: an example joins the window while it fits.
+    One longer than a window fills windows of its own, block_size apart (its later windows see
+    the rest of it without its beginning); the rest of a window is padding, never a target."""
+    starts = np.asarray(starts, dtype=np.int64)
+    ends = np.append(starts[1:], n_tokens)
+    W, first, length, i = block_size + 1, [], [], 0
+    while i < len(starts):
+        a, end = int(starts[i]), int(ends[i])
+        if end - a > W:
+            cuts = np.arange(a, end - 1, block_size)
+            first += cuts.tolist()
+            length += np.minimum(W, end - cuts).tolist()
+            i += 1
+            continue
+        j = int(np.searchsorted(ends, a + W, side="right"))  # examples i..j-1 end inside
+        first.append(a)
+        length.append(int(ends[j - 1]) - a)
+        i = j
+    return np.array(first, dtype=np.int64), np.array(length, dtype=np.int64)
+
+
+def parse_mixture(spec) -> list:
+    """[(name, weight)] of --dataset: 'name', or 'a:0.8,b:0.2' (weights relative; normalised)."""
+    parts = [p.strip() for p in str(spec).split(",")]
+    out = []
+    for p in parts:
+        name, colon, w = p.partition(":")
+        try:
+            weight = float(w) if colon else 1.0
+        except ValueError:
+            weight = None
+        if not name or weight is None or not math.isfinite(weight) or weight <= 0:
+            raise Error(f"dataset={spec!r}: each part is a name or NAME:WEIGHT with a positive "
+                        f"weight, e.g. kormed_qa:0.8,stdlib:0.2")
+        if name in [n for n, _ in out]:
+            raise Error(f"dataset={spec!r} names {name} twice")
+        out.append((name, weight))
+    total = sum(w for _, w in out)
+    return [(n, w / total) for n, w in out]
+
+
+def mixture_order(positions, sizes, weights, count) -> list:
+    """The dataset of each of the next `count` windows of a mixture: the one furthest behind its
+    share of all windows taken so far (the first of equals). A function of the positions alone
+    ((epoch, index) per dataset, sizes: windows per epoch), so a resumed run continues the order."""
+    taken = [e * n + i for (e, i), n in zip(positions, sizes)]
+    order = []
+    for _ in range(count):
+        total = sum(taken) + 1
+        d = max(range(len(taken)), key=lambda k: weights[k] * total - taken[k])
+        taken[d] += 1
+        order.append(d)
+    return order
+
+
+def open_dataset(data_dir, name, block_size, splits=SPLITS) -> dict:
+    """What training reads of a prepared dataset: {name, path, meta, tokenizer (with the template
+    its conversations were rendered with), and per split: tokens, flags (None: every token
+    trains), windows (first token and length of each, None: fixed windows), n (windows)}."""
+    path = os.path.join(data_dir, name)
+    meta = read_meta(path)
+    out = dict(name=name, path=path, meta=meta, tokenizer=tokenizer_state(path))
+    for split in splits:
+        tokens = open_split(path, split)
+        if len(tokens) < block_size + 1:
+            raise Error(f"{path} {split} split has {len(tokens)} tokens, fewer than "
+                        f"block_size+1={block_size + 1}; use a smaller --block_size or a larger "
+                        f"corpus")
+        part = dict(tokens=tokens, flags=None, windows=None, n=(len(tokens) - 1) // block_size)
+        if meta.get("flagged"):
+            part["flags"] = np.memmap(os.path.join(path, f"{split}.mask"), dtype=np.uint8, mode="r")
+            starts = np.fromfile(os.path.join(path, f"{split}.idx"), dtype=np.uint64)
+            part["windows"] = pack(starts, len(tokens), block_size)
+            part["n"] = len(part["windows"][0])
+        out[split] = part
+    return out
+
+
+def batch(parts, picks, block_size, eot_id, every_token=False) -> tuple:
+    """(xy, trained) for windows picks [(dataset, window)] of parts (each an open_dataset split):
+    xy (B, block_size + 1) token ids, a packed window padded with end-of-text; trained (B,
+    block_size) bool, whether each target counts in the loss: flagged (or, with every_token, any
+    real token), never padding."""
+    xy = np.full((len(picks), block_size + 1), eot_id, dtype=np.int64)
+    trained = np.ones((len(picks), block_size), dtype=bool)
+    for r, (d, w) in enumerate(picks):
+        part = parts[d]
+        if part["windows"] is None:
+            xy[r] = part["tokens"][w * block_size:(w + 1) * block_size + 1]
+            continue
+        a, n = (int(v[w]) for v in part["windows"])
+        xy[r, :n] = part["tokens"][a:a + n]
+        trained[r] = np.arange(1, block_size + 1) < n
+        if not every_token:
+            trained[r, :n - 1] &= part["flags"][a + 1:a + n].astype(bool)
+    return xy, trained
+
+
+def count_trained(parts, picks, block_size, every_token=False) -> int:
+    """The targets of windows picks that count in the loss (as batch() flags them), read off the
+    flags alone: what a training step divides its summed loss by."""
+    total = 0
+    for d, w in picks:
+        part = parts[d]
+        if part["windows"] is None:
+            total += block_size
+            continue
+        a, n = (int(v[w]) for v in part["windows"])
+        total += n - 1 if every_token else int(part["flags"][a + 1:a + n].sum())
+    return total
 
 # -----------------------------------------------------------------------------
 # tokenizers

@@ -26,7 +26,21 @@ vocabulary size, its end-of-text included), so a model trained on the base fine-
 text with its embeddings grown (model.resize_vocab). meta.json records the base under
 tokenizer.extends. --max_docs=N keeps only the first N documents: files in sorted path order,
 JSONL records in file order.
+
+Question/answer data: a JSONL or Parquet record with `prompt` and `completion` (strings) is a pair,
+one with `messages` ([{"role": "system" | "user" | "assistant", "content": ...}, ...]) a
+conversation, rendered with --template (default: role prefixes on their own lines, see
+dataset.TEMPLATE) and recorded in meta.json so that inference renders prompts the same way. Every
+token is flagged trained or not (train.mask, val.mask): a completion, each assistant turn's content
+and the end-of-text after it train, prompts and user / system turns do not; each example's first
+token is in train.idx / val.idx, so training packs whole examples into its windows. A dataset of
+plain documents only has no flags at all. Each segment (a prompt, a role prefix, a content) is
+encoded on its own, as sample.py and evaluate.py encode a prompt.
+
+    python prepare.py --input=qa.jsonl --tokenizer=data/stdlib/tokenizer.json --dataset=qa
+    python prepare.py --input=chat/ --glob='*.parquet' --template=my_template.json
 """
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -55,7 +69,13 @@ from errors import Error, oneline, report
 # a file (.txt, .jsonl, any text) or folder; repeat --input for several
 input = ''  # '': this Python's stdlib
 glob = ''  # file name pattern inside folders; '': * (*.py for the stdlib)
-text_key = 'text'  # the JSONL field holding the text
+text_key = 'text'  # the JSONL / Parquet field holding a document's text
+prompt_key = 'prompt'  # ... a pair's prompt (not trained)
+completion_key = 'completion'  # ... a pair's completion (trained)
+messages_key = 'messages'  # ... a conversation's turns [{role, content}] (the assistant's trained)
+# conversations' template: {"system": ..., "user": ..., "assistant": ...}, each with {content}, as
+# JSON text or a .json file; '': role prefixes on their own lines (dataset.TEMPLATE)
+template = ''
 dataset = ''  # output name: data_dir/NAME; '': stdlib, or the first input's name
 data_dir = 'data'  # root folder of datasets
 tokenizer = 'bpe'  # bpe (train one), gpt2, byte, or a tokenizer.json (or its folder) to reuse
@@ -110,9 +130,14 @@ def list_sources(roots, glob, exclude):
     return sources
 
 
-def read_pieces(path, key, text_key):
-    """Yield (piece key, text, ends_document, source bytes) for one file; raise BadFile if unusable.
-    A .jsonl record is one piece; other files are cut at line ends into pieces of <= PIECE_BYTES."""
+def read_pieces(path, key, fmt):
+    """Yield (piece key, content, ends_document, source bytes) for one file; raise BadFile if
+    unusable. content is text, or a pair's or conversation's segments (dataset.segments). A .jsonl
+    line or a .parquet row is one piece; other files are cut at line ends into pieces of at most
+    PIECE_BYTES. fmt: the record fields (text_key, ...) and the conversations' template."""
+    if path.endswith(".parquet"):
+        yield from read_parquet(path, key, fmt)
+        return
     with open(path, "rb") as f:
         if path.endswith(".jsonl"):
             n = 0
@@ -124,17 +149,9 @@ def read_pieces(path, key, text_key):
                 except ValueError as e:
                     raise BadFile(f"{path}:{lineno}: invalid JSON ({e}); "
                                   f"expected one JSON object per line")
-                text = record.get(text_key) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise BadFile(f"{path}:{lineno}: no string field {text_key!r} "
-                                  f"(set --text_key=FIELD)")
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise BadFile(f"{path}:{lineno}: {text_key!r} holds a lone surrogate escape, "
-                                  f"not text")
-                if text:
-                    yield f"{key}\0{n}", text, True, len(line)
+                content = record_content(record, fmt, f"{path}:{lineno}")
+                if content:
+                    yield f"{key}\0{n}", content, True, len(line)
                 n += 1
             return
         offset, n, rest, pending = 0, 0, b"", None
@@ -155,6 +172,56 @@ def read_pieces(path, key, text_key):
             offset, n = offset + len(piece), n + 1
         if pending:  # the last piece ends the document (an empty file gives no document)
             yield pending[0], pending[1], True, pending[2]
+
+
+def read_parquet(path, key, fmt):
+    """read_pieces of a Parquet file: a row is a record, read a batch of rows at a time and only
+    the columns its format needs, so memory stays bounded whatever the file's size."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise BadFile(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
+    try:
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+    except Exception as e:  # not Parquet, or damaged: pyarrow's own words
+        raise BadFile(f"{path}: not a Parquet file ({oneline(e)})") from None
+    formats = ([fmt["messages_key"]], [fmt["prompt_key"], fmt["completion_key"]], [fmt["text_key"]])
+    columns = next((c for c in formats if set(c) <= set(names)), None)
+    if columns is None:
+        raise BadFile(f"{path}: no column {fmt['text_key']!r}, {fmt['prompt_key']!r} and "
+                      f"{fmt['completion_key']!r}, or {fmt['messages_key']!r} (it has "
+                      f"{', '.join(names)}; set --text_key, --prompt_key, --completion_key or "
+                      f"--messages_key)")
+    n = 0
+    try:
+        for rows in parquet.iter_batches(batch_size=256, columns=columns):
+            for record in rows.to_pylist():
+                content = record_content(record, fmt, f"{path}, row {n + 1}")
+                if content:
+                    yield f"{key}\0{n}", content, True, len(text_of(content).encode())
+                n += 1
+    except BadFile:
+        raise
+    except Exception as e:  # a damaged page, found while reading
+        raise BadFile(f"{path}, row {n + 1}: unreadable Parquet ({oneline(e)})") from None
+
+
+def record_content(record, fmt, where):
+    """A record's text (a document, '' for an empty one), or (kind, segments) of a pair or a
+    conversation; BadFile naming where it is for a record of none of the formats."""
+    try:
+        segments = ds.segments(record, fmt, fmt["template"])
+    except Error as e:
+        raise BadFile(f"{where}: {e}") from None
+    if fmt["messages_key"] in record:
+        return "conversation", segments
+    return ("pair", segments) if fmt["prompt_key"] in record else "".join(t for t, _ in segments)
+
+
+def text_of(content):
+    """A piece's text: a document's, or a pair's or conversation's segments joined."""
+    return content if isinstance(content, str) else "".join(t for t, _ in content[1] if t)
 
 
 def char_boundary(block):
@@ -245,6 +312,9 @@ def prepare(args):
         raise Error(f"--max_docs={args.max_docs} must be a positive number of documents "
                     f"(e.g. 1000)")
 
+    # the record fields and the conversations' template: a template that cannot render, now
+    fmt = {k: getattr(args, k) for k in ds.KEYS}
+    fmt["template"] = ds.read_template(args.template)
     sources = list_sources(roots, glob, exclude)
     if not sources:
         raise Error(f"no input files in {', '.join(roots)} match --glob={glob} "
@@ -269,6 +339,9 @@ def prepare(args):
         settings.update(extend_vocab=args.extend_vocab, bpe_train_bytes=args.bpe_train_bytes)
     if args.max_docs:
         settings.update(max_docs=args.max_docs)
+    settings.update({k: fmt[k] for k in ds.KEYS[1:] if fmt[k] != defaults[k]})
+    if args.template:
+        settings.update(template=fmt["template"])
 
     out_dir = os.path.join(args.data_dir, name)
     for root in roots:
@@ -298,7 +371,7 @@ def prepare(args):
             os.makedirs(tmp_dir)
         except OSError as e:
             raise Error(f"cannot write in --data_dir={args.data_dir}: {oneline(e)}") from None
-        meta = build(args, sources, kind, tokenizer_path, tmp_dir, out_dir)
+        meta = build(args, fmt, sources, kind, tokenizer_path, tmp_dir, out_dir)
         meta.update(dataset=name, inputs_fingerprint=inputs_fingerprint, settings=settings,
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     prepare_seconds=round(time.time() - t0, 3))
@@ -333,7 +406,7 @@ def prepare(args):
     return meta
 
 
-def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
+def build(args, fmt, sources, kind, tokenizer_path, tmp_dir, out_dir):
     """Read, tokenize and write everything into tmp_dir; returns meta.json without the cache
     keys."""
     # a tokenizer that needs no training loads first: a bad tokenizer.json or an offline gpt2
@@ -354,6 +427,7 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
     # pass 1: read every document once before writing anything, so that bad files fail or are
     # skipped up front, and so a split that the hash leaves empty can get one piece anyway
     skipped, counts, lowest, highest, good, docs, total_bytes = {}, [0, 0], None, None, [], 0, 0
+    flagged = conversations = False  # any pair or conversation: flags; any conversation: template
     # max_docs: no total
     with bar("reading", None if args.max_docs else sum(s[3] for s in sources)) as reading:
         for source in sources:
@@ -362,8 +436,10 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
                 break  # --max_docs: the later files are not read at all
             n, low, high, file_docs, file_bytes = [0, 0], None, None, 0, 0
             try:
-                for piece_key, _, end, nbytes in read_pieces(path, key, args.text_key):
+                for piece_key, content, end, nbytes in read_pieces(path, key, fmt):
                     reading.update(nbytes)
+                    flagged |= not isinstance(content, str)
+                    conversations |= content[0] == "conversation"
                     u = (piece_hash(piece_key)[0], piece_key)
                     n[u[0] < args.val_fraction] += 1
                     low, high = min(low or u, u), max(high or u, u)
@@ -394,7 +470,7 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
         """(is_val, text, ends_document, source bytes, bpe sample draw) of every good piece."""
         docs = 0
         for path, key, _, _, _ in good:
-            for piece_key, text, end, nbytes in read_pieces(path, key, args.text_key):
+            for piece_key, text, end, nbytes in read_pieces(path, key, fmt):
                 u, v = piece_hash(piece_key)
                 is_val = ((u < args.val_fraction or piece_key == force_val)
                           and piece_key != force_train)
@@ -416,7 +492,7 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
             if progress is not None:
                 progress.update(nbytes)  # every piece is read to draw the sample
             if not is_val and v < share:
-                yield text
+                yield text_of(text)
     sample_mb = min(args.bpe_train_bytes, train_bytes) / 1e6
     if args.extend_vocab:
         base = state
@@ -463,11 +539,23 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
     eot = np.array([tok.eot_id], dtype=ds.DTYPE)
 
     def encode(batch):  # runs in a worker thread; tiktoken releases the GIL while it encodes
-        ids = tok.encode_batch([text for _, text, _, _, _ in batch])
-        parts = ([], [])
-        for (is_val, _, end, _, _), a in zip(batch, ids):
-            parts[is_val].extend([a, eot] if end else [a])
-        return [np.concatenate(p) if p else eot[:0] for p in parts]
+        """Per split: (ids, flags or None, each piece's token count) of the batch's pieces: a
+        document's text in one piece, a pair's or conversation's segments each on their own."""
+        segs = [[(c, True)] if isinstance(c, str) else c[1] for _, c, _, _, _ in batch]
+        encoded = iter(tok.encode_batch([t for s in segs for t, _ in s if t is not None]))
+        parts = ([], []), ([], [])  # per split: ids and flags arrays
+        lengths = ([], [])
+        for (is_val, _, end, _, _), s in zip(batch, segs):
+            n = 0
+            for text, trained in s + [(None, True)] * end:  # a document ends with end-of-text
+                a = eot if text is None else next(encoded)
+                parts[is_val][0].append(a)
+                parts[is_val][1].append(np.full(len(a), trained, dtype=np.uint8))
+                n += len(a)
+            lengths[is_val].append(n)
+        return [(np.concatenate(ids) if ids else eot[:0],
+                 (np.concatenate(fl) if fl else np.zeros(0, np.uint8)) if flagged else None, n)
+                for (ids, fl), n in zip(parts, lengths)]
 
     def batches():
         batch, size = [], 0
@@ -483,9 +571,13 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
     splits = {s: dict(tokens=0, documents=0, pieces=0, bytes=0) for s in ds.SPLITS}
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     t_enc = time.time()
-    files = [open(os.path.join(tmp_dir, f"{s}.bin"), "wb") for s in ds.SPLITS]
-    with files[0], files[1], ThreadPoolExecutor(workers) as pool, \
+    # per split: .bin, and for flagged data .mask and .idx
+    names = [f"{s}{ext}" for ext in (".bin", ".mask", ".idx")[:1 + 2 * flagged] for s in ds.SPLITS]
+    files = {n: open(os.path.join(tmp_dir, n), "wb") for n in names}
+    with contextlib.ExitStack() as stack, ThreadPoolExecutor(workers) as pool, \
             bar("encoding", total_bytes) as encoding:
+        for f in files.values():
+            stack.enter_context(f)
         inflight = deque()
         for batch in batches():
             inflight.append((batch, pool.submit(encode, batch)))
@@ -504,7 +596,13 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
                     f"(add more text, or change --val_fraction / --min_split_tokens); "
                     f"{out_dir} was left as it was")
     tokens = sum(v["tokens"] for v in splits.values())
+    if flagged:
+        print("prepare: flagged: " + ", ".join(f"{s} {v['trained_tokens']:,} of {v['tokens']:,} "
+                                               f"tokens train" for s, v in splits.items())
+              + (" (conversations rendered with the template in meta.json)" * conversations))
     return dict(format_version=ds.FORMAT_VERSION,
+                **({"flagged": True} if flagged else {}),
+                **({"template": fmt["template"]} if conversations else {}),
                 tokenizer={k: state[k]
                            for k in ("kind", "fingerprint", "vocab_size", "eot_id", "extends")
                            if k in state},
@@ -516,11 +614,17 @@ def build(args, sources, kind, tokenizer_path, tmp_dir, out_dir):
 
 
 def write(item, files, splits, progress, t_start):
-    """Append one encoded batch to train.bin / val.bin, counting it in splits and on the progress
-    bar."""
+    """Append one encoded batch to train.bin / val.bin (and to flagged data's .mask and .idx: its
+    flags, and where each piece begins), counting it in splits and on the progress bar."""
     batch, future = item
-    for f, split, ids in zip(files, ds.SPLITS, future.result()):
-        ids.tofile(f)
+    for split, (ids, flags, lengths) in zip(ds.SPLITS, future.result()):
+        if flags is not None:
+            flags.tofile(files[f"{split}.mask"])
+            ends = splits[split]["tokens"] + np.cumsum(lengths, dtype=np.uint64)
+            (ends - np.asarray(lengths, dtype=np.uint64)).tofile(files[f"{split}.idx"])
+            trained = splits[split].get("trained_tokens", 0)
+            splits[split]["trained_tokens"] = trained + int(flags.sum())
+        ids.tofile(files[f"{split}.bin"])
         splits[split]["tokens"] += len(ids)
     for is_val, text, end, nbytes, _ in batch:
         s = splits[ds.SPLITS[is_val]]
