@@ -1,7 +1,8 @@
 """
 Checkpoints on disk: one verified .safetensors file each, written atomically, kept in tiers in a
-folder: latest (+ latest_backup), best, and numbered ones (step_NNNNNNN, epoch_NNNN). This module knows bytes,
-names and checksums; what a state means (a GPT, a training run) is its callers' business.
+folder: latest (+ latest_backup), best, and numbered ones (step_NNNNNNN, epoch_NNNN). This module
+knows bytes, names and checksums; what a state means (a GPT, a training run) is its callers'
+business.
 
     save(path, state) / load(path)       one file; load() checks a sha256 over all of it
     save_tiers(out_dir, state, names)    serialize once, publish under each tier name, prune
@@ -34,10 +35,12 @@ from safetensors.torch import save_file
 import files
 from errors import Error, oneline
 
-FORMAT = "sturdygpt-checkpoint-2"  # -1: the same, with its metadata under four keys (read, never written)
+FORMAT = "sturdygpt-checkpoint-2"
+# -1: the same, with its metadata under four keys (read, never written)
 READS = (FORMAT, "sturdygpt-checkpoint-1")
 INFO_KEYS = ("iter_num", "epoch", "val_loss", "best_val_loss", "time")  # what read_info() returns
-TIERS = ("step", "epoch")  # numbered tiers: PREFIX_NNNN files, of which save_tiers keeps the newest few
+# numbered tiers: PREFIX_NNNN files, of which save_tiers keeps the newest few
+TIERS = ("step", "epoch")
 NAME = re.compile(rf"(latest|latest_backup|best)|({'|'.join(TIERS)})_(\d+)")
 TMP = re.compile(r"\.ckpt-tmp-(\d+)")  # a saving process's scratch dir
 TENSOR, TUPLE, DICT = "__tensor__", "__tuple__", "__dict__"  # tags in the JSON tree
@@ -48,7 +51,8 @@ TENSOR, TUPLE, DICT = "__tensor__", "__tuple__", "__dict__"  # tags in the JSON 
 
 def flatten(state):
     """Split a state tree into (JSON-able tree, {key: cpu tensor}); tied tensors are stored once."""
-    tensors, views, storages = {}, {}, collections.defaultdict(list)  # storages: the byte areas saved of each
+    # storages: the byte areas saved of each
+    tensors, views, storages = {}, {}, collections.defaultdict(list)
     def walk(x, path):
         sub = lambda k: f"{path}/{k}" if path else str(k)
         if isinstance(x, torch.Tensor):
@@ -57,12 +61,15 @@ def flatten(state):
             x = x.detach()
             storage = (x.device, x.untyped_storage().data_ptr())
             view = storage + (x.storage_offset(), x.shape, x.stride(), x.dtype)
-            if x.numel() and view in views:  # tied weights (wte / lm_head): one copy, one object on load
+            # tied weights (wte / lm_head): one copy, one object on load
+            if x.numel() and view in views:
                 return {TENSOR: views[view]}
             start = x.storage_offset() * x.element_size()
             area = (start, start + x.numel() * x.element_size())
-            if x.numel() and (not x.is_contiguous() or any(a < area[1] and area[0] < b for a, b in storages[storage])):
-                x = x.clone()  # other overlaps: safetensors refuses them (apart views of one buffer are fine)
+            if x.numel() and (not x.is_contiguous()
+                              or any(a < area[1] and area[0] < b for a, b in storages[storage])):
+                # other overlaps: safetensors refuses them (apart views of one buffer are fine)
+                x = x.clone()
             else:
                 storages[storage].append(area)
             key = path
@@ -102,7 +109,8 @@ def _unflatten(x, tensors):
     return x
 
 def digest(meta, tensors) -> str:
-    """The sha256 a file's metadata (its "checksum") holds: over the header's fields and every tensor's bytes."""
+    """The sha256 a file's metadata (its "checksum") holds: over the header's fields and every
+    tensor's bytes."""
     h = hashlib.sha256()
     for k in ("format", "info", "state"):
         h.update(meta[k].encode() + b"\0")
@@ -117,9 +125,11 @@ def _write(path, state):
     if not isinstance(state, dict):
         raise Error(f"cannot save: state must be a dict, not {type(state).__name__}")
     tree, tensors = flatten(state)
-    info = {k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for k, v in state.items()
-            if k in INFO_KEYS}  # nanoGPT's best_val_loss is a 0-dim tensor
-    meta = dict(format=FORMAT, info=json.dumps({k: v for k, v in info.items() if isinstance(v, (int, float))}),
+    # nanoGPT's best_val_loss is a 0-dim tensor
+    info = {k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+            for k, v in state.items() if k in INFO_KEYS}
+    meta = dict(format=FORMAT,
+                info=json.dumps({k: v for k, v in info.items() if isinstance(v, (int, float))}),
                 state=json.dumps(tree))
     meta["checksum"] = digest(meta, tensors)
     # one metadata key: safetensors writes several in a random order, and a checkpoint's bytes
@@ -143,7 +153,8 @@ def _scratch(d):
 
 def _publish(d, state, names, what, rotate=False):
     """Serialize once into a scratch file, then rename a hard link of it to each of names in d.
-    Every save is a new inode, so replacing latest never touches a step_ file linked to an older one."""
+    Every save is a new inode, so replacing latest never touches a step_ file linked to an older
+    one."""
     tmp = None
     try:
         tmp = _scratch(d)
@@ -182,11 +193,12 @@ def read_header(path):
             size, head = os.fstat(f.fileno()).st_size, f.read(8)
             n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
             if n == 0 or n > 100_000_000 or 8 + n > size:
-                # never unpickled: loading a pickle (or torch.save's zip of one) can run arbitrary code
+                # never unpickled: a pickle (or torch.save's zip of one) can run arbitrary code
                 if head[:1] == b"\x80":
                     raise Error("is a pickle file, not a .safetensors checkpoint (refused)")
                 if head[:4] == b"PK\x03\x04":
-                    raise Error("is a zip file (torch.save?), not a .safetensors checkpoint (refused)")
+                    raise Error("is a zip file (torch.save?), not a .safetensors checkpoint "
+                                "(refused)")
                 raise Error("not a safetensors file (bad header length)" if n > 100_000_000
                                       else f"truncated ({size} bytes)")
             header = json.loads(f.read(n))
@@ -205,9 +217,11 @@ def read_header(path):
     if not isinstance(meta, dict) or "format" not in meta:
         raise Error("not a sturdygpt checkpoint (safetensors file without sturdygpt metadata)")
     if meta["format"] not in READS:
-        raise Error(f"unsupported checkpoint format {meta['format']!r} (this code reads {FORMAT!r})")
+        raise Error(f"unsupported checkpoint format {meta['format']!r} "
+                    f"(this code reads {FORMAT!r})")
     try:
-        end = 8 + n + max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"] + [0])
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        end = 8 + n + max(ends + [0])
     except (TypeError, KeyError, IndexError):
         raise Error("not a safetensors file (bad tensor table)") from None
     if end != size:
@@ -252,7 +266,8 @@ def read_info(path) -> dict:
 # save goes to, and when, is the caller's business
 
 def tier_files(out_dir) -> dict:
-    """{name: path} of the checkpoint files in out_dir ('latest', 'step_0000200', ...), never scratch files."""
+    """{name: path} of the checkpoint files in out_dir ('latest', 'step_0000200', ...), never
+    scratch files."""
     names = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
     return {n[:-12]: os.path.join(out_dir, n) for n in names
             if n.endswith(".safetensors") and NAME.fullmatch(n[:-12])}
@@ -299,15 +314,16 @@ def save_tiers(out_dir, state, names, keep=None, protect=()):
 
 def find_resume(out_dir, check=None):
     """(path, state, skipped) of the newest usable checkpoint: latest -> latest_backup -> numbered
-    tiers newest first -> best (last: it may be older, but a run killed before its first latest has only
-    best); skipped: a line per file passed over, and why."""
+    tiers newest first -> best (last: it may be older, but a run killed before its first latest has
+    only best); skipped: a line per file passed over, and why."""
     files = tier_files(out_dir)
     def newest(name):
         try:
             it = read_info(files[name]).get("iter_num")
         except Error:
             it = None
-        return (it if isinstance(it, int) else int(NAME.fullmatch(name)[3]), os.path.getmtime(files[name]))
+        return (it if isinstance(it, int) else int(NAME.fullmatch(name)[3]),
+                os.path.getmtime(files[name]))
     order = [n for n in ("latest", "latest_backup") if n in files]
     order += sorted([n for n in files if NAME.fullmatch(n)[2]], key=newest, reverse=True)
     order += ["best"] if "best" in files else []
@@ -329,12 +345,14 @@ def find_resume(out_dir, check=None):
             failed[ino] = fname
             skipped.append(f"{fname}: {e}, falling back")
     if not skipped:
-        raise Error(f"no checkpoint in {out_dir} (looked for latest, latest_backup, step_*, epoch_*, best)")
+        raise Error(f"no checkpoint in {out_dir} (looked for latest, latest_backup, step_*, "
+                    "epoch_*, best)")
     raise Error(f"no valid checkpoint in {out_dir}: " + "; ".join(skipped))
 
 
 def resolve(name, out_dir) -> str:
-    """The file a name stands for: a tier name in out_dir, a file, or a folder's newest checkpoint."""
+    """The file a name stands for: a tier name in out_dir, a file, or a folder's newest
+    checkpoint."""
     name = os.fspath(name)
     m = NAME.fullmatch(name.removesuffix(".safetensors"))
     if m:  # step_100 and step_0000100 name the same file
@@ -372,27 +390,34 @@ def list_checkpoints(out_dir, verify=True, check=None) -> list:
                 errors[ino] = None
         except (Error, ValueError, RecursionError, AttributeError) as e:
             errors[ino] = str(e)
-        rows.append(dict(row, ok=errors[ino] is None if ino in errors else None, error=errors.get(ino)))
+        rows.append(dict(row, ok=errors[ino] is None if ino in errors else None,
+                         error=errors.get(ino)))
     first = ["latest", "latest_backup", "best"]  # then the numbered tiers, by name
-    return sorted(rows, key=lambda r: (first.index(r["tier"]) if r["tier"] in first else 3, r["name"]))
+    return sorted(rows, key=lambda r: (first.index(r["tier"]) if r["tier"] in first else 3,
+                                       r["name"]))
 
 
 def format_listing(rows) -> str:
-    size = lambda b: next(f"{b / 1024**i:.1f} {u}" for i, u in ((3, "GB"), (2, "MB"), (1, "KB"), (0, "B"))
+    size = lambda b: next(f"{b / 1024**i:.1f} {u}"
+                          for i, u in ((3, "GB"), (2, "MB"), (1, "KB"), (0, "B"))
                           if b >= 1024**i or not i)
-    age = lambda s: next(f"{s / d:.0f}{u}" for d, u in ((86400, "d"), (3600, "h"), (60, "m"), (1, "s"))
+    age = lambda s: next(f"{s / d:.0f}{u}"
+                         for d, u in ((86400, "d"), (3600, "h"), (60, "m"), (1, "s"))
                          if s >= d or d == 1)
     num = lambda v: "-" if v is None else str(v)
     table = [("name", "iter", "epoch", "val_loss", "size", "age", "status")]
     for r in rows:
         status = "ok" if r["ok"] else "not verified" if r["ok"] is None else f"BAD: {r['error']}"
         val = "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
-        table.append((r["name"], num(r["iter"]), num(r["epoch"]), val, size(r["bytes"]), age(r["age_s"]), status))
+        table.append((r["name"], num(r["iter"]), num(r["epoch"]), val, size(r["bytes"]),
+                      age(r["age_s"]), status))
     w = [max(len(row[i]) for row in table) for i in range(7)]
-    lines = ["  ".join(c.ljust(w[i]) if i in (0, 6) else c.rjust(w[i]) for i, c in enumerate(row)).rstrip()
+    lines = ["  ".join(c.ljust(w[i]) if i in (0, 6) else c.rjust(w[i])
+                       for i, c in enumerate(row)).rstrip()
              for row in table]
     disk = disk_bytes(r["path"] for r in rows)
-    return "\n".join(lines + [f"{len(rows)} checkpoint files, {size(disk)} on disk (hard links counted once)"])
+    return "\n".join(lines + [f"{len(rows)} checkpoint files, {size(disk)} on disk "
+                              "(hard links counted once)"])
 
 # -----------------------------------------------------------------------------
 # saving in the background
@@ -408,10 +433,12 @@ class Writer:
 
     def __init__(self, background=True):
         self.background, self.thread, self.error, self.done = background, None, None, None
-        self.flat, self.layout = None, None  # the snapshot buffer and the state layout it was made for
+        # the snapshot buffer and the state layout it was made for
+        self.flat, self.layout = None, None
 
     def save(self, out_dir, state, names, keep=None, protect=()) -> float:
-        """Start saving state under the tier names (save_tiers); returns the seconds the caller was blocked."""
+        """Start saving state under the tier names (save_tiers); returns the seconds the caller
+        was blocked."""
         t0 = time.time()
         self.wait()
         tiers = dict(names=names, keep=keep, protect=protect)
@@ -420,12 +447,14 @@ class Writer:
             self.wait()
             return time.time() - t0
         state, ready = self._snapshot(state)
-        self.thread = threading.Thread(target=self._write, args=(out_dir, state, ready, tiers), daemon=True)
+        self.thread = threading.Thread(target=self._write, args=(out_dir, state, ready, tiers),
+                                       daemon=True)
         self.thread.start()
         return time.time() - t0
 
     def wait(self):
-        """Wait for the save in flight; returns (names, disk bytes, seconds) of the last finished one."""
+        """Wait for the save in flight; returns (names, disk bytes, seconds) of the last finished
+        one."""
         if self.thread is not None:
             self.thread.join()
             self.thread = None
@@ -442,8 +471,8 @@ class Writer:
             names, disk = save_tiers(out_dir, state, **tiers)
             self.done = (names, disk, time.time() - t0)
             where = " in the background" if self.background else ""
-            print(f"saved {', '.join(names)}{where} in {self.done[2]:.2f}s; checkpoints use {disk / 2**20:.1f} MB",
-                  flush=True)
+            print(f"saved {', '.join(names)}{where} in {self.done[2]:.2f}s; checkpoints use "
+                  f"{disk / 2**20:.1f} MB", flush=True)
         except Exception as e:  # reported by the next save() or wait(), in the training thread
             why = e if isinstance(e, Error) else f"cannot save: {oneline(e)}"
             self.error = Error(f"{why} (earlier checkpoints are intact)")
@@ -456,13 +485,15 @@ class Writer:
         separate buffers. Tensors that alias each other (tied weights) get one view, so the file is
         the same as from tree."""
         def alias(x):
-            return x.device, x.untyped_storage().data_ptr(), x.storage_offset(), x.shape, x.stride(), x.dtype
+            return (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), x.shape,
+                    x.stride(), x.dtype)
         offsets, layout, size = {}, [], 0
         for x in _tensors(tree):
             if alias(x) not in offsets:
                 offsets[alias(x)] = size
                 layout.append((x.shape, x.dtype))
-                size += -(-x.numel() * x.element_size() // 64) * 64  # each view starts 64-byte aligned
+                # each view starts 64-byte aligned
+                size += -(-x.numel() * x.element_size() // 64) * 64
         cuda = any(key[0].type == "cuda" for key in offsets)
         if layout != self.layout:
             self.flat, self.layout = torch.empty(size, dtype=torch.uint8, pin_memory=cuda), layout
@@ -471,7 +502,8 @@ class Writer:
             key = alias(x)
             if key not in views:
                 nbytes = x.numel() * x.element_size()
-                views[key] = self.flat[offsets[key]:offsets[key] + nbytes].view(x.dtype).view(x.shape)
+                flat = self.flat[offsets[key]:offsets[key] + nbytes]
+                views[key] = flat.view(x.dtype).view(x.shape)
                 views[key].copy_(x.detach(), non_blocking=x.is_cuda)
             return views[key]
         out = _map_tensors(tree, copy_of)

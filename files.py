@@ -2,8 +2,8 @@
 Files as every script handles them: written whole or not at all, checked before the work that
 fills them, and read only when reading comes to an end.
 
-    fsync(path) / write_atomic(path, text) / publish_dir(tmp, dest)   a crash leaves old or new, whole
-    temp_dir(dest) / clean_stale(dest) / alive(pid)                   scratch beside dest, by our pid
+    fsync(path) / write_atomic(path, text) / publish_dir(tmp, dest)   crash-safe: old or new, whole
+    temp_dir(dest) / clean_stale(dest) / alive(pid)                   scratch beside dest, our pid's
     check_writable(folder, what) / check_output(path, what)           outputs, before the work
     check_input(path, what) / read_text(path, what) / not_utf8(text)  inputs a user names
 """
@@ -123,8 +123,8 @@ def check_writable(folder, what) -> None:
 def check_name(path, what) -> None:
     """Error unless path is a file name: a number given for one (--json=3) is not."""
     if not isinstance(path, (str, os.PathLike)):
-        raise Error(f"{what or 'a file'}: {path!r} is not a file name (quote a name that looks like "
-                    f"a number: '\"{path}\"')")
+        raise Error(f"{what or 'a file'}: {path!r} is not a file name (quote a name that "
+                    f"looks like a number: '\"{path}\"')")
 
 
 def check_output(path, what, folder=False) -> None:
@@ -179,7 +179,8 @@ def check_input(path, what='') -> None:
     except OSError:
         return  # open() says why, in its own words
     if stat.S_ISFIFO(st.st_mode) and st.st_dev != pipe_device():
-        why = "it is a named pipe (FIFO): reading it would wait for a writer; give the file itself, or <(cat FILE)"
+        why = ("it is a named pipe (FIFO): reading it would wait for a writer; give the file "
+               "itself, or <(cat FILE)")
     elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISSOCK(st.st_mode):
         why = "it is a device or socket, not a file"
     else:

@@ -1,11 +1,11 @@
 """
 The device a script runs on, and its peak FLOP/s for model FLOPs utilization (MFU):
 
-    device, dtype = resolve(device, dtype, local_rank)     # 'auto' made concrete, bad values refused
-    ctx = autocast(device, dtype)                          # what the forward passes run under
+    device, dtype = resolve(device, dtype, local_rank)  # 'auto' made concrete, bad values refused
+    ctx = autocast(device, dtype)                       # what the forward passes run under
     mfu = model.flops_per_token() * tokens_per_sec / (peak_flops(device, dtype) * world_size)
-    memory_bytes()                                         # physical memory, to refuse what cannot fit
-    check_fp8(device) / convert_to_fp8(model)              # fp8=True: float8 matmuls with torchao
+    memory_bytes()                                      # physical memory, to refuse what cannot fit
+    check_fp8(device) / convert_to_fp8(model)           # fp8=True: float8 matmuls with torchao
 
 GPU peaks are the vendors' dense (no 2:4 sparsity) tensor-core figures per dtype; float32 means
 TF32 on Ampere and newer because train.py enables TF32 matmuls. A GPU that is not in the table, a
@@ -48,7 +48,8 @@ GPU_PEAK_TFLOPS = [
     (r'A10', {'bfloat16': 125, 'float16': 125, 'float32': 62.5}),
     (r'RTX 6000 Ada Generation', {'bfloat16': 364, 'float16': 364, 'float32': 182}),
     (r'RTX A6000', {'bfloat16': 155, 'float16': 155, 'float32': 77}),
-    # GeForce: the figures with float32 accumulation (what autocast uses), half the fp16-accumulate ones
+    # GeForce: the figures with float32 accumulation (what autocast uses),
+    # half the fp16-accumulate ones
     (r'RTX 5090', {'bfloat16': 209.5, 'float16': 209.5, 'float32': 104.8}),
     (r'RTX 4090', {'bfloat16': 165.2, 'float16': 165.2, 'float32': 82.6}),
     (r'RTX 3090 Ti', {'bfloat16': 80, 'float16': 80, 'float32': 40}),
@@ -58,7 +59,8 @@ GPU_PEAK_TFLOPS = [
     (r'V100', {'float16': 125, 'float32': 15.7}),  # SXM2
     (r'T4', {'float16': 65, 'float32': 8.1}),
 ]
-NOT_FULL_CHIP = re.compile(r'\bMIG\b|Laptop|Max-Q|Mobile', re.IGNORECASE)  # slower than the datasheet part
+# slower than the datasheet part
+NOT_FULL_CHIP = re.compile(r'\bMIG\b|Laptop|Max-Q|Mobile', re.IGNORECASE)
 
 
 def resolve(device, dtype, local_rank=None):
@@ -67,7 +69,8 @@ def resolve(device, dtype, local_rank=None):
     dtype 'auto' is bfloat16 on GPUs with native bfloat16 (Ampere and newer), float16 on older ones
     (V100, T4: torch can emulate bfloat16 there, slowly), float32 on CPUs. A bad one is an Error."""
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    available = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] + ["mps"] * mps)
+    available = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+                          + ["mps"] * mps)
     if device == 'auto':
         device = 'cuda' if cuda else 'mps' if mps else 'cpu'
     kind, _, index = device.partition(':')
@@ -75,14 +78,16 @@ def resolve(device, dtype, local_rank=None):
         if local_rank is not None:
             index = str(local_rank)  # torchrun: one GPU per local process
         if index and not (index.isdigit() and int(index) < torch.cuda.device_count()):
-            raise Error(f"device {device!r} does not exist on this machine (available: {available})")
+            raise Error(f"device {device!r} does not exist on this machine "
+                        f"(available: {available})")
         device = f"cuda:{index or torch.cuda.current_device()}"
         torch.cuda.set_device(device)
     elif not ((kind == 'cpu' and not index) or (kind == 'mps' and mps and not index)):
         raise Error(f"device {device!r} is not available on this machine (available: {available})")
     if dtype == 'auto':
         if kind == 'cuda':
-            dtype = 'bfloat16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'float16'
+            dtype = ('bfloat16' if torch.cuda.is_bf16_supported(including_emulation=False)
+                     else 'float16')
         else:
             dtype = 'float32'
     if dtype not in ('float32', 'bfloat16', 'float16'):
@@ -129,10 +134,12 @@ def _cpu_cache():
     model = platform.processor() or platform.machine()
     try:
         with open('/proc/cpuinfo') as f:
-            model = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), model)
+            model = next((line.split(':', 1)[1].strip() for line in f
+                          if line.startswith('model name')), model)
     except OSError:
         pass
-    return os.path.join(base, 'sturdygpt', 'cpu_peak.json'), f"{model} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    return (os.path.join(base, 'sturdygpt', 'cpu_peak.json'),
+            f"{model} | {torch.get_num_threads()} threads | torch {torch.__version__}")
 
 
 def cpu_peak_flops(measure=False):
@@ -181,19 +188,19 @@ def check_fp8(device):
     device = torch.device(device)
     if device.type != 'cuda' or torch.cuda.get_device_capability(device) < (8, 9):
         where = torch.cuda.get_device_name(device) if device.type == 'cuda' else device
-        raise Error(f"fp8=True needs a CUDA GPU of compute capability 8.9 or newer (H100, H200, L4, "
-                    f"L40S, RTX 4090), not {where}")
+        raise Error(f"fp8=True needs a CUDA GPU of compute capability 8.9 or newer (H100, H200, "
+                    f"L4, L40S, RTX 4090), not {where}")
     if importlib.util.find_spec('torchao') is None:
         raise Error("fp8=True needs torchao: pip install torchao")
 
 
 def convert_to_fp8(model):
-    """Train the transformer blocks' linear layers in float8 with torchao (convert_to_float8_training,
-    tensorwise scaling). Their weights stay nn.Linear's, in their own dtype, under the same names:
-    checkpoints, resume, export and sampling are as without it. Left as they are: LoRA adapters,
-    lm_head (tied to wte), and a layer whose sizes are not multiples of 16, which float8 matmuls
-    need. Published figures: ~1.4x on large matmuls, slower below ~1.5-2K width, so it is for wide
-    models. Check check_fp8(device) first."""
+    """Train the transformer blocks' linear layers in float8 with torchao
+    (convert_to_float8_training, tensorwise scaling). Their weights stay nn.Linear's, in their own
+    dtype, under the same names: checkpoints, resume, export and sampling are as without it. Left as
+    they are: LoRA adapters, lm_head (tied to wte), and a layer whose sizes are not multiples of 16,
+    which float8 matmuls need. Published figures: ~1.4x on large matmuls, slower below ~1.5-2K
+    width, so it is for wide models. Check check_fp8(device) first."""
     from torchao.float8 import convert_to_float8_training  # optional: pip install torchao
     convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: (
         type(mod) is torch.nn.Linear and fqn.startswith('transformer.h.')

@@ -21,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from errors import Error
 
-LORA_TARGETS = ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj')  # linears that can take an adapter
+# linears that can take an adapter
+LORA_TARGETS = ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj')
 
 
 @dataclass
@@ -35,23 +36,27 @@ class GPTConfig:
     bias: bool = True  # bias in Linears and LayerNorms; False is a bit better and faster
     padded_vocab_size: int = None  # rows of wte / lm_head; None: vocab_size (see pad_vocab)
     lora_rank: int = 0  # rank of the LoRA adapters on lora_targets; 0: no adapters
-    lora_alpha: float = 16.0  # adapters are scaled by lora_alpha / lora_rank (LoRA paper, section 4.1)
+    lora_alpha: float = 16.0  # adapters scaled by lora_alpha / lora_rank (LoRA paper, section 4.1)
     lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_targets: str = 'attn.c_attn,attn.c_proj'  # comma-separated, any of LORA_TARGETS
 
     def __post_init__(self):
-        for f in fields(self):  # model_args of checkpoints from before LoRA: absent, or None via .get
+        # model_args of checkpoints from before LoRA: absent, or None via .get
+        for f in fields(self):
             if f.name.startswith('lora_') and getattr(self, f.name) is None:
                 setattr(self, f.name, f.default)
         self.padded_vocab_size = self.padded_vocab_size or self.vocab_size
         assert self.padded_vocab_size >= self.vocab_size
-        # one spelling (a string, in LORA_TARGETS order) whether given as a string, tuple or JSON list,
-        # so model_args compare equal across checkpoints
-        targets = self.lora_targets.split(',') if isinstance(self.lora_targets, str) else self.lora_targets
+        # one spelling (a string, in LORA_TARGETS order) whether given as a string, tuple or JSON
+        # list, so model_args compare equal across checkpoints
+        targets = (self.lora_targets.split(',') if isinstance(self.lora_targets, str)
+                   else self.lora_targets)
         targets = {t.strip() for t in targets} - {''}
-        if not targets <= set(LORA_TARGETS) or self.lora_rank < 0 or (self.lora_rank and not targets):
-            raise Error(f"lora_rank={self.lora_rank}, lora_targets={self.lora_targets!r}: the rank must "
-                             f"be >= 0 and the targets a non-empty comma-separated list of {', '.join(LORA_TARGETS)}")
+        if (not targets <= set(LORA_TARGETS) or self.lora_rank < 0
+                or (self.lora_rank and not targets)):
+            raise Error(f"lora_rank={self.lora_rank}, lora_targets={self.lora_targets!r}: the "
+                        f"rank must be >= 0 and the targets a non-empty comma-separated list of "
+                        f"{', '.join(LORA_TARGETS)}")
         self.lora_targets = ','.join(t for t in LORA_TARGETS if t in targets)
 
 
@@ -64,11 +69,12 @@ def pad_vocab(vocab_size, multiple=64):
 
 
 class LoRALinear(nn.Linear):
-    """nn.Linear plus a trainable low-rank update (LoRA, Hu et al. 2021, https://arxiv.org/abs/2106.09685):
-    y = x W^T + b + dropout(x) A^T B^T * alpha / rank. W and b keep nn.Linear's keys (weight, bias),
-    so a base model's weights load unchanged; the adapter adds only lora_A (rank, in) and lora_B
-    (out, rank). As in the paper and peft, A starts Kaiming-uniform and B at zero: an untouched
-    adapter adds exactly nothing, and the first steps train B from a useful random projection A."""
+    """nn.Linear plus a trainable low-rank update (LoRA, Hu et al. 2021,
+    https://arxiv.org/abs/2106.09685): y = x W^T + b + dropout(x) A^T B^T * alpha / rank.
+    W and b keep nn.Linear's keys (weight, bias), so a base model's weights load unchanged; the
+    adapter adds only lora_A (rank, in) and lora_B (out, rank). As in the paper and peft, A starts
+    Kaiming-uniform and B at zero: an untouched adapter adds exactly nothing, and the first steps
+    train B from a useful random projection A."""
 
     def __init__(self, in_features, out_features, bias=True, rank=8, alpha=16.0, dropout=0.0):
         super().__init__(in_features, out_features, bias=bias)
@@ -85,7 +91,8 @@ class LoRALinear(nn.Linear):
         h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., rank)
         # scale folded into the small B and the sum into one GEMM: no extra passes over the output
         # (2.5% of a LoRA step on the python_code shape, CPU)
-        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), (self.lora_B * self.scale).t()).view_as(y)
+        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2),
+                           (self.lora_B * self.scale).t()).view_as(y)
 
     @torch.no_grad()
     def merge(self):
@@ -98,8 +105,8 @@ class LoRALinear(nn.Linear):
 def _linear(config, name, in_features, out_features):
     """The linear at `name` ('attn.c_attn', ...): a LoRALinear when config puts an adapter there."""
     if config.lora_rank and name in config.lora_targets.split(','):
-        return LoRALinear(in_features, out_features, config.bias, config.lora_rank, config.lora_alpha,
-                          config.lora_dropout)
+        return LoRALinear(in_features, out_features, config.bias, config.lora_rank,
+                          config.lora_alpha, config.lora_dropout)
     return nn.Linear(in_features, out_features, bias=config.bias)
 
 
@@ -182,7 +189,8 @@ class CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets):
         valid = targets != -1
-        lse = torch.cat([torch.logsumexp(c.float(), dim=-1) for c in logits.split(64)])  # (N,), in cache
+        lse = torch.cat([torch.logsumexp(c.float(), dim=-1)
+                         for c in logits.split(64)])  # (N,), in cache
         picked = logits.gather(1, targets.clamp(min=0)[:, None])[:, 0].float()
         n = valid.sum()
         ctx.save_for_backward(logits, targets, lse, n)
@@ -194,7 +202,8 @@ class CrossEntropy(torch.autograd.Function):
         scale = ((targets != -1) * (grad / n))[:, None]  # (N, 1); ignored rows get no gradient
         out = torch.empty_like(logits, dtype=torch.float32)
         for s in range(0, logits.size(0), 64):  # 64 rows of an 8192 vocab: 2 MB, in cache
-            g = torch.sub(logits[s:s + 64], lse[s:s + 64, None], out=out[s:s + 64]).exp_()  # softmax
+            # softmax
+            g = torch.sub(logits[s:s + 64], lse[s:s + 64, None], out=out[s:s + 64]).exp_()
             g.scatter_add_(1, targets[s:s + 64].clamp(min=0)[:, None], -torch.ones_like(g[:, :1]))
             g.mul_(scale[s:s + 64])
         return out.to(logits.dtype), None
@@ -206,7 +215,8 @@ class GPT(nn.Module):
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
         self.config = config
-        self.gradient_checkpointing = False  # trade compute for memory: recompute blocks in backward
+        # trade compute for memory: recompute blocks in backward
+        self.gradient_checkpointing = False
         self.frozen_wte_rows = 0  # wte rows that mark_trainable(trainable='new_tokens') keeps fixed
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
@@ -240,7 +250,8 @@ class GPT(nn.Module):
         """Parameter count. wte is counted once (it is also lm_head, a real matmul); with
         non_embedding the position embeddings are left out, since they are a lookup only."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
-        n -= (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd  # padding
+        # the padding rows
+        n -= (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
         if non_embedding:
             n -= self.transformer.wpe.weight.numel()
         return n
@@ -273,7 +284,8 @@ class GPT(nn.Module):
         if targets is not None:
             logits = self.lm_head(x)[..., :V]  # without the padding columns: exact softmax and loss
             logits2d, targets1d = logits.view(-1, logits.size(-1)), targets.reshape(-1)
-            if logits.device.type == 'cpu':  # memory-bound there; GPUs and torch.compile fuse F's well
+            # memory-bound on a CPU; GPUs and torch.compile fuse F's well
+            if logits.device.type == 'cpu':
                 loss = CrossEntropy.apply(logits2d, targets1d)
             else:
                 loss = F.cross_entropy(logits2d, targets1d, ignore_index=-1)
@@ -300,14 +312,16 @@ class GPT(nn.Module):
         cfg, wpe = self.config, self.transformer.wpe.weight
         frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad and p is not wpe)
         if not self.transformer.wte.weight.requires_grad:
-            frozen -= (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd  # padding: not in num_params
+            # padding: not in num_params
+            frozen -= (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
         return 6 * self.num_params() - 2 * frozen + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  use_cache=True, generator=None):
-        """Continue each row of idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
-        Call model.eval() first (dropout would make the output random). See generate_stream."""
+        """Continue each row of idx (B, T) by max_new_tokens tokens; returns
+        (B, T + max_new_tokens). Call model.eval() first (dropout would make the output random).
+        See generate_stream."""
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
                                         use_cache, generator))
         return torch.cat([idx] + new, dim=1)
@@ -321,8 +335,8 @@ class GPT(nn.Module):
         `generator` (a torch.Generator) so a fixed seed gives the same text, cache or not."""
         B, T = idx.size()
         if T < 1 or max_new_tokens < 0:
-            raise ValueError(f"generate needs a prompt of at least 1 token and max_new_tokens >= 0, "
-                             f"got {T} and {max_new_tokens}")
+            raise ValueError(f"generate needs a prompt of at least 1 token and max_new_tokens "
+                             f">= 0, got {T} and {max_new_tokens}")
         if temperature < 0 or (top_k is not None and top_k < 1) or \
                 (top_p is not None and not 0 < top_p <= 1):
             raise ValueError(f"generate needs temperature >= 0, top_k >= 1, 0 < top_p <= 1, got "
@@ -341,7 +355,8 @@ class GPT(nn.Module):
         # A cached step reads every weight once, so on CPU it is bound by memory reads, and MKL
         # streams a (C, V) copy of the vocab projection, the largest weight, about twice as fast
         # as the (V, C) original (+30% tokens/s for the default model): copy it once per call.
-        head = self.lm_head.weight[:self.config.vocab_size].t().contiguous() if idx.device.type == 'cpu' else None
+        head = (self.lm_head.weight[:self.config.vocab_size].t().contiguous()
+                if idx.device.type == 'cpu' else None)
         s, L = 0, T
         for i in range(max_new_tokens):
             refill = L - s > bs
@@ -352,9 +367,11 @@ class GPT(nn.Module):
             elif i == 0 or refill:
                 x = self.hidden_states(seq[:, s:L], cache, 0)  # prefill the cache
             else:
-                x = self.hidden_states(seq[:, L - 1:L], cache, L - 1 - s)  # one new token vs the cache
+                # one new token vs the cache
+                x = self.hidden_states(seq[:, L - 1:L], cache, L - 1 - s)
             x = x[:, -1, :]  # only the last position's logits are needed
-            logits = (x @ head if head is not None else self.lm_head(x))[:, :self.config.vocab_size]  # (B, V)
+            logits = x @ head if head is not None else self.lm_head(x)
+            logits = logits[:, :self.config.vocab_size]  # (B, V)
             next_tok = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
             seq[:, L] = next_tok[:, 0]
             L += 1

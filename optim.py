@@ -5,7 +5,7 @@ blocks; Muon's step on a CPU; their states saved and loaded under their names.
     configure_optimizers(model, ...)          {name: optimizer}, which train.py steps, each in turn
     state_dicts(optimizers, model)            {name: state} for a checkpoint
     load_state_dicts(optimizers, states, ...) a checkpoint's states back, or Error naming its file
-    Muon                                      torch.optim.Muon, its Newton-Schulz in float32 on a CPU
+    Muon                                      torch.optim.Muon, Newton-Schulz in float32 on a CPU
 """
 import inspect
 import math
@@ -14,17 +14,19 @@ import torch
 
 from errors import Error, oneline
 
-CHOICES = ('muon', 'adamw')  # the optimizer key: Muon for the block matrices and AdamW for the rest, or AdamW
+# the optimizer key: Muon for the block matrices and AdamW for the rest, or AdamW
+CHOICES = ('muon', 'adamw')
 
 
-def configure_optimizers(model, weight_decay, learning_rate, betas, device_type, optimizer='adamw') -> dict:
+def configure_optimizers(model, weight_decay, learning_rate, betas, device_type,
+                         optimizer='adamw') -> dict:
     """{name: optimizer} for a training step: {'adamw'} or, with optimizer='muon', {'adamw', 'muon'}
     (Muon only when a block matrix trains). Frozen parameters are in none (weights.mark_trainable),
     so with LoRA the state is only what trains; every trainable parameter is in exactly one group.
 
     AdamW decays only the 2-D matmul weights, not biases, LayerNorm gains or the embeddings (wte,
-    tied to lm_head, and wpe): undecayed, trainable=new_tokens' base rows stay fixed. lora_A / lora_B
-    are decayed, which pulls the model towards its base (peft and lit-gpt do so too).
+    tied to lm_head, and wpe): undecayed, trainable=new_tokens' base rows stay fixed. lora_A /
+    lora_B are decayed, which pulls the model towards its base (peft and lit-gpt do so too).
 
     Muon (torch.optim.Muon; Jordan 2024, https://kellerjordan.github.io/posts/muon/) takes the block
     matrices that train (c_attn, c_proj, c_fc) and follows each one's momentum with its nearest
@@ -54,7 +56,8 @@ def configure_optimizers(model, weight_decay, learning_rate, betas, device_type,
 
 def state_dicts(optimizers, model) -> dict:
     """{name: state_dict} to save, wte's moments cut to the rows that train (wte_moments)."""
-    return {name: wte_moments(opt.state_dict(), opt, model, cut=True) for name, opt in optimizers.items()}
+    return {name: wte_moments(opt.state_dict(), opt, model, cut=True)
+            for name, opt in optimizers.items()}
 
 
 def load_state_dicts(optimizers, states, model, source):
@@ -69,9 +72,9 @@ def load_state_dicts(optimizers, states, model, source):
 
 
 def wte_moments(state, optimizer, model, cut):
-    """An optimizer's state dict with wte's moments cut to the rows that train (cut=True, to save), or
-    grown back (cut=False, to load) with the frozen rows' moments, which are zero (mark_trainable).
-    The state of an optimizer that does not hold wte comes back as it was."""
+    """An optimizer's state dict with wte's moments cut to the rows that train (cut=True, to save),
+    or grown back (cut=False, to load) with the frozen rows' moments, which are zero
+    (mark_trainable). The state of an optimizer that does not hold wte comes back as it was."""
     rows = getattr(model, 'frozen_wte_rows', 0)
     params = [p for g in optimizer.param_groups for p in g['params']]
     i = next((i for i, p in enumerate(params) if p is model.transformer.wte.weight), None)
@@ -96,7 +99,8 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if closure is not None or any(p.device.type != 'cpu' for g in self.param_groups for p in g['params']):
+        if closure is not None or any(p.device.type != 'cpu'
+                                      for g in self.param_groups for p in g['params']):
             return super().step(closure)
         for group in self.param_groups:
             a, b, c = group['ns_coefficients']
@@ -104,19 +108,23 @@ class Muon(torch.optim.Muon):
                 if p.grad is None:
                     continue
                 if 'momentum_buffer' not in self.state[p]:
-                    self.state[p]['momentum_buffer'] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                    self.state[p]['momentum_buffer'] = torch.zeros_like(
+                        p.grad, memory_format=torch.preserve_format)
                 buf = self.state[p]['momentum_buffer']
                 buf.lerp_(p.grad, 1 - group['momentum'])
                 update = p.grad.lerp(buf, group['momentum']) if group['nesterov'] else buf
-                X = update.to(self.ns_dtype)  # (rows, cols), orthogonalised as its wide side: X X^T is the small one
+                # (rows, cols), orthogonalised as its wide side: X X^T is the small one
+                X = update.to(self.ns_dtype)
                 X = X.T if p.size(0) > p.size(1) else X
                 X = X.div(X.norm().clamp(min=group['eps']))  # spectral norm <= 1
                 for _ in range(group['ns_steps']):
                     A = X @ X.T
-                    X = torch.addmm(X, torch.addmm(A, A, A, beta=b, alpha=c), X, beta=a)  # a X + (b A + c A^2) X
+                    # a X + (b A + c A^2) X
+                    X = torch.addmm(X, torch.addmm(A, A, A, beta=b, alpha=c), X, beta=a)
                 X = X.T if p.size(0) > p.size(1) else X
                 rows, cols = p.shape
-                scale = (0.2 * math.sqrt(max(rows, cols)) if group['adjust_lr_fn'] == 'match_rms_adamw'
+                scale = (0.2 * math.sqrt(max(rows, cols))
+                         if group['adjust_lr_fn'] == 'match_rms_adamw'
                          else math.sqrt(max(1, rows / cols)))  # torch's two choices
                 p.mul_(1 - group['lr'] * group['weight_decay'])
                 p.add_(X, alpha=-group['lr'] * scale)
@@ -131,6 +139,7 @@ def load_state(optimizer, state):
     the saved group lacks (one from a torch version whose optimizer had fewer) keeps this
     optimizer's value rather than a KeyError in step."""
     flags = ('fused', 'foreach', 'capturable', 'differentiable')
-    groups = [{**{k: v for k, v in g.items() if k != 'params'}, **saved, **{k: g[k] for k in flags if k in g}}
+    groups = [{**{k: v for k, v in g.items() if k != 'params'}, **saved,
+               **{k: g[k] for k in flags if k in g}}
               for saved, g in zip(state['param_groups'], optimizer.param_groups)]
     optimizer.load_state_dict({**state, 'param_groups': groups})

@@ -3,19 +3,19 @@ A run's life in its out_dir: what a command starts from, how a run starts, conti
 the files a training run keeps there besides the checkpoint tiers (checkpoint.py writes those) and
 its logs (logs.py).
 
-    find(init_from, out_dir)                      the model a command starts from: a checkpoint of a
-                                                   run, whole and checked, or another format's weights
-    listing(out_dir)                              train.py --list: who trains there, and each checkpoint
-    start_point(config, explicit, defaults)       train.py: continue the run in out_dir, start a new
-                                                   one, or refuse; and the config it runs with
-    before_decay(...) / decay_start(...)          a longer wsd run continues from where its decay began
-    lock(out_dir) / owner(out_dir)                one training process per out_dir
-    prepare_out_dir(...) / keep_base(...)         before a run's first write
-    planned_iters(config, n_windows)              the iterations a run trains (max_iters or max_epochs)
-    check_config(config)                          train.py's config: values in range, settings agreeing
-    identify(path) / check_same_start(...)        what ranks compare, and that they start alike
-    command_line()                                the command that continues a run
-    rng_state() / set_rng_state(tree)             every RNG training draws from
+    find(init_from, out_dir)                  the model a command starts from: a checkpoint of a
+                                               run, whole and checked, or another format's weights
+    listing(out_dir)                          train.py --list: who trains there, and each checkpoint
+    start_point(config, explicit, defaults)   train.py: continue the run in out_dir, start a new
+                                               one, or refuse; and the config it runs with
+    before_decay(...) / decay_start(...)      a longer wsd run continues from where its decay began
+    lock(out_dir) / owner(out_dir)            one training process per out_dir
+    prepare_out_dir(...) / keep_base(...)     before a run's first write
+    planned_iters(config, n_windows)          the iterations a run trains (max_iters or max_epochs)
+    check_config(config)                      train.py's config: values in range, settings agreeing
+    identify(path) / check_same_start(...)    what ranks compare, and that they start alike
+    command_line()                            the command that continues a run
+    rng_state() / set_rng_state(tree)         every RNG training draws from
 
 A training run's files in out_dir: the tiers (latest, latest_backup, best, step_*, epoch_*),
 base.safetensors (the base a run with frozen weights builds on), log.jsonl (+ log.jsonl.dropped),
@@ -78,7 +78,8 @@ def whole(state, path, defaults=None, bases=None) -> dict:
     if not isinstance(tok, dict):
         raise Error("unusable checkpoint (no tokenizer)")
     if tok.get("kind") not in KINDS or not isinstance(tok.get("vocab_size"), int) \
-            or not isinstance(tok.get("eot_id"), int) or not isinstance(tok.get("fingerprint"), str):
+            or not isinstance(tok.get("eot_id"), int) \
+            or not isinstance(tok.get("fingerprint"), str):
         raise Error("unusable checkpoint (its tokenizer record is incomplete)")
     if "optimizer" in state:  # saved before optimizers had names: AdamW's, and Muon's beside it
         state["optimizers"] = {"adamw": state.pop("optimizer"),
@@ -86,11 +87,13 @@ def whole(state, path, defaults=None, bases=None) -> dict:
     if "optimizers" not in state:
         return state
     pos, opts, config = state.get("data_pos"), state["optimizers"], state.get("config")
-    if not (isinstance(state.get("iter_num"), int) and state["iter_num"] >= 0 and isinstance(pos, list)
-            and len(pos) == 2 and all(isinstance(p, int) and p >= 0 for p in pos)):
+    if not (isinstance(state.get("iter_num"), int) and state["iter_num"] >= 0
+            and isinstance(pos, list) and len(pos) == 2
+            and all(isinstance(p, int) and p >= 0 for p in pos)):
         raise Error("unusable checkpoint (its iteration or data position is not a count)")
-    if not (isinstance(opts, dict) and all(isinstance(o, dict) and isinstance(o.get("state"), dict)
-                                           and isinstance(o.get("param_groups"), list) for o in opts.values())):
+    if not (isinstance(opts, dict)
+            and all(isinstance(o, dict) and isinstance(o.get("state"), dict)
+                    and isinstance(o.get("param_groups"), list) for o in opts.values())):
         raise Error("unusable checkpoint (its optimizer state is malformed)")
     if not isinstance(config, dict) or not isinstance(state.get("rng"), dict) \
             or not isinstance(state.get("data"), dict):
@@ -105,13 +108,15 @@ def whole(state, path, defaults=None, bases=None) -> dict:
 def _base(ref, path, bases):
     """The state of the base an adapter names: a file, relative to the adapter's folder, whose
     checksum must be ref['sha256']."""
-    if not (isinstance(ref, dict) and isinstance(ref.get("path"), str) and isinstance(ref.get("sha256"), str)):
+    if not (isinstance(ref, dict) and isinstance(ref.get("path"), str)
+            and isinstance(ref.get("sha256"), str)):
         raise Error("unusable checkpoint (its reference to a base is malformed)")
     base_path = os.path.join(os.path.dirname(os.path.abspath(path)), ref["path"])
     try:
         sha = checkpoint.read_header(base_path)["checksum"]
     except Error as e:
-        raise Error(f"its base {base_path} is missing or unreadable ({e}); this adapter needs that file") from None
+        raise Error(f"its base {base_path} is missing or unreadable ({e}); this adapter needs "
+                    f"that file") from None
     if sha != ref["sha256"]:
         raise Error(f"its base {base_path} is not the file it was trained on (sha256 {sha[:12]}, "
                     f"expected {ref['sha256'][:12]})")
@@ -190,8 +195,9 @@ def check_same_start(iter_num, path, world_size):
     other = next((r for r, s in enumerate(starts) if s != starts[0]), None)
     if other is not None:
         raise Error(f"the ranks start from different points: rank 0 from {starts[0][1]} at iter "
-                    f"{starts[0][0]}, rank {other} from {starts[other][1]} at iter {starts[other][0]}; "
-                    f"every rank must see the same out_dir (a shared file system)")
+                    f"{starts[0][0]}, rank {other} from {starts[other][1]} at iter "
+                    f"{starts[other][0]}; every rank must see the same out_dir "
+                    f"(a shared file system)")
 
 
 def command_line() -> str:
@@ -221,7 +227,8 @@ def has_run(out_dir) -> bool:
 
 
 def in_dir(init_from, out_dir) -> bool:
-    """Whether init_from names a checkpoint of out_dir's own run: a tier name, or a path in out_dir."""
+    """Whether init_from names a checkpoint of out_dir's own run: a tier name, or a path in
+    out_dir."""
     init_from = os.fspath(init_from)
     if interop.NAMES.fullmatch(init_from):
         return False
@@ -266,41 +273,46 @@ def check_config(c, where=''):
 # -----------------------------------------------------------------------------
 # how a training run starts or continues
 
-# what a checkpoint's weights fix: every GPTConfig field but those a new run from them chooses itself
-# (the vocabulary, from its data; dropout; adapters, whose rank and targets a run that continues keeps)
-FREE = ("vocab_size", "padded_vocab_size", "dropout", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+# what a checkpoint's weights fix: every GPTConfig field but those a new run from them chooses
+# itself (the vocabulary, from its data; dropout; adapters, whose rank and targets a run that
+# continues keeps)
+FREE = ("vocab_size", "padded_vocab_size", "dropout", "lora_rank", "lora_alpha", "lora_dropout",
+        "lora_targets")
 SHAPE = tuple(f.name for f in fields(GPTConfig) if f.name not in FREE)
 # what a run saved before these keys existed trained with (the defaults have changed since)
 EARLIER = {"optimizer": "adamw", "lr_schedule": "cosine"}
 
 
 def start_point(config, explicit, defaults) -> dict:
-    """What a training command starts from and the config it runs with; Error(reason) when
-    it must not start. The same command line starts a run and, after a crash, a Ctrl-C or a requeue,
-    continues it: init_from 'auto' resumes the run in out_dir (its checkpoints) when there is one. A new
-    run (scratch, or another checkpoint's weights) into an out_dir that holds a run is refused, unless
-    overwrite (prepare_out_dir then moves the old run aside) or unless this very command started that
-    run (its checkpoints' origin), which is then continued: a requeued fine-tune.
+    """What a training command starts from and the config it runs with; Error(reason) when it must
+    not start. The same command line starts a run and, after a crash, a Ctrl-C or a requeue,
+    continues it: init_from 'auto' resumes the run in out_dir (its checkpoints) when there is one. A
+    new run (scratch, or another checkpoint's weights) into an out_dir that holds a run is refused,
+    unless overwrite (prepare_out_dir then moves the old run aside) or unless this very command
+    started that run (its checkpoints' origin), which is then continued: a requeued fine-tune.
 
-    Returns {init_from (as decided), path, state (None from scratch), continuing, origin (how the run
-    began, kept in its checkpoints), config}. A continued run's config is its checkpoint's, with the
-    keys this command sets (`explicit`) on top; a new run from a checkpoint takes only its shape."""
+    Returns {init_from (as decided), path, state (None from scratch), continuing, origin (how the
+    run began, kept in its checkpoints), config}. A continued run's config is its checkpoint's, with
+    the keys this command sets (`explicit`) on top; a new run from a checkpoint takes only its
+    shape."""
     init_from, out_dir, overwrite = config["init_from"], config["out_dir"], config["overwrite"]
     reset_state = config["reset_state"]
     if init_from == "auto":
         init_from = "resume" if has_run(out_dir) and not overwrite else "scratch"
-    continuing = init_from == "resume" or (init_from != "scratch" and not reset_state and in_dir(init_from, out_dir))
+    continuing = init_from == "resume" or (init_from != "scratch" and not reset_state
+                                           and in_dir(init_from, out_dir))
     origin = None if init_from == "scratch" else f"{init_from} reset_state={reset_state}"
     if continuing and overwrite:
-        raise Error(f"--overwrite=True starts a new run and --init_from={init_from} continues the one "
-                              f"in {out_dir}: choose one")
+        raise Error(f"--overwrite=True starts a new run and --init_from={init_from} continues the "
+                    f"one in {out_dir}: choose one")
     path = state = None
     if not continuing and has_run(out_dir) and not overwrite:
         path, state = find("resume", out_dir, defaults)
         if init_from == "scratch" or state.get("origin") != origin:
-            raise Error(f"{out_dir} holds a run ({os.path.basename(path)} at iter {state['iter_num']}); "
-                                  f"continue it by leaving out --init_from, start over with --overwrite=True "
-                                  f"(moves it to {out_dir}/previous-*/), or use another --out_dir")
+            raise Error(f"{out_dir} holds a run ({os.path.basename(path)} at iter "
+                        f"{state['iter_num']}); continue it by leaving out --init_from, start over "
+                        f"with --overwrite=True (moves it to {out_dir}/previous-*/), or use "
+                        f"another --out_dir")
         print(f"{out_dir} holds the run this command started from {init_from}: continuing it")
         continuing = True
     elif init_from != "scratch":
@@ -309,27 +321,31 @@ def start_point(config, explicit, defaults) -> dict:
         return dict(init_from=init_from, path=None, state=None, continuing=False, origin=origin,
                     config=dict(config, init_from=init_from))
     args = state["model_args"]
-    for k in SHAPE + (("lora_rank", "lora_targets") if continuing else ()):  # an adapter's shape too
+    # an adapter's shape too, when continuing
+    for k in SHAPE + (("lora_rank", "lora_targets") if continuing else ()):
         if k in explicit and config[k] != args.get(k, defaults[k]):
-            raise Error(f"{path} has {k}={args.get(k, defaults[k])} but --{k}={config[k]} was given "
-                                  f"(a checkpoint's shape cannot change)")
+            raise Error(f"{path} has {k}={args.get(k, defaults[k])} but --{k}={config[k]} was "
+                        f"given (a checkpoint's shape cannot change)")
     if continuing and "optimizers" not in state:
-        raise Error(f"{path} holds weights only (export.py wrote it), no run to continue; start a new "
-                              f"run from it with --reset_state=True")
+        raise Error(f"{path} holds weights only (export.py wrote it), no run to continue; start a "
+                    f"new run from it with --reset_state=True")
     if continuing:
         state["config"] = {**EARLIER, **state["config"]}
         was = state["config"]["optimizer"]
-        if "optimizer" in explicit and config["optimizer"] != was:  # its state is the other optimizer's
-            raise Error(f"{path} was trained with optimizer={was} and --optimizer={config['optimizer']} "
-                                  f"cannot continue its state; leave it out, or start a new run from its weights "
-                                  f"(--init_from={path} --reset_state=True and another --out_dir)")
+        # its state is the other optimizer's
+        if "optimizer" in explicit and config["optimizer"] != was:
+            raise Error(f"{path} was trained with optimizer={was} and "
+                        f"--optimizer={config['optimizer']} cannot continue its state; leave it "
+                        f"out, or start a new run from its weights (--init_from={path} "
+                        f"--reset_state=True and another --out_dir)")
     # weights only (export.py, gpt2, hf:, nanogpt:) start a new run; a continued run never resets
     reset_state = "optimizers" not in state or (reset_state and not continuing)
     if reset_state:  # a new run keeps only the weights, and so their shape
         config = dict(config, **{k: args.get(k, defaults[k]) for k in SHAPE if k not in explicit})
     else:  # the run's own config; how this command starts (init_from, ...) is not the run's to set
         ours = explicit | {"init_from", "reset_state", "overwrite"}
-        config = dict(config, **{k: v for k, v in state["config"].items() if k in defaults and k not in ours})
+        config = dict(config, **{k: v for k, v in state["config"].items()
+                                 if k in defaults and k not in ours})
     return dict(init_from=init_from, path=path, state=state, continuing=continuing,
                 origin=state.get("origin") if continuing else origin,
                 config=dict(config, init_from=init_from, reset_state=reset_state))
@@ -368,12 +384,13 @@ def before_decay(path, state, config, n_windows, defaults, verbose=True):
         step_path, step = find(f"step_{began}", os.path.dirname(path), defaults)
     except Error as e:
         if verbose:
-            warn(f"the decay of {path} began at iter {began} and no checkpoint from there is usable "
-                 f"({e}); continuing from iter {state['iter_num']}, the learning rate back up")
+            warn(f"the decay of {path} began at iter {began} and no checkpoint from there is "
+                 f"usable ({e}); continuing from iter {state['iter_num']}, the learning rate "
+                 f"back up")
         return path, state
     if verbose:
-        print(f"extending a run whose decay began at iter {began}: continuing from {step_path}, saved there "
-              f"(best keeps the decayed weights until this run beats them)")
+        print(f"extending a run whose decay began at iter {began}: continuing from {step_path}, "
+              f"saved there (best keeps the decayed weights until this run beats them)")
     # the decay's weights are dropped, not its time or its best
     return step_path, dict(step, best_val_loss=min(step["best_val_loss"], state["best_val_loss"]),
                            wall_seconds=state.get("wall_seconds", 0.0))
@@ -405,19 +422,22 @@ def lock(out_dir):
             except BlockingIOError:
                 os.close(fd)
                 if time.time() > deadline:
-                    raise Error(f"{out_dir} is in use by {owner(out_dir)}; wait for it to end or stop it "
-                                f"(its Ctrl-C or SIGTERM saves), or use another --out_dir") from None
+                    raise Error(f"{out_dir} is in use by {owner(out_dir)}; wait for it to end or "
+                                f"stop it (its Ctrl-C or SIGTERM saves), or use another "
+                                f"--out_dir") from None
                 time.sleep(0.05)
                 continue
             if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break
-            os.close(fd)  # its owner removed it on exit between our open and flock: take the new one
+            # its owner removed it on exit between our open and flock: take the new one
+            os.close(fd)
         note = os.read(fd, 4096)
         if note.strip() and _parse_note(note) is None:
             os.close(fd)
-            raise Error(f"{path} is not a lock note of train.py's; move it away (it is left as it is)")
-        info = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
-                    command=shlex.join(sys.argv))
+            raise Error(f"{path} is not a lock note of train.py's; move it away "
+                        f"(it is left as it is)")
+        info = dict(pid=os.getpid(), host=socket.gethostname(),
+                    started=time.strftime("%Y-%m-%d %H:%M:%S"), command=shlex.join(sys.argv))
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
     except OSError as e:
@@ -426,9 +446,9 @@ def lock(out_dir):
     atexit.register(unlock)
     old = _parse_note(note)
     if old and old.get("host") == info["host"] and _alive_trainer(old.get("pid")):
-        warn(f"{path} names pid {old['pid']} on this host, still running, yet its lock did not hold: "
-             f"file locks do not work on this file system (some NFS setups); make sure no other training "
-             f"process writes into {out_dir}")
+        warn(f"{path} names pid {old['pid']} on this host, still running, yet its lock did not "
+             f"hold: file locks do not work on this file system (some NFS setups); make sure no "
+             f"other training process writes into {out_dir}")
 
 
 def _open_note(path, flags):
@@ -443,8 +463,8 @@ def _open_note(path, flags):
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
         os.close(fd)
-        raise Error(f"{path} is not train.py's lock note ({'a hard link' if stat.S_ISREG(st.st_mode) else 'not a file'}); "
-                    f"remove it")
+        raise Error(f"{path} is not train.py's lock note "
+                    f"({'a hard link' if stat.S_ISREG(st.st_mode) else 'not a file'}); remove it")
     return fd
 
 
@@ -458,7 +478,8 @@ def unlock():
                 os.remove(path)
             if created:
                 os.rmdir(os.path.dirname(path))  # only if empty
-        except OSError:  # not empty, or a read-only or vanished out_dir: the kernel still releases the lock
+        except OSError:
+            # not empty, or a read-only or vanished out_dir: the kernel still releases the lock
             pass
         os.close(fd)
     _held.clear()
@@ -482,7 +503,8 @@ def owner(out_dir):
         os.close(fd)
     if not info:
         return "another process (it recorded no details)"
-    return f"pid {info.get('pid')} on host {info.get('host')} since {info.get('started')}: {info.get('command')}"
+    return (f"pid {info.get('pid')} on host {info.get('host')} since {info.get('started')}: "
+            f"{info.get('command')}")
 
 
 def _parse_note(data):
@@ -505,9 +527,9 @@ def _alive_trainer(pid):
 # out_dir before the first write
 
 def files_kept(iters, tiers) -> int:
-    """How many checkpoint files the tiers can hold at once over the next `iters` iterations.
-    tiers: {name: (every, keep)}, a tier saved at most every `every` iterations (0: never) whose
-    newest `keep` files are kept (0: all). An upper bound: one save under several names is one file."""
+    """How many checkpoint files the tiers can hold at once over the next `iters` iterations. tiers:
+    {name: (every, keep)}, a tier saved at most every `every` iterations (0: never) whose newest
+    `keep` files are kept (0: all). An upper bound: one save under several names is one file."""
     return sum(min(int(iters // every), keep or iters) for every, keep in tiers.values() if every)
 
 
@@ -523,20 +545,23 @@ def prepare_out_dir(out_dir, *, new_run, file_bytes, files):
     free = shutil.disk_usage(out_dir).free
     have = checkpoint.disk_bytes(checkpoint.tier_files(out_dir).values())  # replaced, not added to
     if free < 2 * file_bytes:
-        raise Error(f"cannot save a checkpoint: one takes {file_bytes / 1e9:.1f} GB (twice that while it is "
-                    f"written) and {out_dir} has {free / 1e9:.1f} GB free; free space or use another --out_dir")
+        raise Error(f"cannot save a checkpoint: one takes {file_bytes / 1e9:.1f} GB (twice that "
+                    f"while it is written) and {out_dir} has {free / 1e9:.1f} GB free; free space "
+                    f"or use another --out_dir")
     need = files * file_bytes + file_bytes - have
     if need > free:
-        warn(f"the checkpoint tiers may need {need / 1e9:.1f} GB ({files} files of {file_bytes / 1e9:.1f} GB) "
-             f"and {out_dir} has {free / 1e9:.1f} GB free; lower keep_last / keep_epochs or raise "
-             f"rolling_interval, or free space")
+        warn(f"the checkpoint tiers may need {need / 1e9:.1f} GB ({files} files of "
+             f"{file_bytes / 1e9:.1f} GB) and {out_dir} has {free / 1e9:.1f} GB free; lower "
+             f"keep_last / keep_epochs or raise rolling_interval, or free space")
 
 
 def move_aside(out_dir) -> str:
-    """Move what a run wrote in out_dir (its tiers and RUN_FILES; nothing else, whatever else is there)
-    into out_dir/previous-<time>/, never deleted; returns that folder, or None if there was nothing."""
+    """Move what a run wrote in out_dir (its tiers and RUN_FILES; nothing else, whatever else is
+    there) into out_dir/previous-<time>/, never deleted; returns that folder, or None if there was
+    nothing."""
     names = [os.path.basename(p) for p in checkpoint.tier_files(out_dir).values()]
-    names += [n for n in sorted(os.listdir(out_dir)) if RUN_FILES.fullmatch(n)] if os.path.isdir(out_dir) else []
+    if os.path.isdir(out_dir):
+        names += [n for n in sorted(os.listdir(out_dir)) if RUN_FILES.fullmatch(n)]
     if not names:
         return None
     dest = os.path.join(out_dir, time.strftime("previous-%Y%m%d-%H%M%S"))
@@ -562,10 +587,12 @@ def keep_base(out_dir, path, state) -> dict:
         if os.path.exists(dest):
             os.remove(dest)
         try:
-            checkpoint.read_header(path)  # one of our files (an Error for gpt2, hf:, nanogpt: names)
+            # one of our files (an Error for gpt2, hf:, nanogpt: names)
+            checkpoint.read_header(path)
             os.link(path, dest)
         except (OSError, Error):  # another filesystem, or gpt2 / hf: / nanogpt: weights
-            checkpoint.save(dest, {k: state[k] for k in ("model", "model_args", "tokenizer") if k in state})
+            checkpoint.save(dest, {k: state[k] for k in ("model", "model_args", "tokenizer")
+                                   if k in state})
     except OSError as e:
         raise Error(f"cannot keep the base of this run as {dest}: {oneline(e)}") from None
     return {"path": "base.safetensors", "sha256": checkpoint.read_header(dest)["checksum"]}
@@ -593,4 +620,5 @@ def set_rng_state(tree: dict) -> None:
                          n["cached_gaussian"]))
     torch.set_rng_state(tree["torch"])
     if tree.get("cuda") and torch.cuda.is_initialized():
-        torch.cuda.set_rng_state(tree["cuda"][0])  # the current device's (older files: GPU 0's, rank 0's)
+        # the current device's (older files: GPU 0's, rank 0's)
+        torch.cuda.set_rng_state(tree["cuda"][0])

@@ -125,9 +125,8 @@ defaults = {k: v for k, v in globals().items()
 t_start = time.time()  # the run's wall time: this process's from here, earlier ones' in checkpoints
 
 # -----------------------------------------------------------------------------
-# config: the command line over the defaults. The same command line starts a run and, after a
-# crash, a Ctrl-C or a requeue, continues it: a run in out_dir is resumed (with its own config
-# under what this command sets), never silently started over
+# config: the command line over the defaults. Run again after a crash, a Ctrl-C or a requeue, the
+# same command resumes out_dir's run (its config under what it sets), never silently starting over
 if '--list' in sys.argv[1:]:
     cfg, _ = configure(defaults, [a for a in sys.argv[1:] if a != '--list'], source=__file__)
     print(runs.listing(cfg['out_dir'], defaults))
@@ -199,8 +198,7 @@ tiers = {'latest': (bool(ckpt_interval), 2), 'best': (save_best, 1),
          'step': (rolling_interval, keep_last),
          'epoch': (save_epochs and epoch_iters * max(1, math.ceil(rolling_interval / epoch_iters)),
                    keep_epochs)}
-# the loggers asked for, and eval_mcq's and eval_generate's files: a missing one stops the run
-# before anything is written
+# before anything is written, a missing logger or eval_mcq / eval_generate file stops the run
 eval_items, eval_prompt_list, eval_tokenizer = None, None, None
 if master_process:
     logs.check(config)
@@ -314,7 +312,8 @@ log = logs.Log(config, iter_num, wandb_id, continuing, active=master_process)
 flops_per_token = raw_model.flops_per_token()
 peak_flops = peak_flops or hardware.peak_flops(device, dtype)
 if master_process:
-    share = f" ({trained:,} of all {total:,} trained: {100 * trained / total:.2f}%)" if frozen else ""
+    share = (f" ({trained:,} of all {total:,} trained: {100 * trained / total:.2f}%)"
+             if frozen else "")
     peak = f'{peak_flops / 1e12:.3g} TFLOP/s' if peak_flops else 'an unknown peak'
     print(f"{raw_model.num_params() / 1e6:.2f}M parameters{share}, {tokens_per_iter:,} "
           f"tokens/iter, {n_windows:,} windows/epoch, device {device}, dtype {dtype}, "

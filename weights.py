@@ -44,9 +44,9 @@ ARG_RANGES = dict(n_layer=1024, n_head=1024, n_embd=1 << 16, block_size=1 << 20,
 
 
 def check_args(args) -> GPTConfig:
-    """The GPTConfig that model_args describe; Error with a one-line reason when they describe
-    no GPT: a size that is not an int in ARG_RANGES, another field not of its type (a number written
-    as a string, a null where no default stands in), n_embd not a multiple of n_head, an unknown key,
+    """The GPTConfig that model_args describe; Error with a one-line reason when they describe no
+    GPT: a size that is not an int in ARG_RANGES, another field not of its type (a number written as
+    a string, a null where no default stands in), n_embd not a multiple of n_head, an unknown key,
     or a model whose float32 weights alone would not fit in this machine's memory. It allocates
     nothing, so every loader (runs.find's checkpoints, interop's imports) asks it first."""
     if not isinstance(args, dict):
@@ -55,7 +55,8 @@ def check_args(args) -> GPTConfig:
         value = args.get(key)
         if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= top):
             raise Error(f"model_args {key}={value!r}: a size is an int from 1 to {top}")
-    counts = dict(padded_vocab_size=(args['vocab_size'], ARG_RANGES['vocab_size']), lora_rank=(0, ARG_RANGES['n_embd']))
+    counts = dict(padded_vocab_size=(args['vocab_size'], ARG_RANGES['vocab_size']),
+                  lora_rank=(0, ARG_RANGES['n_embd']))
     for f in fields(GPTConfig):
         if f.name in ARG_RANGES or f.name not in args:
             continue  # a size (above), or absent: its default stands in
@@ -68,29 +69,35 @@ def check_args(args) -> GPTConfig:
             if not (number and isinstance(value, int) and lo <= value <= hi):
                 raise Error(f"model_args {f.name}={value!r}: expected an int from {lo} to {hi}")
         elif f.type is float:
-            top = 1 if f.name.endswith('dropout') else math.inf  # dropout is a share; lora_alpha any scale
+            # dropout is a share; lora_alpha any scale
+            top = 1 if f.name.endswith('dropout') else math.inf
             if not (number and 0 <= value < top):
                 raise Error(f"model_args {f.name}={value!r}: expected a number in [0, {top})")
         elif f.type is bool and not isinstance(value, bool):
             raise Error(f"model_args {f.name}={value!r}: expected true or false")
     if args['n_embd'] % args['n_head']:
-        raise Error(f"model_args n_embd={args['n_embd']} is not a multiple of n_head={args['n_head']}")
+        raise Error(f"model_args n_embd={args['n_embd']} is not a multiple of "
+                    f"n_head={args['n_head']}")
     try:
         config = GPTConfig(**args)
         params = param_count(config)
     except Exception as e:
-        raise Error(f"its model_args build no model: {type(e).__name__}: {oneline(e)[:200]}") from None
+        raise Error(f"its model_args build no model: {type(e).__name__}: "
+                    f"{oneline(e)[:200]}") from None
     memory = memory_bytes()
-    if memory and params * 4 > memory:  # refused now, not after a minute of allocating into swap or MemoryError
-        raise Error(f"model_args describe a GPT of {params / 1e9:,.1f}B parameters, {params * 4 / 2**30:,.0f} GiB "
-                         f"in float32: more than this machine's {memory / 2**30:,.0f} GiB of memory")
+    # refused now, not after a minute of allocating into swap or MemoryError
+    if memory and params * 4 > memory:
+        raise Error(f"model_args describe a GPT of {params / 1e9:,.1f}B parameters, "
+                    f"{params * 4 / 2**30:,.0f} GiB in float32: more than this machine's "
+                    f"{memory / 2**30:,.0f} GiB of memory")
     return config
 
 
 def param_count(config: GPTConfig) -> int:
     """Parameters of GPT(config), the tied wte / lm_head once and its padding rows included: a
     one-layer model's on the meta device, its layer counted n_layer times (no memory, no time)."""
-    sizes = {k: math.prod(s) for k, s in state_shapes(replace(config, n_layer=1)).items() if k != 'lm_head.weight'}
+    sizes = {k: math.prod(s) for k, s in state_shapes(replace(config, n_layer=1)).items()
+             if k != 'lm_head.weight'}
     layer = sum(n for k, n in sizes.items() if k.startswith('transformer.h.0.'))
     return sum(sizes.values()) + (config.n_layer - 1) * layer
 
@@ -100,8 +107,8 @@ def check_finite(weights):
     exports garbage without a word (train.py stops before it would save one)."""
     for name, t in weights.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise Error(f"weight {name} holds nan or inf ({int((~torch.isfinite(t)).sum()):,} of {t.numel():,} "
-                             f"values): the model diverged or the file is damaged")
+            raise Error(f"weight {name} holds nan or inf ({int((~torch.isfinite(t)).sum()):,} of "
+                        f"{t.numel():,} values): the model diverged or the file is damaged")
 
 
 def check_state(state):
@@ -112,23 +119,25 @@ def check_state(state):
     expected = state_shapes(check_args(state.get('model_args')))
     weights = state['model']
     for key in expected.keys() | weights.keys():
-        if not isinstance(weights.get(key), torch.Tensor) or tuple(weights[key].shape) != expected.get(key):
-            raise Error(f"weight {key}: {tuple(getattr(weights.get(key), 'shape', ()))} where its model_args "
-                             f"make {tuple(expected[key]) if key in expected else 'none'}")
+        if (not isinstance(weights.get(key), torch.Tensor)
+                or tuple(weights[key].shape) != expected.get(key)):
+            raise Error(f"weight {key}: {tuple(getattr(weights.get(key), 'shape', ()))} where its "
+                        f"model_args make {tuple(expected[key]) if key in expected else 'none'}")
     check_finite(weights)
 
 
 def with_base(state, base) -> dict:
-    """An adapter state (a run with frozen weights saves only what trains) completed with the weights
-    of its base state: the base's weights, its vocabulary grown to the adapter's if the run extended it
-    (resize_vocab), and the adapter's own weights on top; of a wte that trained only its new rows
-    (new_tokens), the new rows."""
+    """An adapter state (a run with frozen weights saves only what trains) completed with the
+    weights of its base state: the base's weights, its vocabulary grown to the adapter's if the run
+    extended it (resize_vocab), and the adapter's own weights on top; of a wte that trained only its
+    new rows (new_tokens), the new rows."""
     weights, args = base['model'], base['model_args']
     if args['vocab_size'] != state['model_args']['vocab_size']:  # the run extended the vocabulary
         weights = resize_vocab(weights, args['vocab_size'], state['model_args']['vocab_size'])
     weights = dict(weights)
     for name, t in state['model'].items():
-        if name == 'transformer.wte.weight' and t.size(0) < weights[name].size(0):  # new_tokens: the new rows
+        # new_tokens: the new rows
+        if name == 'transformer.wte.weight' and t.size(0) < weights[name].size(0):
             t = torch.cat([weights[name][:-t.size(0)], t])
         weights[name] = t
     weights['lm_head.weight'] = weights['transformer.wte.weight']  # tied
@@ -149,23 +158,24 @@ def load_base(model, state_dict):
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if not k.endswith(('.lora_A', '.lora_B'))]
     if missing or unexpected:
-        raise Error(f"base weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise Error(f"base weights do not fit the model: missing {missing[:3]}, "
+                    f"unexpected {unexpected[:3]}")
 
 
 TRAINABLE = ('wte', 'wpe', 'ln', 'new_tokens', 'all')
 
 
 def mark_trainable(model, trainable='', base_vocab_size=None):
-    """Choose what trains: every LoRA adapter plus what `trainable` names, comma-separated:
-    wte (the token embeddings, and so the tied lm_head), wpe, ln (every LayerNorm), new_tokens
-    (only the wte rows of an extended vocabulary: ids >= base_vocab_size) or all. Everything else
-    gets requires_grad False, so optim.configure_optimizers leaves it out. Call it before the optimizer,
+    """Choose what trains: every LoRA adapter plus what `trainable` names, comma-separated: wte (the
+    token embeddings, and so the tied lm_head), wpe, ln (every LayerNorm), new_tokens (only the wte
+    rows of an extended vocabulary: ids >= base_vocab_size) or all. Everything else gets
+    requires_grad False, so optim.configure_optimizers leaves it out. Call it before the optimizer,
     torch.compile and DDP, once per model."""
     names = [t.strip() for t in (trainable or '').split(',') if t.strip()]
     bad = [t for t in names if t not in TRAINABLE]
     if bad or ('new_tokens' in names and {'wte', 'all'} & set(names)):
-        raise Error(f"trainable={trainable!r}: expected a comma-separated list of {', '.join(TRAINABLE)} "
-                         f"(new_tokens is a part of wte: name one of them)")
+        raise Error(f"trainable={trainable!r}: expected a comma-separated list of "
+                    f"{', '.join(TRAINABLE)} (new_tokens is a part of wte: name one of them)")
     wanted = {'lora', *names, *(['wte'] if 'new_tokens' in names else [])}
     for name, p in model.named_parameters():  # the tied wte / lm_head comes once, as wte
         group = ('lora' if name.endswith(('.lora_A', '.lora_B')) else 'ln' if '.ln_' in name
@@ -175,20 +185,22 @@ def mark_trainable(model, trainable='', base_vocab_size=None):
     if 'new_tokens' in names:
         if base_vocab_size is None or not 0 < base_vocab_size < model.config.vocab_size:
             raise Error(f"trainable=new_tokens needs the base vocabulary size, below this model's "
-                             f"{model.config.vocab_size}, got {base_vocab_size}")
+                        f"{model.config.vocab_size}, got {base_vocab_size}")
         model.frozen_wte_rows = base_vocab_size
-        # A zero gradient on the base rows from the first step keeps them bit-identical under AdamW:
-        # both moments stay zero, so the update is 0 / (sqrt(0) + eps) = 0, and the embeddings get no
-        # weight decay (optim.configure_optimizers). The hook sees the sum of the wte and lm_head gradients.
-        wte.register_hook(lambda g: torch.cat([torch.zeros_like(g[:base_vocab_size]), g[base_vocab_size:]]))
+        # A zero gradient on the base rows from the first step keeps them bit-identical under
+        # AdamW: both moments stay zero, so the update is 0 / (sqrt(0) + eps) = 0, and the
+        # embeddings get no weight decay (optim.configure_optimizers). The hook sees the sum of the
+        # wte and lm_head gradients.
+        wte.register_hook(lambda g: torch.cat([torch.zeros_like(g[:base_vocab_size]),
+                                               g[base_vocab_size:]]))
     if not any(p.requires_grad for p in model.parameters()):
-        raise Error("nothing to train: the model has no LoRA adapters (lora_rank=0) and trainable is "
-                         "empty (set trainable=all for a full fine-tune, or lora_rank > 0)")
+        raise Error("nothing to train: the model has no LoRA adapters (lora_rank=0) and trainable "
+                    "is empty (set trainable=all for a full fine-tune, or lora_rank > 0)")
 
 
 def count_params(model) -> tuple[int, int]:
     """(trainable, total) parameters, as train.py prints them: a tied tensor counts once, wte's
-    padding rows not at all, and with trainable=new_tokens only the new rows of wte are trainable."""
+    padding rows not at all, and with trainable=new_tokens only wte's new rows are trainable."""
     cfg, wte = model.config, model.transformer.wte.weight
     others = [p for p in model.parameters() if p is not wte]
     trainable = sum(p.numel() for p in others if p.requires_grad)
@@ -198,19 +210,20 @@ def count_params(model) -> tuple[int, int]:
 
 def resize_vocab(state_dict, vocab_size, new_vocab_size) -> dict:
     """A model state_dict of a vocab_size vocabulary with wte and the tied lm_head grown to
-    new_vocab_size (plus pad_vocab's padding), to load a base checkpoint into a model whose tokenizer
-    extends the base's (prepare.py --extend_vocab). Old rows stay exactly, padding rows are zero, and
-    new rows start as the mean of the old rows (Hewitt 2021, "Initializing New Word Embeddings for
-    Pretrained Language Models"; torchtune's default too): a new token's logit h . mean is then the
-    average of the old logits, so it starts neither likely nor impossible and the loss does not
-    spike, as it can when random rows of another norm dominate the softmax."""
+    new_vocab_size (plus pad_vocab's padding), to load a base checkpoint into a model whose
+    tokenizer extends the base's (prepare.py --extend_vocab). Old rows stay exactly, padding rows
+    are zero, and new rows start as the mean of the old rows (Hewitt 2021, "Initializing New Word
+    Embeddings for Pretrained Language Models"; torchtune's default too): a new token's logit
+    h . mean is then the average of the old logits, so it starts neither likely nor impossible and
+    the loss does not spike, as it can when random rows of another norm dominate the softmax."""
     if new_vocab_size < vocab_size:
         raise ValueError(f"resize_vocab only grows a vocabulary: {vocab_size} -> {new_vocab_size}")
     old = state_dict['transformer.wte.weight']
     wte = old.new_zeros(pad_vocab(new_vocab_size), old.size(1))
     wte[:vocab_size] = old[:vocab_size]
     wte[vocab_size:new_vocab_size] = old[:vocab_size].float().mean(0).to(old.dtype)
-    return {**state_dict, 'transformer.wte.weight': wte, 'lm_head.weight': wte}  # still one tied tensor
+    # still one tied tensor
+    return {**state_dict, 'transformer.wte.weight': wte, 'lm_head.weight': wte}
 
 
 def trained_weights(model) -> dict:
