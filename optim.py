@@ -88,13 +88,10 @@ def wte_moments(state, optimizer, model, cut):
 
 
 class Muon(torch.optim.Muon):
-    """torch.optim.Muon with its Newton-Schulz iteration in float32 on a CPU, torch's own step
-    elsewhere. torch orthogonalises in bfloat16, which tensor cores make fast; a CPU without
-    AVX512-BF16 multiplies bfloat16 ~10x slower than float32 (a 128x512 by 512x128 product: 2.8 ms
-    against 0.27 ms), and on the default model (1 thread) torch's step made an iteration 22% slower
-    than AdamW's, this one 3%. The update is torch's otherwise: with ns_dtype = torch.bfloat16 it is
-    bit-identical (tests/test_optim.py), and the state is the same, so a checkpoint moves between
-    CPU and GPU."""
+    """torch.optim.Muon with its Newton-Schulz iteration in float32 on a CPU (torch's bfloat16 is
+    for tensor cores, and ~10x slower than float32 on a CPU: docs/training.md), torch's own step
+    elsewhere. Otherwise the update is torch's (bit for bit with ns_dtype = torch.bfloat16, in
+    tests/test_optim.py) and so is the state: a checkpoint moves between CPU and GPU."""
     ns_dtype = torch.float32
 
     @torch.no_grad()
