@@ -339,6 +339,44 @@ def parse_mixture(spec) -> list:
     return [(n, w / total) for n, w in out]
 
 
+def mixture_windows(positions, sizes, weights, count, seed) -> tuple:
+    """The next `count` windows of a mixture [(dataset, window)], in order, and the positions after
+    them: mixture_order picks each one's dataset, next_windows its window in that dataset's epoch
+    order."""
+    order = mixture_order(positions, sizes, weights, count) if len(sizes) > 1 else [0] * count
+    picks, after = [None] * count, list(positions)
+    for d, size in enumerate(sizes):
+        slots = [k for k, o in enumerate(order) if o == d]
+        windows, after[d] = next_windows(positions[d], len(slots), size, seed, d)
+        for k, w in zip(slots, windows):
+            picks[k] = (d, int(w))
+    return picks, after
+
+
+def model_tokenizer(datasets) -> dict:
+    """The tokenizer record a model of datasets (open_dataset's) uses: the one whose ids every
+    other's agree with (an extended tokenizer, prepare.py --extend_vocab, agrees with its base's
+    ids; the larger is the model's), with the template of their conversations. Error when two
+    disagree, or render conversations with different templates."""
+    toks = [d["tokenizer"] for d in datasets]
+    model = max(toks, key=lambda t: t["vocab_size"])
+    for d, tok in zip(datasets, toks):
+        if not extends(model, tok):
+            first = datasets[toks.index(model)]
+            raise Error(f"the tokenizers of {first['name']} and {d['name']} disagree "
+                        f"({model['kind']} {model['fingerprint'][:12]} vs {tok['kind']} "
+                        f"{tok['fingerprint'][:12]}); prepare them with one tokenizer "
+                        f"(--tokenizer=PATH/tokenizer.json, optionally --extend_vocab=N)")
+    templates = {json.dumps(t["template"]): d["name"] for d, t in zip(datasets, toks)
+                 if "template" in t}
+    if len(templates) > 1:
+        raise Error(f"{' and '.join(templates.values())} render conversations with different "
+                    f"templates (meta.json's 'template'); prepare them with one --template")
+    if templates:
+        model = dict(model, template=json.loads(next(iter(templates))))
+    return model
+
+
 def mixture_order(positions, sizes, weights, count) -> list:
     """The dataset of each of the next `count` windows of a mixture: the one furthest behind its
     share of all windows taken so far (the first of equals). A function of the positions alone
@@ -366,7 +404,8 @@ def open_dataset(data_dir, name, block_size, splits=SPLITS) -> dict:
             raise Error(f"{path} {split} split has {len(tokens)} tokens, fewer than "
                         f"block_size+1={block_size + 1}; use a smaller --block_size or a larger "
                         f"corpus")
-        part = dict(tokens=tokens, flags=None, windows=None, n=(len(tokens) - 1) // block_size)
+        part = dict(name=name, tokens=tokens, flags=None, windows=None,
+                    n=(len(tokens) - 1) // block_size)
         if meta.get("flagged"):
             part["flags"] = np.memmap(os.path.join(path, f"{split}.mask"), dtype=np.uint8, mode="r")
             starts = np.fromfile(os.path.join(path, f"{split}.idx"), dtype=np.uint64)
@@ -376,11 +415,11 @@ def open_dataset(data_dir, name, block_size, splits=SPLITS) -> dict:
     return out
 
 
-def batch(parts, picks, block_size, eot_id, every_token=False) -> tuple:
-    """(xy, trained) for windows picks [(dataset, window)] of parts (each an open_dataset split):
-    xy (B, block_size + 1) token ids, a packed window padded with end-of-text; trained (B,
-    block_size) bool, whether each target counts in the loss: flagged (or, with every_token, any
-    real token), never padding."""
+def batch(parts, picks, block_size, eot_id, vocab_size, every_token=False) -> tuple:
+    """(xy, counted) for windows picks [(dataset, window)] of parts (open_dataset splits): xy
+    (B, 2 * block_size) int64, the inputs x then the targets y, a packed window padded with
+    end-of-text and y -1 where a target does not count in the loss (not flagged, unless
+    every_token; padding never); counted: how many do. Error for a token id past vocab_size."""
     xy = np.full((len(picks), block_size + 1), eot_id, dtype=np.int64)
     trained = np.ones((len(picks), block_size), dtype=bool)
     for r, (d, w) in enumerate(picks):
@@ -393,12 +432,17 @@ def batch(parts, picks, block_size, eot_id, every_token=False) -> tuple:
         trained[r] = np.arange(1, block_size + 1) < n
         if not every_token:
             trained[r, :n - 1] &= part["flags"][a + 1:a + n].astype(bool)
-    return xy, trained
+    if xy.max() >= vocab_size:  # past the embedding: a traceback on a CPU, an assert on a GPU
+        name = parts[picks[int(xy.max(axis=1).argmax())][0]]["name"]
+        raise Error(f"{name} holds token id {xy.max()} but the model's vocabulary has {vocab_size} "
+                    f"tokens (the dataset is damaged; rebuild it: python prepare.py --force ...)")
+    y = xy[:, 1:] if trained.all() else np.where(trained, xy[:, 1:], -1)
+    return np.concatenate([xy[:, :-1], y], axis=1), int(trained.sum())
 
 
 def count_trained(parts, picks, block_size, every_token=False) -> int:
-    """The targets of windows picks that count in the loss (as batch() flags them), read off the
-    flags alone: what a training step divides its summed loss by."""
+    """The targets of windows picks that count in the loss (as batch() says), read off the flags
+    alone: what a training step divides its summed loss by."""
     total = 0
     for d, w in picks:
         part = parts[d]

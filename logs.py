@@ -5,6 +5,7 @@ line or eval.
 
     check(config)                           the loggers asked for import, before anything is written
     Log(config, iter_num, wandb_id, ...)    .write(record), .close(); rank 0's, nothing for others
+    iter_line(record, max_iters, left)      the log line of an iteration's record
     trim(out_dir, last_iter)                a resumed run's log.jsonl holds each iteration once
     write_summary(out_dir, summary)
 
@@ -94,7 +95,8 @@ class Log:
         """record to log.jsonl, and its numbers to wandb and TensorBoard; a failed write sets
         .error."""
         step = record['step']
-        scalars = {KEYS[k]: v for k, v in record.items() if k in KEYS and v is not None}
+        scalars = {KEYS.get(k, f'eval/{k}'): v for k, v in record.items()  # eval/val_loss/NAME
+                   if (k in KEYS or k.startswith('val_loss/')) and v is not None}
         try:
             path = os.path.join(self.out_dir, 'log.jsonl')
             with open(path, 'a') as f:
@@ -159,6 +161,21 @@ def trim(out_dir, last_iter):
     if damaged:
         warn(f"{path}: {len(damaged)} damaged lines (not a record with a step count) set aside in "
              f"log.jsonl.dropped")
+
+
+def iter_line(r, max_iters, left) -> str:
+    """The log line of train.py's record r, `left` its estimate of the seconds to go:
+    iter 120/1850: loss 4.7019, lr 8.00e-03, 220.6ms, 9.3k tok/s, mfu 33.2%, eta 6.4min"""
+    speed = "warm-up"  # the first interval's time holds the start-up: not a speed
+    if r['ms_per_iter']:
+        mfu = f"{r['mfu']:.1f}%" if r['mfu'] else 'unknown'
+        eta = (f"{left / 3600:.1f}h" if left >= 7200 else f"{left / 60:.1f}min" if left >= 60
+               else f"{left:.0f}s")
+        speed = (f"{r['ms_per_iter']:.1f}ms, {r['tokens_per_sec'] / 1000:.1f}k tok/s, mfu {mfu}, "
+                 f"eta {eta}")
+    if 'peak_mem_gib' in r:  # this rank's peak GPU memory: used by tensors, and held
+        speed += f", {r['peak_mem_gib']:.1f} GiB ({r['peak_mem_reserved_gib']:.1f} reserved)"
+    return f"iter {r['step']}/{max_iters}: loss {r['loss']:.4f}, lr {r['lr']:.2e}, {speed}"
 
 
 def write_summary(out_dir, summary):

@@ -181,10 +181,11 @@ class Block(nn.Module):
 
 
 class CrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(logits, targets, ignore_index=-1), with less memory traffic over the (N, V)
-    logits: log_softmax's output and nll_loss's zero-filled gradient are never made, and the
-    gradient softmax - onehot is built in row chunks that stay in cache. On a CPU the stock
-    version's passes over the logits took a fifth of a training iteration (bench/bench_train.py)."""
+    """F.cross_entropy(logits, targets, ignore_index=-1) (0 when every target is ignored), with less
+    memory traffic over the (N, V) logits: log_softmax's output and nll_loss's zero-filled
+    gradient are never made, and the gradient softmax - onehot is built in row chunks that stay in
+    cache. On a CPU the stock version's passes over the logits took a fifth of a training
+    iteration (bench/bench_train.py)."""
 
     @staticmethod
     def forward(ctx, logits, targets):
@@ -194,12 +195,12 @@ class CrossEntropy(torch.autograd.Function):
         picked = logits.gather(1, targets.clamp(min=0)[:, None])[:, 0].float()
         n = valid.sum()
         ctx.save_for_backward(logits, targets, lse, n)
-        return ((lse - picked) * valid).sum() / n  # nan when every target is ignored, like F
+        return ((lse - picked) * valid).sum() / n.clamp(min=1)  # 0, not nan, when none counts
 
     @staticmethod
     def backward(ctx, grad):
         logits, targets, lse, n = ctx.saved_tensors
-        scale = ((targets != -1) * (grad / n))[:, None]  # (N, 1); ignored rows get no gradient
+        scale = ((targets != -1) * (grad / n.clamp(min=1)))[:, None]  # (N, 1); ignored: no gradient
         out = torch.empty_like(logits, dtype=torch.float32)
         for s in range(0, logits.size(0), 64):  # 64 rows of an 8192 vocab: 2 MB, in cache
             # softmax
@@ -277,8 +278,9 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):
         """idx, targets: (B, T) token ids, targets may use -1 for 'ignore'.
-        With targets: logits (B, T, V) and the mean cross-entropy. Without (inference):
-        logits (B, 1, V) of the last position only, and loss None."""
+        With targets: logits (B, T, V) and the mean cross-entropy over the targets that are not
+        -1 (0 when none is). Without (inference): logits (B, 1, V) of the last position only, and
+        loss None."""
         x = self.hidden_states(idx)
         V = self.config.vocab_size
         if targets is not None:
@@ -288,7 +290,9 @@ class GPT(nn.Module):
             if logits.device.type == 'cpu':
                 loss = CrossEntropy.apply(logits2d, targets1d)
             else:
-                loss = F.cross_entropy(logits2d, targets1d, ignore_index=-1)
+                counted = (targets1d != -1).sum().clamp(min=1)  # prompts only: 0, not nan
+                loss = F.cross_entropy(logits2d, targets1d, ignore_index=-1,
+                                       reduction='sum') / counted
         else:
             # the vocab projection is the biggest matmul: only run it where it is used
             logits = self.lm_head(x[:, [-1], :])[..., :V]  # list index keeps the time dim

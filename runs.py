@@ -45,7 +45,7 @@ import torch
 import checkpoint
 import interop
 from configurator import check_ranges, fits
-from dataset import KINDS
+from dataset import KINDS, parse_mixture
 from errors import Error, oneline, warn
 from files import check_writable, fsync
 from model import GPTConfig
@@ -87,9 +87,11 @@ def whole(state, path, defaults=None, bases=None) -> dict:
     if "optimizers" not in state:
         return state
     pos, opts, config = state.get("data_pos"), state["optimizers"], state.get("config")
+    # (epoch, index), or one a dataset for a mixture
+    positions = pos if isinstance(pos, list) and pos and isinstance(pos[0], list) else [pos]
     if not (isinstance(state.get("iter_num"), int) and state["iter_num"] >= 0
-            and isinstance(pos, list) and len(pos) == 2
-            and all(isinstance(p, int) and p >= 0 for p in pos)):
+            and all(isinstance(p, list) and len(p) == 2
+                    and all(isinstance(k, int) and k >= 0 for k in p) for p in positions)):
         raise Error("unusable checkpoint (its iteration or data position is not a count)")
     if not (isinstance(opts, dict)
             and all(isinstance(o, dict) and isinstance(o.get("state"), dict)
@@ -260,7 +262,8 @@ def check_config(c, where=''):
     check_ranges(c, RANGES, where)
     if c['n_embd'] % c['n_head']:
         raise Error(f"n_embd={c['n_embd']} must be a multiple of n_head={c['n_head']}{where}")
-    for key, allowed in (('optimizer', CHOICES), ('lr_schedule', ('wsd', 'cosine'))):
+    for key, allowed in (('optimizer', CHOICES), ('lr_schedule', ('wsd', 'cosine')),
+                         ('loss_tokens', ('flagged', 'all'))):
         if c[key] not in allowed:
             raise Error(f"{key}={c[key]!r} must be one of {', '.join(allowed)}{where}")
     if c['min_lr'] > c['learning_rate']:
@@ -268,7 +271,20 @@ def check_config(c, where=''):
                     f"decay would raise the rate{where}; set min_lr at most learning_rate")
     if not c['out_dir']:
         raise Error("out_dir is empty (name a folder, e.g. --out_dir=out)")
+    trains = [name for name, _ in parse_mixture(c['dataset'])]
+    for name in eval_names(c['eval_datasets']):
+        if name in trains:
+            raise Error(f"eval_datasets names {name}, which the run trains on: its val loss is "
+                        f"logged already{where}")
     GPTConfig(lora_rank=c['lora_rank'], lora_targets=c['lora_targets'])  # an Error for bad targets
+
+def eval_names(spec) -> list:
+    """The dataset names of eval_datasets ('a,b'), each once."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise Error(f"eval_datasets={spec!r} names {', '.join(twice)} twice")
+    return names
 
 # -----------------------------------------------------------------------------
 # how a training run starts or continues
@@ -356,8 +372,8 @@ def start_point(config, explicit, defaults) -> dict:
 # that long from the start, where continuing from its end would re-warm annealed weights (Hagele et
 # al. 2024, https://arxiv.org/abs/2405.18392, sec. 3)
 def decay_start(c, n_windows):
-    """The iteration where the wsd decay of a run with config c begins (n_windows: per epoch, for
-    max_epochs); None for cosine."""
+    """The iteration where the wsd decay of a run with config c begins (n_windows: as for
+    planned_iters); None for cosine."""
     if c["lr_schedule"] != "wsd":
         return None
     end = c["lr_decay_iters"] or planned_iters(c, n_windows)
@@ -366,7 +382,8 @@ def decay_start(c, n_windows):
 
 def planned_iters(c, n_windows) -> int:
     """The iterations a run with config c trains: max_iters, or fewer when max_epochs ends it first
-    (n_windows: per epoch)."""
+    (n_windows: windows an epoch of its first dataset takes of the training order, its windows over
+    its share of a mixture)."""
     if c["max_epochs"] is None:
         return c["max_iters"]
     windows_per_iter = c["batch_size"] * c["gradient_accumulation_steps"]

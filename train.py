@@ -48,7 +48,9 @@ sys.excepthook = report  # an Error is one line, 'train.py: error: ...' (once a 
 # I/O
 out_dir = 'out'
 data_dir = 'data'
-dataset = 'stdlib'
+dataset = 'stdlib'  # a prepared dataset, or a mixture with relative weights: 'qa:0.8,stdlib:0.2'
+eval_datasets = ''  # more datasets whose val loss each eval logs, comma-separated (forgetting)
+loss_tokens = 'flagged'  # 'flagged': the loss on the tokens prepare.py flags (answers); 'all'
 # 'auto' (resume the run in out_dir if any, else scratch), 'scratch', 'resume', a checkpoint name
 # or path, or another format's weights: gpt2 .. gpt2-xl, hf:DIR (Hugging Face GPT-2), nanogpt:PATH
 init_from = 'auto'
@@ -77,10 +79,8 @@ lora_rank = 0  # rank of the adapters; 0: none (and with trainable empty, every 
 lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0
 lora_targets = 'attn.c_attn,attn.c_proj'  # any of attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
-# besides adapters, comma-separated: wte, wpe, ln, new_tokens (an extended vocabulary's rows), all
-trainable = ''
-# batch: the global batch is batch_size * gradient_accumulation_steps sequences on any number of
-# processes
+trainable = ''  # besides adapters: wte, wpe, ln, new_tokens (an extended vocabulary's rows), all
+# batch: the global batch is batch_size * gradient_accumulation_steps windows, on any world size
 batch_size = 16
 gradient_accumulation_steps = 1
 max_iters = 1850  # 7-9 min on 2 CPU cores: the time of the 2,000 AdamW iterations of before
@@ -172,32 +172,31 @@ torch.manual_seed(seed + rank)
 np.random.seed(seed + rank)
 
 # -----------------------------------------------------------------------------
-# data: fixed windows of block_size + 1 tokens, visited once per epoch in an order that is a
-# function of (seed, epoch); the position (epoch, index) is global, so any number of ranks agree
-data_path = os.path.join(data_dir, dataset)
-meta = ds.read_meta(data_path)
-tokenizer = ds.tokenizer_state(data_path)
-vocab_size = tokenizer['vocab_size']
-train_data, val_data = ds.open_split(data_path, 'train'), ds.open_split(data_path, 'val')
-for split, arr in (('train', train_data), ('val', val_data)):
-    if len(arr) < block_size + 1:
-        raise Error(f"{data_path} {split} split has {len(arr)} tokens, fewer than "
-                    f"block_size+1={block_size + 1}; use a smaller --block_size or a larger corpus")
-n_windows = (len(train_data) - 1) // block_size
+# data: windows of block_size + 1 tokens (question/answer data: whole examples packed in them), in
+# an order that is a function of (seed, epoch), each dataset of a mixture at its own (epoch, index)
+mixture = ds.parse_mixture(dataset)
+data = [ds.open_dataset(data_dir, name, block_size) for name, _ in mixture]
+watched = [ds.open_dataset(data_dir, name, block_size, splits=('val',))
+           for name in runs.eval_names(eval_datasets)]
+tokenizer = ds.model_tokenizer(data + watched)  # the model's: every dataset's ids agree with it
+shares, sizes = [w for _, w in mixture], [d['train']['n'] for d in data]  # windows per epoch
+vocab_size, n_windows = tokenizer['vocab_size'], sizes[0]  # an epoch is the first dataset's
+data_fingerprint = ds.mixture_fingerprint([(d['meta'], w) for d, w in zip(data, shares)])
+loss_on = ''  # with question/answer data, the log says which tokens the loss is on
+if any(d['meta'].get('flagged') for d in data + watched):
+    loss_on = 'on the flagged tokens' if loss_tokens == 'flagged' else 'on every token'
 windows_per_iter = batch_size * gradient_accumulation_steps
 tokens_per_iter = windows_per_iter * block_size
-max_iters = runs.planned_iters(config, n_windows)
-wsd_start = runs.decay_start(config, n_windows)  # None for cosine
+max_iters = runs.planned_iters(config, n_windows / shares[0])
+wsd_start = runs.decay_start(config, n_windows / shares[0])  # None for cosine
 if continuing:  # a longer wsd run continues from where its decay began
-    ckpt_path, ckpt = runs.before_decay(ckpt_path, ckpt, config, n_windows, defaults,
+    ckpt_path, ckpt = runs.before_decay(ckpt_path, ckpt, config, n_windows / shares[0], defaults,
                                         verbose=master_process)
-# the checkpoint tiers besides the one-file `latest` and `best`: {tier: (every so many iterations,
-# files kept)}; epoch_ files come at most once per rolling_interval
-epoch_iters = n_windows / windows_per_iter
+# checkpoint tiers: {tier: (every so many iterations, files kept)}, epoch_ at most one a rolling
+epoch_iters = n_windows / shares[0] / windows_per_iter
+every_epoch = save_epochs and epoch_iters * max(1, math.ceil(rolling_interval / epoch_iters))
 tiers = {'latest': (bool(ckpt_interval), 2), 'best': (save_best, 1),
-         'step': (rolling_interval, keep_last),
-         'epoch': (save_epochs and epoch_iters * max(1, math.ceil(rolling_interval / epoch_iters)),
-                   keep_epochs)}
+         'step': (rolling_interval, keep_last), 'epoch': (every_epoch, keep_epochs)}
 # before anything is written, a missing logger or eval_mcq / eval_generate file stops the run
 eval_items, eval_prompt_list, eval_tokenizer = None, None, None
 if master_process:
@@ -208,17 +207,17 @@ if master_process:
         eval_tokenizer = ds.load_tokenizer(tokenizer)
 
 
-def get_batch(data, windows):
-    xy = np.stack([data[w * block_size: (w + 1) * block_size + 1] for w in windows])  # (B, T + 1)
-    if xy.max() >= vocab_size:  # past the embedding: a traceback on a CPU, a device assert on a GPU
-        raise Error(f"{data_path} holds token id {xy.max()} but its vocabulary has {vocab_size} "
-                    f"tokens (the dataset is damaged; rebuild it: python prepare.py --force ...)")
-    xy = torch.from_numpy(xy.astype(np.int64))
+def get_batch(split, picks):
+    """x, y (B, T) on the device for picks [(dataset, window)], y -1 where a target does not count
+    in the loss, and the number of those that do."""
+    xy, counted = ds.batch([d.get(split) for d in data + watched], picks, block_size,
+                           tokenizer['eot_id'], vocab_size, loss_tokens == 'all')
+    xy = torch.from_numpy(xy)
     if device_type == 'cuda':
         # one contiguous pinned copy, sliced on the GPU: pinning the strided x / y views would
         # stage each through an unpinned temporary, and the copy could not overlap compute
         xy = xy.pin_memory().to(device, non_blocking=True)
-    return xy[:, :-1], xy[:, 1:]
+    return xy[:, :block_size], xy[:, block_size:], counted
 
 
 # -----------------------------------------------------------------------------
@@ -228,7 +227,7 @@ model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in con
 model_args.update(vocab_size=vocab_size, padded_vocab_size=pad_vocab(vocab_size))
 weights = None
 if ckpt is not None:
-    ds.check_fits(ckpt, ckpt_path, data_path, tokenizer, meta, new_run=reset_state)
+    ds.check_fits(ckpt, ckpt_path, dataset, tokenizer, data_fingerprint, new_run=reset_state)
     args, weights = ckpt['model_args'], ckpt['model']
     if not continuing and args.get('lora_rank'):
         raise Error(f"{ckpt_path} is a LoRA checkpoint; to build on it, export it merged first "
@@ -252,13 +251,15 @@ if fp8:  # before the optimizer and compile see the layers
 optimizers = optim.configure_optimizers(model, weight_decay, learning_rate, (beta1, beta2),
                                         device_type, optimizer)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-iter_num, pos, best_val_loss, wandb_id, last_eval, run_seconds = 0, (0, 0), math.inf, None, {}, 0.0
+iter_num, best_val_loss, wandb_id, last_eval, run_seconds = 0, math.inf, None, {}, 0.0
+positions = [(0, 0)] * len(data)  # each dataset's (epoch, index) in its order
 last_epoch_ckpt = None  # iteration of the newest epoch_ checkpoint
 if ckpt is not None and not reset_state:
     optim.load_state_dicts(optimizers, ckpt['optimizers'], model, ckpt_path)
     if ckpt['scaler']:  # empty when the run was not float16: a fresh scaler keeps its defaults
         scaler.load_state_dict(ckpt['scaler'])
-    iter_num, pos, best_val_loss = ckpt['iter_num'], tuple(ckpt['data_pos']), ckpt['best_val_loss']
+    iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+    positions = [tuple(p) for p in (ckpt['data_pos'] if len(data) > 1 else [ckpt['data_pos']])]
     last_epoch_ckpt, wandb_id = ckpt.get('last_epoch_ckpt'), ckpt.get('wandb_id')
     run_seconds = ckpt.get('wall_seconds', 0.0)  # the earlier processes' time, up to this one
     last_eval = {'train': ckpt['train_loss'], 'val': ckpt['val_loss']}
@@ -268,8 +269,8 @@ if ckpt is not None and not reset_state:
     if rank < len(rngs):
         runs.set_rng_state(rngs[rank])
     if master_process:
-        print(f"resumed from {ckpt_path} at iter {iter_num}, epoch {pos[0]}, "
-              f"window {pos[1]}/{n_windows}")
+        print(f"resumed from {ckpt_path} at iter {iter_num}, epoch {positions[0][0]}, "
+              f"window {positions[0][1]}/{n_windows}")
 if ddp:  # each rank found its own start point: on node-local disks they can differ
     runs.check_same_start(iter_num, ckpt_path, world_size)
 if iter_num >= max_iters:  # a finished run, run again: it says so and starts nothing
@@ -279,8 +280,7 @@ if iter_num >= max_iters:  # a finished run, run again: it says so and starts no
     if ddp:
         dist.destroy_process_group()
     sys.exit(0)
-if compile is None:
-    compile = device_type == 'cuda'
+compile = device_type == 'cuda' if compile is None else compile
 raw_model = model  # plain module: what checkpoints save, so no '_orig_mod.' or 'module.' prefixes
 if compile:
     model = torch.compile(model)
@@ -312,12 +312,12 @@ log = logs.Log(config, iter_num, wandb_id, continuing, active=master_process)
 flops_per_token = raw_model.flops_per_token()
 peak_flops = peak_flops or hardware.peak_flops(device, dtype)
 if master_process:
-    share = (f" ({trained:,} of all {total:,} trained: {100 * trained / total:.2f}%)"
-             if frozen else "")
+    part = (f" ({trained:,} of all {total:,} trained: {100 * trained / total:.2f}%)"
+            if frozen else "")
     peak = f'{peak_flops / 1e12:.3g} TFLOP/s' if peak_flops else 'an unknown peak'
-    print(f"{raw_model.num_params() / 1e6:.2f}M parameters{share}, {tokens_per_iter:,} "
+    print(f"{raw_model.num_params() / 1e6:.2f}M parameters{part}, {tokens_per_iter:,} "
           f"tokens/iter, {n_windows:,} windows/epoch, device {device}, dtype {dtype}, "
-          f"{world_size} process(es), MFU against {peak}")
+          f"{world_size} process(es), MFU against {peak}, the loss {loss_on or 'on every token'}")
 # a stop signal only sets a flag; the loop saves at the next iteration boundary and exits. SIGUSR1:
 # SLURM's warning before preemption (--signal=USR1@120); SIGHUP: torchrun forwards it
 stop_signal = None
@@ -352,26 +352,28 @@ def get_lr(it):
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss on the same fixed windows of each split every time, split across ranks. Whole
-    batches only: a short last batch would make torch.compile recompile for its shape."""
+    """{(dataset, split): mean loss per counted target} on the same fixed windows every time, split
+    across ranks: the training datasets' two splits, the watched ones' val. Whole batches only: a
+    short last batch would make torch.compile recompile for its shape."""
     out = {}
     model.eval()
-    for split, data in (('train', train_data), ('val', val_data)):
-        n = (len(data) - 1) // block_size
-        size = min(batch_size, n)  # a split smaller than one batch: one smaller batch
-        order = np.random.default_rng([seed, 2**31]).permutation(n)
-        windows = order[:min(eval_iters, n // size) * size]
-        total = torch.zeros(2, device=device)  # (sum of losses * windows, windows)
-        for k, first in enumerate(range(0, len(windows), size)):
-            if k % world_size == rank:
-                x, y = get_batch(data, windows[first:first + size])
-                with ctx:
-                    _, loss = eval_model(x, y)
-                total[0] += loss.float() * len(x)  # on the device: no copy to wait for
-                total[1] += len(x)
-        if ddp:
-            dist.all_reduce(total)
-        out[split] = (total[0] / total[1]).item()
+    for d, dset in enumerate(data + watched):
+        for split in ('train', 'val') if d < len(data) else ('val',):
+            n = dset[split]['n']
+            size = min(batch_size, n)  # a split smaller than one batch: one smaller batch
+            order = np.random.default_rng([seed, 2**31]).permutation(n)
+            windows = order[:min(eval_iters, n // size) * size]
+            total = torch.zeros(2, device=device)  # (sum of losses * targets, targets)
+            for k, first in enumerate(range(0, len(windows), size)):
+                if k % world_size == rank:
+                    x, y, counted = get_batch(split, [(d, w) for w in windows[first:first + size]])
+                    with ctx:
+                        _, loss = eval_model(x, y)
+                    total[0] += loss.float() * counted  # on the device: no copy to wait for
+                    total[1] += counted
+            if ddp:
+                dist.all_reduce(total)
+            out[dset['name'], split] = (total[0] / total[1].clamp(min=1)).item()
     model.train()
     return out
 
@@ -389,12 +391,13 @@ def save(names):
     state = {  # a run with frozen weights saves what trains (and names its base); others, all
         'model': trained_weights(raw_model) if frozen else raw_model.state_dict(), 'base': base,
         'optimizers': optim.state_dicts(optimizers, raw_model), 'scaler': scaler.state_dict(),
-        'iter_num': iter_num, 'epoch': pos[0], 'data_pos': list(pos),
+        'iter_num': iter_num, 'epoch': positions[0][0],
+        'data_pos': list(positions[0]) if len(data) == 1 else [list(p) for p in positions],
         'best_val_loss': best_val_loss, 'last_epoch_ckpt': last_epoch_ckpt,
         'val_loss': last_eval.get('val'), 'train_loss': last_eval.get('train'),
         'rng': rngs[0], 'rng_ranks': rngs, 'config': config, 'model_args': model_args,
         'origin': start['origin'], 'tokenizer': tokenizer,
-        'data': {'dataset': dataset, 'fingerprint': ds.fingerprint(meta)}, 'wandb_id': log.wandb_id,
+        'data': {'dataset': dataset, 'fingerprint': data_fingerprint}, 'wandb_id': log.wandb_id,
         'time': time.time(), 'wall_seconds': run_seconds + time.time() - t_start,
     }
     keep = {tier: files for tier, (_, files) in tiers.items()}
@@ -402,12 +405,20 @@ def save(names):
 
 
 def run_eval():
-    losses = estimate_loss()
+    """The losses of estimate_loss, a mixture's weighted by its shares, printed and logged with
+    each dataset's val loss when there are several; returns {'train', 'val'}."""
+    each = estimate_loss()
+    losses = {split: sum(w * each[d['name'], split] for d, w in zip(data, shares))
+              for split in ('train', 'val')}
     if master_process:
+        per = {f"val_loss/{name}": v for (name, split), v in each.items()
+               if split == 'val' and len(data + watched) > 1}
         print(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-              f"val ppl {math.exp(losses['val']):.2f}")
-        entry = {'step': iter_num, 'epoch': pos[0], 'train_loss': losses['train'],
-                 'val_loss': losses['val'], 'val_ppl': math.exp(losses['val'])}
+              f"val ppl {math.exp(losses['val']):.2f}" + (f" ({loss_on})" if loss_on else "")
+              + ''.join(f", {k.replace('_loss/', ' ')} {v:.4f}" for k, v in per.items()))
+        entry = {'step': iter_num, 'epoch': positions[0][0], 'train_loss': losses['train'],
+                 'val_loss': losses['val'], 'val_ppl': math.exp(losses['val']), **per}
+        losses['each'] = per
         if eval_tokenizer:  # eval_mcq / eval_generate: evaluate.py's numbers, on the plain module
             raw_model.eval()
             with ctx:
@@ -453,12 +464,6 @@ def check_losses():
     return values
 
 
-def eta(seconds):
-    if seconds >= 7200:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 60:.1f}min" if seconds >= 60 else f"{seconds:.0f}s"
-
-
 # -----------------------------------------------------------------------------
 # training loop
 start_iter = iter_num
@@ -472,17 +477,19 @@ while iter_num < max_iters:
     for opt in optimizers.values():
         for group in opt.param_groups:
             group['lr'] = lr
-    windows, next_pos = ds.next_windows(pos, windows_per_iter, n_windows, seed)
+    picks, next_positions = ds.mixture_windows(positions, sizes, shares, windows_per_iter, seed)
+    # the mean over the iteration's counted targets: each micro-batch's mean weighs its share
+    n_iter = ds.count_trained([d['train'] for d in data], picks, block_size, loss_tokens == 'all')
     iter_loss = torch.zeros((), device=device)
     for micro in range(micro_steps):
         # rank r takes micro-batches r, r + world_size, ...: the same global batch on any world size
         k = micro * world_size + rank
-        x, y = get_batch(train_data, windows[k * batch_size:(k + 1) * batch_size])
+        x, y, n_micro = get_batch('train', picks[k * batch_size:(k + 1) * batch_size])
         if ddp:
             model.require_backward_grad_sync = micro == micro_steps - 1  # all-reduce once
         with ctx:
             _, loss = model(x, y)
-            loss = loss / micro_steps
+            loss = loss / (n_iter / (n_micro * world_size)) if n_micro else loss * 0
         scaler.scale(loss).backward()
         iter_loss += loss.detach()
     window.append(iter_loss)
@@ -494,8 +501,8 @@ while iter_num < max_iters:
         scaler.step(opt)
         opt.zero_grad(set_to_none=True)
     scaler.update()
-    epoch_done = next_pos[0] > pos[0]
-    iter_num, pos = iter_num + 1, next_pos
+    epoch_done = next_positions[0][0] > positions[0][0]
+    iter_num, positions = iter_num + 1, next_positions
     timed += 1
     if timed == 0:
         if device_type == 'cuda':
@@ -510,9 +517,7 @@ while iter_num < max_iters:
         dt = (time.time() - t0) / timed if timed > 0 else None  # None: only the warm-up iteration
         t0, timed = time.time(), 0
         tok_s = dt and tokens_per_iter / dt
-        mfu = None
-        if dt and peak_flops:
-            mfu = 100 * flops_per_token * tok_s / (peak_flops * world_size)
+        mfu = dt and peak_flops and 100 * flops_per_token * tok_s / (peak_flops * world_size)
         # this rank's peak GPU memory: what tensors used, and what the caching allocator held
         mem = {}
         if device_type == 'cuda':
@@ -520,19 +525,13 @@ while iter_num < max_iters:
                    'peak_mem_reserved_gib': torch.cuda.max_memory_reserved() / 2**30}
         if master_process:
             paces.append((time.time(), iter_num))
-            (t_a, it_a), (t_b, it_b) = paces[0], paces[-1]
+            (t_a, it_a), (t_b, it_b) = paces[0], paces[-1]  # the last 10 log intervals' pace
             left = (t_b - t_a) / (it_b - it_a) * (max_iters - iter_num) if it_b > it_a else 0.0
-            speed = "warm-up"
-            if dt:
-                speed = (f"{dt * 1000:.1f}ms, {tok_s / 1000:.1f}k tok/s, "
-                         f"mfu {f'{mfu:.1f}%' if mfu else 'unknown'}, eta {eta(left)}")
-            if mem:
-                speed += (f", {mem['peak_mem_gib']:.1f} GiB "
-                          f"({mem['peak_mem_reserved_gib']:.1f} reserved)")
-            print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {speed}")
-            log.write({'step': iter_num, 'epoch': pos[0], 'loss': lossf, 'lr': lr,
-                       'ppl': math.exp(min(lossf, 50)), 'tokens_seen': iter_num * tokens_per_iter,
-                       'ms_per_iter': dt and dt * 1000, 'tokens_per_sec': tok_s, 'mfu': mfu, **mem})
+            record = {'step': iter_num, 'epoch': positions[0][0], 'loss': lossf, 'lr': lr,
+                      'ppl': math.exp(min(lossf, 50)), 'tokens_seen': iter_num * tokens_per_iter,
+                      'ms_per_iter': dt and dt * 1000, 'tokens_per_sec': tok_s, 'mfu': mfu, **mem}
+            print(logs.iter_line(record, max_iters, left))
+            log.write(record)
 
     best = False
     if iter_num % eval_interval == 0 or iter_num == max_iters:
@@ -555,7 +554,7 @@ while iter_num < max_iters:
     # epoch_ files at most once per rolling_interval: on a small corpus an epoch is a few iterations
     if epoch_done and save_epochs and (last_epoch_ckpt is None
                                        or iter_num - last_epoch_ckpt >= rolling_interval):
-        names.append(f'epoch_{pos[0]:04d}')
+        names.append(f'epoch_{positions[0][0]:04d}')
         last_epoch_ckpt = iter_num
     if best:
         names.append('best')
@@ -581,12 +580,13 @@ if master_process:
 # the end: a summary of a run that finished now, loggers closed, ranks leave together
 finished = iter_num >= max_iters and iter_num > start_iter
 if master_process and finished and last_eval.get('val') is not None:
-    summary = {'iters': iter_num, 'epochs': pos[0] + pos[1] / n_windows,
+    summary = {'iters': iter_num, 'epochs': positions[0][0] + positions[0][1] / n_windows,
                'final_val_loss': last_eval['val'], 'final_val_ppl': math.exp(last_eval['val']),
                'best_val_loss': best_val_loss, 'best_val_ppl': math.exp(best_val_loss),
                'tokens_seen': iter_num * tokens_per_iter,
                'wall_seconds': run_seconds + time.time() - t_start,
-               'wall_seconds_this_process': time.time() - t_start, 'config': config}
+               'wall_seconds_this_process': time.time() - t_start, 'config': config,
+               **{f'final_{k}': v for k, v in last_eval.get('each', {}).items()}}
     logs.write_summary(out_dir, summary)
     print(f"done: val loss {summary['final_val_loss']:.4f} (best {best_val_loss:.4f}), "
           f"{summary['tokens_seen']:,} tokens in {summary['wall_seconds'] / 60:.1f} min")
