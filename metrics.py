@@ -550,7 +550,8 @@ PLOTTED = ('loss', 'lr', 'tokens_per_sec', 'train_loss', 'val_loss') + TRAINING_
 
 def read_log(path) -> list:
     """The entries of train.py's log.jsonl: JSON objects with a "step" count, whose PLOTTED values
-    are numbers or null; Error naming the first line that is not one."""
+    and per-dataset val losses ('val_loss/NAME') are numbers or null; Error naming the first line
+    that is not one."""
     entries = []
     for n, line in enumerate(read_text(path).split('\n'), 1):
         if not line.strip():
@@ -563,7 +564,7 @@ def read_log(path) -> list:
         if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
             raise Error(f"{path}, line {n}: not a record of train.py's "
                         f"(a JSON object with a \"step\" count)")
-        for key in PLOTTED:
+        for key in PLOTTED + tuple(k for k in e if k.startswith('val_loss/')):
             value = e.get(key)
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if value is not None and not number:
@@ -612,6 +613,15 @@ def plot_log(log_path, png_path) -> None:
                  ms=5, lw=1.5)
     axes[0].plot(*series(evals, 'val_loss'), 'o-', label='val loss (eval)', color='tab:red',
                  ms=5, lw=1.5)
+    # each dataset's own val loss (a mixture's, eval_datasets'): colours none of the above has,
+    # dash-dotted with hollow markers, so that they stand apart from the whole val loss
+    names = sorted({k for e in evals.values() for k in e if k.startswith('val_loss/')})
+    colours, shapes = ['tab:orange', 'tab:green', 'tab:purple', 'tab:brown', 'tab:pink',
+                       'tab:olive', 'tab:cyan', 'tab:gray'], '^vD<>ph*'
+    for i, key in enumerate(names):
+        axes[0].plot(*series(evals, key), ls='-.', marker=shapes[i % len(shapes)], mfc='none',
+                     color=colours[i % len(colours)], ms=6, lw=1.3,
+                     label=f"val loss ({key[len('val_loss/'):]})")
     axes[0].set_ylabel('loss (nats / token)')
     # losses fall: that corner is free
     axes[0].legend(loc='upper right', fontsize=9, framealpha=0.9)
