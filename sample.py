@@ -73,7 +73,6 @@ path, state = runs.find(ckpt, out_dir)
 model = from_state(state).eval().to(device)
 model.merge_lora()  # a LoRA run's adapters fold into the weights: the same outputs, faster
 tokenizer = ds.load_tokenizer(state['tokenizer'])
-print(f"# {path}: iter {state.get('iter_num')}, val loss {state.get('val_loss')}", file=sys.stderr)
 if template == 'auto':
     chat = state['tokenizer'].get('template')
 if not start and not interactive:
@@ -85,7 +84,8 @@ else:
     rendering = ("prompt: a user turn in " + ("the checkpoint's template" if template == 'auto'
                                               else f"the template of --template={template}")
                  + ", then the assistant's prefix; the model answers")
-print(f"# {rendering}", file=sys.stderr)
+print(f"# {path}: iter {state.get('iter_num')}, val loss {state.get('val_loss')}; {rendering}",
+      file=sys.stderr)
 state = None
 
 
