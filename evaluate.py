@@ -78,7 +78,8 @@ qa_max_new_tokens = 64  # a greedy answer ends here or at its end-of-text token
 template = 'auto'
 # exact match compares the strings as they are unless these are set (lm-evaluation-harness's
 # exact_match options, off there too)
-em_regexes_to_ignore = ''  # regexes removed, in turn, from both: comma-separated, or a list
+# regexes removed, in turn, from both: comma-separated (a comma inside one is \,), or a list
+em_regexes_to_ignore = ''
 em_ignore_case = False  # lower case both
 em_ignore_punctuation = False  # remove string.punctuation from both
 em_ignore_numbers = False  # remove the digits from both
@@ -266,7 +267,7 @@ for k, name in enumerate(names, 1):
             chat, source = user_template, f"--template={template}"
             if chat is None:
                 chat, source = state['tokenizer'].get('template'), "the checkpoint's"
-            if chat is None and conversations:  # a base model, asked as its fine-tune will be
+            if chat is None and conversations:  # rendered as prepare.py renders them by default
                 chat, source = dict(ds.TEMPLATE), "the default (dataset.TEMPLATE)"
                 note(f"# {label}: trained without conversations; {qa}'s conversations are "
                      f"rendered with the default template (dataset.TEMPLATE)")

@@ -67,6 +67,8 @@ def test_exact_match_normalisations(options, text, expected):
 
 def test_em_regexes_option():
     assert metrics.em_regexes('') == [] and metrics.em_regexes(r'\$,\.$') == [r'\$', r'\.$']
+    assert metrics.em_regexes(r'[\,.],x') == [r'[\,.]', 'x']  # an escaped comma is the regex's
+    assert metrics.em_normalise('1,234.', metrics.em_regexes(r'[\,.]')) == '1234'
     assert metrics.em_regexes([',', 'a{1,2}']) == [',', 'a{1,2}']  # a list (a config file) as it is
     with pytest.raises(Error, match=r"em_regexes_to_ignore: 'a\(' is not a regular expression"):
         metrics.em_regexes('a(')
