@@ -441,8 +441,8 @@ def qa_render(item, template=ds.TEMPLATE) -> tuple:
 
 def em_regexes(spec) -> list:
     """evaluate.py's em_regexes_to_ignore: text, split at each comma that no backslash escapes
-    (a regex reads '\\,' as a comma), or a list; each checked to be a regex (Error naming the one
-    that is not)."""
+    (a regex reads '\\,' as a comma), or a list (a config file's, or the key repeated) of whole
+    regexes; each checked to be a regex (Error naming the one that is not)."""
     regexes = spec if isinstance(spec, list) else [r for r in re.split(r'(?<!\\),', spec) if r]
     for r in regexes:
         try:
