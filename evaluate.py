@@ -1,6 +1,7 @@
 """
 Evaluate checkpoints: perplexity and bits per byte, generation quality (repetition, distinct-n,
-Python validity), multiple-choice accuracy; one table, and JSON with every number and setting.
+Python validity), multiple-choice accuracy, the answers to held-out questions (their loss, exact
+match); one table, and JSON with every number and setting.
 
     python evaluate.py                                  # newest valid one in out/, default metrics
     python evaluate.py --ckpt=best,latest,step_0001000  # several checkpoints, one comparison table
@@ -8,6 +9,7 @@ Python validity), multiple-choice accuracy; one table, and JSON with every numbe
     # a cloze task, scored as the harness does:
     python evaluate.py --mcq=cloze.jsonl --mcq_template='{question}'
     python evaluate.py --text=notes/ --stride=64        # perplexity of other text: a file or folder
+    python evaluate.py --qa=held_out.jsonl --em_ignore_case  # answer loss and exact match
     python evaluate.py --plot=out/curves.png            # only training curves, from out/log.jsonl
     python evaluate.py config/slm.py                    # the out_dir a training config wrote
 
@@ -67,6 +69,20 @@ mcq_template = metrics.MCQ_TEMPLATE  # the harness's 'Question: {question}\nAnsw
 mcq_delimiter = metrics.MCQ_DELIMITER  # the harness's target_delimiter, ' '
 fewshot = 0  # put this many solved examples (the first of fewshot_file) before each question
 fewshot_file = None  # a JSONL exam (either format) of the solved examples, shown with mcq_template
+# questions and answers: the loss of the answers, the exact match of greedy ones
+# a JSONL file, a line each: {"prompt", "completion"} or {"messages": [{"role", "content"}, ...]}
+qa = None
+qa_max_new_tokens = 64  # a greedy answer ends here or at its end-of-text token
+# how conversations are rendered: 'auto', the checkpoint's template (dataset.TEMPLATE for a model
+# trained without conversations); or a JSON file or JSON text, as prepare.py's --template
+template = 'auto'
+# exact match compares the strings as they are unless these are set (lm-evaluation-harness's
+# exact_match options, off there too)
+# regexes removed, in turn, from both: comma-separated (a comma inside one is \,), or a list
+em_regexes_to_ignore = ''
+em_ignore_case = False  # lower case both
+em_ignore_punctuation = False  # remove string.punctuation from both
+em_ignore_numbers = False  # remove the digits from both
 # output
 json = None  # also write every number, the samples and the settings to this JSON file
 plot = None  # draw the curves of out_dir/log.jsonl into this image (.png, .svg, .pdf) and stop
@@ -78,12 +94,14 @@ defaults = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
 # a training config file may be given: its training-only keys are ignored, a typo is still an error
 train_keys = script_keys(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'))
-config, _ = configure(defaults, sys.argv[1:], source=__file__, ignore=train_keys)
+config, _ = configure(defaults, sys.argv[1:], source=__file__, ignore=train_keys,
+                      repeatable={'em_regexes_to_ignore'})
 # max_new_tokens: prompt + output ids are allocated up front (model.generate_stream), like sample.py
 check_ranges(config, {'stride': '[1, inf)', 'max_tokens': '[1, inf)', 'batch_size': '[1, inf)',
                       'num_samples': '[1, inf)', 'max_new_tokens': '[1, 1e7]',
                       'temperature': '[0, inf)', 'top_k': '[1, inf)', 'top_p': '(0, 1]',
-                      'fewshot': '[0, inf)', 'seed': '[0, 9223372036854775807]'})
+                      'fewshot': '[0, inf)', 'seed': '[0, 9223372036854775807]',
+                      'qa_max_new_tokens': '[1, 1e7]'})
 globals().update(config)
 
 # every output is checked before the work that fills it: no evaluation is lost to a typo in --json
@@ -132,6 +150,15 @@ if fewshot and not fewshot_file:
 shots = metrics.load_mcq(fewshot_file, mcq_template)[:fewshot] if fewshot else []
 if len(shots) < fewshot:
     raise Error(f"fewshot={fewshot} but {fewshot_file} holds only {len(shots)} items")
+qa_items = metrics.load_qa(qa) if qa else []
+conversations = sum('messages' in item for item in qa_items)
+# a template given is read now; 'auto' is each checkpoint's own
+user_template = None if template in ('auto', 'none') else ds.read_template(template)
+if template == 'none' and conversations:
+    raise Error(f"--template=none: {qa} holds conversations, which are rendered with a template; "
+                f"give 'auto' (the checkpoint's) or a template")
+em = dict(regexes_to_ignore=metrics.em_regexes(em_regexes_to_ignore), ignore_case=em_ignore_case,
+          ignore_punctuation=em_ignore_punctuation, ignore_numbers=em_ignore_numbers)
 
 device, dtype = hardware.resolve(device, dtype)
 ctx = hardware.autocast(device, dtype)
@@ -175,6 +202,12 @@ def cells(r):
         m = r['mcq']
         out['mcq acc'] = f"{m['acc']:.3f} ({m['correct']}/{m['items']})"
         out['mcq acc_norm'] = f"{m['acc_norm']:.3f}"
+    if 'qa' in r:
+        q = r['qa']
+        out['answer loss'] = f"{q['loss']:.4f} ({q['tokens']:,} tokens)"
+        out['answer perplexity'] = f"{q['ppl']:.2f}"
+        out['exact match'] = f"{q['exact_match']:.3f} ({q['correct']}/{q['items']})"
+        out['prompts truncated'] = str(q['truncated'])
     return out
 
 
@@ -229,6 +262,20 @@ for k, name in enumerate(names, 1):
             r['mcq'] = metrics.score_mcq(model, tokenizer, items, shots, batch_size, device,
                                          mcq_template, mcq_delimiter, progress=True)
             note(f"# {label}: {len(items)} multiple-choice items scored in {time.time() - t:.1f}s")
+        if qa_items:
+            t = time.time()
+            chat, source = user_template, f"--template={template}"
+            if chat is None:
+                chat, source = state['tokenizer'].get('template'), "the checkpoint's"
+            if chat is None and conversations:  # rendered as prepare.py renders them by default
+                chat, source = dict(ds.TEMPLATE), "the default (dataset.TEMPLATE)"
+                note(f"# {label}: trained without conversations; {qa}'s conversations are "
+                     f"rendered with the default template (dataset.TEMPLATE)")
+            r['qa'] = dict(metrics.score_qa(model, tokenizer, qa_items, chat, qa_max_new_tokens,
+                                            em, batch_size, device, progress=True),
+                           template=chat, template_from=source if conversations else None)
+            note(f"# {label}: {len(qa_items)} question/answer items scored in "
+                 f"{time.time() - t:.1f}s")
     note(f"# {label}: evaluated in {time.time() - t0:.1f}s")
     results.append(r)
     state = model = None  # free before the next checkpoint
@@ -248,6 +295,13 @@ if items:
     print(f"multiple choice: {mcq}, {len(items)} items, {fewshot}-shot, "
           f"chance {results[0]['mcq']['chance']:.3f}, "
           f"each choice scored after {mcq_template!r} + {mcq_delimiter!r}")
+if qa_items:
+    on = [k for k, v in em.items() if v and k != 'regexes_to_ignore']
+    on += [f"regexes_to_ignore {em['regexes_to_ignore']}"] * bool(em['regexes_to_ignore'])
+    print(f"question/answer: {qa}, {len(qa_items)} items ({conversations} conversations); "
+          f"answer loss over the answers' tokens and their end-of-text; exact match of greedy "
+          f"answers up to {qa_max_new_tokens} new tokens, "
+          + (f"with {', '.join(on)}" if on else "the strings as they are"))
 columns = [cells(r) for r in results]
 table = [[''] + [r['name'] for r in results]]
 for label in columns[0]:

@@ -5,6 +5,7 @@ Measuring a model: what evaluate.py prints and what train.py logs at each eval.
     generate_samples(model, tokenizer, prompts, ...)  seeded samples, num_samples per prompt at once
     generation_metrics(samples)                       distinct-1..4, repetition, Python validity
     load_mcq(path), score_mcq(model, tokenizer, items) MCQ acc / acc_norm as lm-evaluation-harness
+    load_qa(path), score_qa(model, tokenizer, items)   answer loss, greedy exact match (harness's)
     training_metrics(...)                             what train.py's eval_mcq / eval_generate log
     plot_log(log_path, png_path)                      log.jsonl's training curves (needs matplotlib)
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import dataset as ds
 from errors import Error
 from files import not_utf8, read_text
 
@@ -386,6 +388,145 @@ def score_mcq(model, tokenizer, items, shots=(), batch_size=32, device='cpu', te
                 loglikelihoods=per_item)
 
 
+# -----------------------------------------------------------------------------
+# questions and answers: the answer's loss and the exact match of greedy answers, each item rendered
+# and encoded as prepare.py stores it for training
+
+# prepare.py's default record fields
+QA_FIELDS = dict(text_key='text', prompt_key='prompt', completion_key='completion',
+                 messages_key='messages')
+
+
+def load_qa(path) -> list:
+    """The items of a held-out JSONL file, a record per line (blank lines skipped), checked as
+    prepare.py checks question/answer records (dataset.segments): a pair {"prompt", "completion"} or
+    a conversation {"messages": [{"role", "content"}, ...]} ending with the assistant's turn; Error
+    naming the file and line. Each item is the record's pair or its messages."""
+    items = []
+    for n, line in enumerate(read_text(path).split('\n'), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {n}"
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise Error(f"{where}: not valid JSON ({e})") from None
+        try:  # the template changes the text, never whether a record is valid
+            ds.segments(record, QA_FIELDS, ds.TEMPLATE)
+        except Error as e:
+            raise Error(f"{where}: {e}") from None
+        if 'messages' in record:
+            items.append(dict(messages=record['messages']))
+        elif 'text' in record and not {'prompt', 'completion'} & set(record):
+            raise Error(f'{where}: a document ("text"), not a question with its answer; give '
+                        f'{{"prompt", "completion"}} or {{"messages": [...]}}')
+        else:
+            items.append(dict(prompt=record['prompt'], completion=record['completion']))
+    if not items:
+        raise Error(f"{path} holds no questions (one JSON object per line)")
+    return items
+
+
+def qa_render(item, template=ds.TEMPLATE) -> tuple:
+    """(prompt segments, answer, reference) of an item as prepare.py renders it: a pair's prompt as
+    it is; a conversation with template, every turn before the last assistant's content (earlier
+    answers and their end-of-text included). Training flags the answer's tokens and the end-of-text
+    after it. reference: the completion or the last content, without the template's text after
+    {content}, which the answer holds."""
+    if 'messages' not in item:
+        return [(item['prompt'], False)], item['completion'], item['completion']
+    segs = ds.conversation(item['messages'], template, "'messages'")
+    return segs[:-1], segs[-1][0], item['messages'][-1]['content']
+
+
+def em_regexes(spec) -> list:
+    """evaluate.py's em_regexes_to_ignore: text, split at each comma that no backslash escapes
+    (a regex reads '\\,' as a comma), or a list (a config file's, or the key repeated) of whole
+    regexes; each checked to be a regex (Error naming the one that is not)."""
+    regexes = spec if isinstance(spec, list) else [r for r in re.split(r'(?<!\\),', spec) if r]
+    for r in regexes:
+        try:
+            re.compile(r)
+        except re.error as e:
+            raise Error(f"em_regexes_to_ignore: {r!r} is not a regular expression ({e})") from None
+    return regexes
+
+
+def em_normalise(text, regexes_to_ignore=(), ignore_case=False, ignore_punctuation=False,
+                 ignore_numbers=False) -> str:
+    """text as lm-evaluation-harness's exact_match (exact_match_hf_evaluate) compares it: each regex
+    of regexes_to_ignore removed in turn, then lower case, then string.punctuation removed, then
+    the digits removed. Nothing else: whitespace stays as it is."""
+    for r in regexes_to_ignore:
+        text = re.sub(r, '', text)
+    if ignore_case:
+        text = text.lower()
+    if ignore_punctuation:
+        text = text.translate(str.maketrans('', '', string.punctuation))
+    if ignore_numbers:
+        text = text.translate(str.maketrans('', '', string.digits))
+    return text
+
+
+@torch.inference_mode()
+def score_qa(model, tokenizer, items, template=ds.TEMPLATE, max_new_tokens=64, em=None,
+             batch_size=16, device='cpu', progress=False) -> dict:
+    """Held-out items (load_qa) rendered with template (qa_render), each segment encoded on its
+    own as prepare.py encodes it. loss: the mean negative log-likelihood of the answers' tokens and
+    the end-of-text after each (what training flags), weighted by tokens over all items; ppl: its
+    exp. exact_match: the share of greedy answers (temperature 0, up to max_new_tokens, ended by the
+    end-of-text) equal to their reference after em_normalise(**em), as the harness's exact_match. A
+    prompt + answer over block_size + 1 tokens loses prompt tokens on the left, as in score_mcq
+    (truncated: how many items)."""
+    T, eot, em = model.config.block_size, tokenizer.eot_id, em or {}
+    rows, rendered = [], []  # rows: (tokens, number of scored tokens at the end)
+    for item in items:
+        prompt, answer, reference = qa_render(item, template)
+        ids = ds.encode_segments(tokenizer, prompt)[0].tolist() or [eot]
+        ans = ds.encode_segments(tokenizer, [(answer, True), (None, True)])[0].tolist()
+        seq = (ids + ans)[-(T + 1):]
+        rows.append((seq, min(len(ans), len(seq) - 1)))
+        rendered.append((ids[-T:], reference, answer[len(reference):],
+                         len(ids) + len(ans) > T + 1))
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
+    nll = np.zeros(len(rows))
+    with progress_bar(progress, len(rows), 'answer loss', 'item') as bar:
+        for k in range(0, len(order), batch_size):  # batched as in score_mcq
+            group = order[k:k + batch_size]
+            x = torch.zeros(len(group), len(rows[group[0]][0]) - 1, dtype=torch.long)
+            y = torch.full_like(x, -1)
+            for r, i in enumerate(group):
+                seq, n = rows[i]
+                x[r, :len(seq) - 1] = torch.tensor(seq[:-1])
+                y[r, len(seq) - 1 - n:len(seq) - 1] = torch.tensor(seq[len(seq) - n:])
+            nll[group] = _nll(model, x.to(device), y.to(device)).double().sum(1).cpu().numpy()
+            bar.update(len(group))
+    answers = []
+    with progress_bar(progress, len(items), 'greedy answers', 'item') as bar:
+        for (ids, reference, suffix, truncated), (_, n), total in zip(rendered, rows, nll):
+            new = []
+            x = torch.tensor([ids], dtype=torch.long, device=device)
+            for token in model.generate_stream(x, max_new_tokens, temperature=0):
+                if token.item() == eot:
+                    break
+                new.append(token.item())
+            # the template's text after {content} (if any) is the rendering's, not the answer's
+            text = tokenizer.decode(new)
+            prediction = text[:-len(suffix)] if suffix and text.endswith(suffix) else text
+            correct = em_normalise(prediction, **em) == em_normalise(reference, **em)
+            answers.append(dict(prediction=prediction, reference=reference, correct=correct,
+                                ended=len(new) < max_new_tokens, nll=float(total), tokens=n,
+                                truncated=truncated))
+            bar.update(1)
+    tokens = sum(n for _, n in rows)
+    loss = float(nll.sum() / tokens)
+    correct = sum(a['correct'] for a in answers)
+    return dict(loss=loss, ppl=math.exp(min(loss, 700)), tokens=tokens,
+                exact_match=correct / len(items), correct=correct, items=len(items),
+                truncated=sum(a['truncated'] for a in answers), max_new_tokens=max_new_tokens,
+                answers=answers)
+
+
 def training_metrics(model, tokenizer, mcq_items=None, prompts=None, seed=1337, device='cpu',
                      mcq_template=MCQ_TEMPLATE, mcq_delimiter=MCQ_DELIMITER) -> dict:
     """What train.py logs with eval_mcq / eval_generate (TRAINING_KEYS): the exam's acc and acc_norm
@@ -410,7 +551,8 @@ PLOTTED = ('loss', 'lr', 'tokens_per_sec', 'train_loss', 'val_loss') + TRAINING_
 
 def read_log(path) -> list:
     """The entries of train.py's log.jsonl: JSON objects with a "step" count, whose PLOTTED values
-    are numbers or null; Error naming the first line that is not one."""
+    and per-dataset val losses ('val_loss/NAME') are numbers or null; Error naming the first line
+    that is not one."""
     entries = []
     for n, line in enumerate(read_text(path).split('\n'), 1):
         if not line.strip():
@@ -423,7 +565,7 @@ def read_log(path) -> list:
         if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
             raise Error(f"{path}, line {n}: not a record of train.py's "
                         f"(a JSON object with a \"step\" count)")
-        for key in PLOTTED:
+        for key in PLOTTED + tuple(k for k in e if k.startswith('val_loss/')):
             value = e.get(key)
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if value is not None and not number:
@@ -472,6 +614,15 @@ def plot_log(log_path, png_path) -> None:
                  ms=5, lw=1.5)
     axes[0].plot(*series(evals, 'val_loss'), 'o-', label='val loss (eval)', color='tab:red',
                  ms=5, lw=1.5)
+    # each dataset's own val loss (a mixture's, eval_datasets'): colours none of the above has,
+    # dash-dotted with hollow markers, so that they stand apart from the whole val loss
+    names = sorted({k for e in evals.values() for k in e if k.startswith('val_loss/')})
+    colours, shapes = ['tab:orange', 'tab:green', 'tab:purple', 'tab:brown', 'tab:pink',
+                       'tab:olive', 'tab:cyan', 'tab:gray'], '^vD<>ph*'
+    for i, key in enumerate(names):
+        axes[0].plot(*series(evals, key), ls='-.', marker=shapes[i % len(shapes)], mfc='none',
+                     color=colours[i % len(colours)], ms=6, lw=1.3,
+                     label=f"val loss ({key[len('val_loss/'):]})")
     axes[0].set_ylabel('loss (nats / token)')
     # losses fall: that corner is free
     axes[0].legend(loc='upper right', fontsize=9, framealpha=0.9)

@@ -7,8 +7,12 @@ Sample from a trained model, streaming the text as it is generated.
     python sample.py --ckpt=gpt2 --start="The meaning of life"   # or hf:DIR, nanogpt:ckpt.pt
     python sample.py --interactive              # a prompt per line; ':top_k 50' changes a setting
     python sample.py config/slm.py --start=def  # the run a training config wrote (its out_dir)
+    python sample.py --ckpt=out-qa/best.safetensors --start="What is a list?"  # an answer
+    python sample.py --ckpt=gpt2 --template=chat.json --start="Hi"   # a base model, asked as a chat
 
-The checkpoint carries its tokenizer, so sampling works even after data/ is gone.
+The checkpoint carries its tokenizer, so sampling works even after data/ is gone. A model trained
+on conversations (its tokenizer record holds their template) gets each prompt as a user turn in
+that template, then the assistant's prefix, and answers: the prompt is printed, then the answer.
 """
 import codecs
 import os
@@ -38,6 +42,10 @@ top_k = None  # keep only the k most likely tokens
 top_p = 0.95  # nucleus sampling: the smallest set of tokens holding this much probability
 seed = 1337
 stop_at_eot = True  # end a sample at the end-of-text token, as the training documents do
+# 'auto': a prompt is a user turn in the template the checkpoint's conversations were rendered
+# with, plain text if it had none; 'none': plain text; or a template, a JSON file or JSON text as
+# prepare.py's --template (a base model asked as its fine-tune will be)
+template = 'auto'
 interactive = False  # answer a prompt per line, keeping the model loaded; Ctrl-D or Ctrl-C leaves
 device = 'auto'
 dtype = 'auto'
@@ -60,20 +68,47 @@ if start.startswith('FILE:'):
     start = read_text(start[5:], 'prompt file')
 if not_utf8(start):
     raise Error("the prompt is not valid UTF-8 text")
+chat = None if template in ('auto', 'none') else ds.read_template(template)  # before any model
 path, state = runs.find(ckpt, out_dir)
 model = from_state(state).eval().to(device)
 model.merge_lora()  # a LoRA run's adapters fold into the weights: the same outputs, faster
 tokenizer = ds.load_tokenizer(state['tokenizer'])
-print(f"# {path}: iter {state.get('iter_num')}, val loss {state.get('val_loss')}", file=sys.stderr)
+if template == 'auto':
+    chat = state['tokenizer'].get('template')
+if not start and not interactive:
+    rendering = "no prompt: a new document"
+elif chat is None:
+    rendering = "prompt: plain text " + ("(the checkpoint was trained without conversations)"
+                                         if template == 'auto' else "(--template=none)")
+else:
+    rendering = ("prompt: a user turn in " + ("the checkpoint's template" if template == 'auto'
+                                              else f"the template of --template={template}")
+                 + ", then the assistant's prefix; the model answers")
+print(f"# {path}: iter {state.get('iter_num')}, val loss {state.get('val_loss')}; {rendering}",
+      file=sys.stderr)
 state = None
 
 
+def encode(prompt):
+    """A prompt's ids as training saw such text: with a template a user turn then the assistant's
+    prefix, each segment encoded on its own as prepare.py encodes it; plain text otherwise; no
+    prompt is a new document (after an end-of-text token)."""
+    if not prompt:
+        return [tokenizer.eot_id]
+    if chat is None:
+        return tokenizer.encode(prompt)
+    turn = [dict(role='user', content=prompt)]
+    segs = ds.conversation(turn, chat, 'the prompt', answer=False)
+    return ds.encode_segments(tokenizer, segs)[0].tolist()
+
+
 def stream(start, generator):
-    """Write num_samples continuations of `start` as they are generated."""
-    prompt = tokenizer.encode(start) if start else [tokenizer.eot_id]
+    """Write num_samples continuations of `start` as they are generated: after a templated prompt,
+    the answer on the next line (the template's prefixes are not the model's words)."""
+    prompt = encode(start)
     x = torch.tensor([prompt[-model.config.block_size:]], dtype=torch.long, device=device)
     for i in range(num_samples):
-        sys.stdout.write(start)
+        sys.stdout.write(start + ('\n' if start and chat is not None else ''))
         # a token may end mid-character
         utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')
         with ctx:
