@@ -151,7 +151,9 @@ def write_hf(out, model, state, name):
         "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eot,
                                   "eos_token": eot, "unk_token": eot,
                                   "model_max_length": cfg.block_size, "add_prefix_space": False,
-                                  "clean_up_tokenization_spaces": False},
+                                  "clean_up_tokenization_spaces": False,
+                                  **({"chat_template": chat_template(tok["template"])}
+                                     if tok.get("template") else {})},
         "special_tokens_map.json": {"bos_token": eot, "eos_token": eot, "unk_token": eot},
         # GPT-2's file pair, for older tools
         "vocab.json": {**spec["model"]["vocab"], eot: tok["eot_id"]},
@@ -169,6 +171,22 @@ def write_hf(out, model, state, name):
     for fname, body in texts.items():
         with open(os.path.join(out, fname), "w", encoding="utf-8") as f:
             f.write(body)
+
+
+def chat_template(template) -> str:
+    """transformers' chat template (Jinja) that renders a conversation as training did
+    (dataset.conversation): each turn in its role's text, the end-of-text after each assistant turn,
+    and with add_generation_prompt the assistant's prefix. Literal text goes in as JSON strings,
+    which Jinja reads as its own string literals."""
+    parts = []
+    for role in ds.ROLES:
+        before, after = (json.dumps(p.format()) for p in template[role].split("{content}"))
+        eos = " + eos_token" if role == "assistant" else ""
+        parts.append(f"{{%- {'if' if not parts else 'elif'} message['role'] == '{role}' -%}}"
+                     f"{{{{ {before} + message['content'] + {after}{eos} }}}}")
+    prefix = json.dumps(template["assistant"].split("{content}")[0].format())
+    return ("{%- for message in messages -%}" + "".join(parts) + "{%- endif -%}{%- endfor -%}"
+            f"{{%- if add_generation_prompt -%}}{{{{ {prefix} }}}}{{%- endif -%}}")
 
 
 def model_card(model, state, name) -> str:
