@@ -69,6 +69,24 @@ def _nll(model, x, y):
     return out
 
 
+def rows_nll(model, rows, batch_size, device, bar) -> np.ndarray:
+    """The summed negative log-likelihood of each row's last n tokens, rows [(token ids, n)]:
+    longest first, batch_size rows to a forward, right-padded (bar: a progress bar, closed)."""
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
+    nll = np.zeros(len(rows))
+    with bar:
+        for k in range(0, len(order), batch_size):
+            group = order[k:k + batch_size]
+            x = torch.zeros(len(group), len(rows[group[0]][0]) - 1, dtype=torch.long)
+            y = torch.full_like(x, -1)
+            for r, i in enumerate(group):
+                seq, n = rows[i]
+                x[r, :len(seq) - 1] = torch.tensor(seq[:-1])
+                y[r, len(seq) - 1 - n:len(seq) - 1] = torch.tensor(seq[len(seq) - n:])
+            nll[group] = _nll(model, x.to(device), y.to(device)).double().sum(1).cpu().numpy()
+            bar.update(len(group))
+    return nll
+
 # -----------------------------------------------------------------------------
 # perplexity and bits per byte
 
@@ -360,19 +378,8 @@ def score_mcq(model, tokenizer, items, shots=(), batch_size=32, device='cpu', te
             cont = tokenizer.encode(whole)[len(ctx_ids):] if stripped else tokenizer.encode(whole)
             seq = (ctx_ids + cont)[-(T + 1):]
             rows.append((seq, min(len(cont), len(seq) - 1)))
-    order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
-    ll = np.zeros(len(rows))
-    with progress_bar(progress, len(rows), 'multiple choice', 'row') as bar:
-        for k in range(0, len(order), batch_size):
-            group = order[k:k + batch_size]
-            x = torch.zeros(len(group), len(rows[group[0]][0]) - 1, dtype=torch.long)
-            y = torch.full_like(x, -1)
-            for r, i in enumerate(group):
-                seq, n = rows[i]
-                x[r, :len(seq) - 1] = torch.tensor(seq[:-1])
-                y[r, len(seq) - 1 - n:len(seq) - 1] = torch.tensor(seq[len(seq) - n:])
-            ll[group] = -_nll(model, x.to(device), y.to(device)).double().sum(1).cpu().numpy()
-            bar.update(len(group))
+    ll = -rows_nll(model, rows, batch_size, device, progress_bar(progress, len(rows),
+                                                                'multiple choice', 'row'))
     acc, acc_norm, per_item, start = [], [], [], 0
     for item in items:
         lls = ll[start:start + len(item['choices'])]
@@ -488,19 +495,8 @@ def score_qa(model, tokenizer, items, template=ds.TEMPLATE, max_new_tokens=64, e
         rows.append((seq, min(len(ans), len(seq) - 1)))
         rendered.append((ids[-T:], reference, answer[len(reference):],
                          len(ids) + len(ans) > T + 1))
-    order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
-    nll = np.zeros(len(rows))
-    with progress_bar(progress, len(rows), 'answer loss', 'item') as bar:
-        for k in range(0, len(order), batch_size):  # batched as in score_mcq
-            group = order[k:k + batch_size]
-            x = torch.zeros(len(group), len(rows[group[0]][0]) - 1, dtype=torch.long)
-            y = torch.full_like(x, -1)
-            for r, i in enumerate(group):
-                seq, n = rows[i]
-                x[r, :len(seq) - 1] = torch.tensor(seq[:-1])
-                y[r, len(seq) - 1 - n:len(seq) - 1] = torch.tensor(seq[len(seq) - n:])
-            nll[group] = _nll(model, x.to(device), y.to(device)).double().sum(1).cpu().numpy()
-            bar.update(len(group))
+    nll = rows_nll(model, rows, batch_size, device, progress_bar(progress, len(rows),
+                                                                 'answer loss', 'item'))
     answers = []
     with progress_bar(progress, len(items), 'greedy answers', 'item') as bar:
         for (ids, reference, suffix, truncated), (_, n), total in zip(rendered, rows, nll):
