@@ -46,7 +46,9 @@ FIGURES = {
                       r'ckpt_interval 200 x [\d.]+ s/iter \(measured here\) .* overhead sync [\d.]+%, '
                       r'background [\d.]+%'],
     'bench_eval.py': [r'^batch_size=1 +[\d.]+ items/s',
-                      r'^batch_size=4 +[\d.]+ items/s \(range .*\), [\d.]+x one forward per choice; same scores'],
+                      r'^batch_size=4 +[\d.]+ items/s \(range .*\), [\d.]+x one forward per choice; same scores '
+                      r'\(log-likelihoods within [\d.e-]+, accuracy on the \d+ of 8 items whose two best differ '
+                      r'by more\)$'],
     'bench_prepare.py': [r'^corpus: 40 files',
                          r'^bpe 300 *: +[\d.]+s wall, end to end +[\d.]+ MB/s, peak RSS +\d+ MB, [\d,]+ tokens',
                          r'^byte +: +[\d.]+s wall', r'^cache hit: [\d.]+s wall',
