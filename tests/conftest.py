@@ -9,11 +9,25 @@ import sys
 import termios
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny model that still trains: every script accepts these as --key=value
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4',
         '--eval_iters=2', '--log_interval=1', '--warmup_iters=5', '--learning_rate=3e-3', '--compile=False']
+
+# pytest.ini runs a pytest-xdist worker per CPU: each on one thread, in its own torch and in every
+# process its tests start, or the workers would oversubscribe the CPUs
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    torch.set_num_threads(1)
+    os.environ['OMP_NUM_THREADS'] = '1'
+
+
+def pytest_xdist_auto_num_workers(config):
+    """-n auto: the CPUs this process may run on (psutil, when installed, would count physical
+    cores), at most 8: past that the longest tests set the time, and more workers cost memory."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return min(cpus, 8)
 
 
 def run(script, *args, cwd=None, check=True, env=None):

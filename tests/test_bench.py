@@ -6,7 +6,6 @@ bench_gpu.py's own data/bench_gpu_small (it takes no data flag; prepared once, t
 import json
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -14,7 +13,7 @@ from conftest import ROOT, make_corpus, run
 
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--log_interval=1']
 
-# script: the lines its output must hold. The slowest first: they start first.
+# script: the lines its output must hold. The slowest first: pytest-xdist starts them first.
 FIGURES = {
     'bench_gpu.py': [r'^\[train_compiled\] [\d,]+ tokens/s, \d+ ms/iter, MFU .*% of measured',
                      r'^\[train_eager\] [\d,]+ tokens/s, \d+ ms/iter',
@@ -83,33 +82,18 @@ def smallest(script, data, folder):
     raise ValueError(script)
 
 
-@pytest.fixture(scope='module')
-def outputs(request, tiny_data, tmp_path_factory):
-    """script -> (future of its run, its folder) for the scripts of the selected tests, started at
-    once, as many at a time as there are cores (two at least): each keeps about one core busy
-    (OMP_NUM_THREADS=1), and one after the other they would take minutes."""
-    selected = [item.callspec.params['script'] for item in request.session.items
-                if item.module is request.module and hasattr(item, 'callspec')]
-    with ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
-        started = {}
-        for script in [s for s in FIGURES if s in selected]:
-            folder = tmp_path_factory.mktemp(script.removesuffix('.py'))
-            args = smallest(script, tiny_data, folder)
-            started[script] = pool.submit(run, os.path.join('bench', script), *args, cwd=folder), folder
-        yield started
-
-
 @pytest.mark.parametrize('script', FIGURES)
-def test_smoke(script, outputs):
-    future, folder = outputs[script]
-    out = future.result().stdout  # run() raises if the script exits non-zero
-    for pattern in FIGURES[script]:
+def test_smoke(script, tiny_data, tmp_path):
+    """Each script in its own test, so that pytest-xdist's workers run them side by side."""
+    args = smallest(script, tiny_data, tmp_path)
+    out = run(os.path.join('bench', script), *args, cwd=tmp_path).stdout
+    for pattern in FIGURES[script]:  # run() raises if the script exits non-zero
         assert re.search(pattern, out, re.M), f"{script}: no line matching {pattern!r} in:\n{out}"
     assert 'FAILED' not in out, out
     if script == 'bench_ckpt.py':
-        assert os.listdir(folder / 'ckpt') == [], "bench_ckpt.py removes its checkpoints"
+        assert os.listdir(tmp_path / 'ckpt') == [], "bench_ckpt.py removes its checkpoints"
     if script == 'bench_gpu.py':  # a failed section is reported in its JSON, not by the exit status
-        with open(folder / 'out' / 'bench_gpu.json') as f:
+        with open(tmp_path / 'out' / 'bench_gpu.json') as f:
             sections = json.load(f)['sections']
         assert not [s for s in sections.values() if s['status'].startswith('failed')], sections
 
