@@ -21,6 +21,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import dataset as ds  # noqa: E402
+import errors  # noqa: E402
 import metrics  # noqa: E402
 import runs  # noqa: E402
 from configurator import script_defaults  # noqa: E402
@@ -34,6 +35,7 @@ parser.add_argument('--items', type=int, default=200)
 parser.add_argument('--rounds', type=int, default=5)
 parser.add_argument('--batch_sizes', default='16,64', help='batched sizes to time against batch_size=1')
 args = parser.parse_args()
+sys.excepthook = errors.report  # an Error (a --data that is not a dataset, say) is one line
 sizes = [1]
 for b in args.batch_sizes.split(','):
     if not b.isdigit() or int(b) < 1:

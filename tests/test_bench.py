@@ -6,10 +6,12 @@ bench_gpu.py's own data/bench_gpu_small (it takes no data flag; prepared once, t
 import json
 import os
 import re
+import tempfile
 
 import pytest
 
 from conftest import ROOT, make_corpus, run
+from test_bad_input import run_inline
 
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--log_interval=1']
 
@@ -101,3 +103,51 @@ def test_smoke(script, tiny_data, tmp_path):
 def test_every_script_is_covered():
     scripts = sorted(f for f in os.listdir(os.path.join(ROOT, 'bench')) if f.endswith('.py'))
     assert scripts == sorted(FIGURES), "a bench/ script without a smoke run here (or one that is gone)"
+
+
+# script: [(arguments, what its one error line says)]: unknown names in a list, counts below 1,
+# sizes not positive; each refused before any work (run in this process: torch is loaded already)
+BAD = {
+    'bench.py': [('--only=trian', "--only takes sections among prepare,train,sample, got 'trian'"),
+                 ('--only=', '--only takes'), ('--iters=0', '--iters must be at least 1'),
+                 ('--new_tokens=-1', '--new_tokens must be at least 1, got -1')],
+    'bench_ckpt.py': [('--states=default,tiny', '--states takes names among default,python_code'),
+                      ('--states=', '--states takes'), ('--rounds=0', '--rounds must be at least')],
+    'bench_eval.py': [('--items=0', '--items must be at least 1'), ('--rounds=0', '--rounds must'),
+                      ('--batch_sizes=16,0', '--batch_sizes takes comma-separated counts of at'),
+                      ('--batch_sizes=16,x', '--batch_sizes takes')],
+    'bench_gpu.py': [('--only=train,ddp', '--only takes sections among train_compiled,'),
+                     ('--only=', '--only takes'), ('--iters=0', '--iters must be at least 1'),
+                     ('--batch_size=0', '--batch_size must'), ('--budget_s=0', '--budget_s must'),
+                     ('--budget_s=nan', '--budget_s must be a positive number of seconds, got')],
+    'bench_lora.py': [('--rounds=0', '--rounds must be at least 1'), ('--iters=0', '--iters must')],
+    'bench_prepare.py': [('--vocab_sise=300', "unknown config key 'vocab_sise'")],  # prepare.py's
+    'bench_recipe.py': [('--only=nanogpt,bogus', '--only takes rows among nanogpt,old,default'),
+                        ('--only=', '--only takes rows'), ('--jobs=0', '--jobs must be at least 1'),
+                        ('--threads=0', '--threads must'), ('--rounds=0', '--rounds must'),
+                        ('--timing_iters=0', '--timing_iters must'), ('--scale=0', '--scale must'),
+                        ('--scale=-1', '--scale must be a positive number, got -1.0'),
+                        ('--seeds=1337,x', '--seeds takes comma-separated whole numbers')],
+    'bench_train.py': [('--iters=0', '--iters must be at least 1')],
+    'torture.py': [('--kills=-1', '--kills must be at least 0'), ('--corrupt=-1', '--corrupt must'),
+                   ('--iters=0', '--iters must be at least 1'), ('--slow=-0.1', '--slow must'),
+                   ('--kills=0 --corrupt=0', '--kills=0 and --corrupt=0 test nothing')],
+}
+CASES = [(script, *case) for script, cases in BAD.items() for case in cases]
+
+
+@pytest.mark.parametrize('script, bad, message', CASES)
+def test_bad_input_is_one_line_before_any_work(script, bad, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))  # where a script's temporary folders go
+    where = {'bench_ckpt.py': f'--dir={tmp_path}', 'bench_recipe.py': f'--out_dir={tmp_path}/out'}
+    argv = [where[script]] if script in where else []
+    status, lines = run_inline(os.path.join('bench', script), [*argv, *bad.split()])
+    errors = [line for line in lines if 'error' in line]  # argparse's: usage, then the error line
+    assert status in (1, 2) and errors == lines[-1:], (status, lines)
+    assert lines[-1].startswith(f'{script}: error: ') and message in lines[-1], lines
+    assert os.listdir(tmp_path) == [], "nothing written"
+
+
+def test_every_script_has_bad_input_cases():
+    assert sorted(BAD) == sorted(FIGURES)
