@@ -29,6 +29,9 @@ FIGURES = {
                      r'^\[resume\] two uninterrupted runs: .* weights bit-identical; SIGKILL at iteration \d+ and '
                      r'resumed: .* weights bit-identical',
                      r'^\[float16\] \d+ steps: .* finite: True; stopped at \d+ and resumed: scaler state equal'],
+    'bench_recipe.py': [r'^timing round 1/1: .* \d+ ms, default \d+ ms$', r'^nanogpt-s1337-i\d+: whole-val loss [\d.]+',
+                        r"^\| nanogpt \| nanoGPT's CPU recipe \| \d+ x nanogpt \| 1.00 \[",
+                        r'^\| default \| our default \(train.py\).* \| [+-][\d.]+ vs nanogpt \|$'],
     'torture.py': [rf'^{phase}: 1 SIGKILLs.*bit-identical to an uninterrupted run: True; log holds each iteration '
                    rf'once: True' for phase in ('kills', 'corrupt')],
     'bench_lora.py': [r'^full fine-tune: .* parameters; AdamW state [\d.]+ MiB; checkpoint [\d.]+ MiB; .* tokens/s',
@@ -37,9 +40,6 @@ FIGURES = {
     'bench.py': [r'^train default config: [\d,]+ tokens/s, [\d.]+ ms/iter; checkpoint [\d.]+ MB written in \d+ ms',
                  r'^train config/python_code.py: [\d,]+ tokens/s',
                  r'^sample: 10 new tokens .*: KV cache \d+ tok/s, full recompute \d+ tok/s, ratio [\d.]+x'],
-    'bench_recipe.py': [r'^timing round 1/1: .* \d+ ms, default \d+ ms$', r'^nanogpt-s1337-i\d+: whole-val loss [\d.]+',
-                        r"^\| nanogpt \| nanoGPT's CPU recipe \| \d+ x nanogpt \| 1.00 \[",
-                        r'^\| default \| our default \(train.py\).* \| [+-][\d.]+ vs nanogpt \|$'],
     'bench_train.py': [r'MFLOP/token; given float32 matmul peak 100 GFLOP/s',
                        r'^compile=False: [\d,]+ tokens/s, MFU [\d.]+% of the given peak',
                        r"^where an eager iteration's time goes", r'^  aten::\S+ +[\d.]+%'],
