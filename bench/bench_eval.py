@@ -7,8 +7,9 @@ hits both alike:
     python bench/bench_eval.py --ckpt=out/latest.safetensors   # a trained one
     python bench/bench_eval.py --items=600 --rounds=5 --batch_sizes=16,64
 
-Items are made from the stdlib val split: a source line as the question and 4 other lines as
-choices, so prompt and choice lengths are those of real code (about 30 and 10 tokens).
+Items are made from the stdlib val split: a source line as the question and 4 other lines, cut to
+60 characters and distinct, as choices, so prompt and choice lengths are those of real code (about
+30 and 10 tokens).
 """
 import argparse
 import os

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny corpus prepared once, and a helper to run the scripts as a user would."""
+"""Shared fixtures: a tiny corpus prepared once, and a helper to run the scripts as a user would;
+how pytest-xdist's workers (pytest.ini) share the tests out."""
 import fcntl
 import json
 import os
@@ -33,6 +34,7 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
     """-n auto: the CPUs this process may run on (psutil, when installed, would count physical
     cores), at most 8: past that the longest tests set the time, and more workers cost memory."""
