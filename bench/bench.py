@@ -23,7 +23,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import errors  # noqa: E402
 from configurator import script_defaults  # noqa: E402
+
+sys.excepthook = errors.report  # an Error (a bad train.py key, say) is one line
+SECTIONS = ('prepare', 'train', 'sample')
 
 
 def bench_prepare():
@@ -77,11 +81,16 @@ def bench_sample(new_tokens):
 
 if __name__ == '__main__':
     ap = argparse.ArgumentParser()
-    ap.add_argument('--only', default='prepare,train,sample')
+    ap.add_argument('--only', default=','.join(SECTIONS))
     ap.add_argument('--iters', type=int, help='iterations of each train run (default: 60, and 30 for python_code)')
     ap.add_argument('--new_tokens', type=int, default=500, help='tokens each sample run generates')
     args, given = ap.parse_known_args()  # the rest goes to train.py
-    only = args.only.split(',')
+    only = [s for s in args.only.split(',') if s]
+    if not only or set(only) - set(SECTIONS):
+        ap.error(f"--only takes sections among {','.join(SECTIONS)}, got {args.only!r}")
+    for name in ('iters', 'new_tokens'):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}")
     if 'prepare' in only:
         bench_prepare()

@@ -30,10 +30,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
+import errors  # noqa: E402
 import runs  # noqa: E402
 from configurator import script_defaults  # noqa: E402
 from model import GPT, GPTConfig, pad_vocab  # noqa: E402
 from optim import configure_optimizers  # noqa: E402
+
+sys.excepthook = errors.report  # an Error is one line
 
 # name: (config file, vocabulary, estimated seconds per iteration on a GPU setup or None: measure here)
 STATES = {
@@ -141,8 +144,13 @@ if __name__ == '__main__':
     ap.add_argument('--resume_rss', action='store_true')
     ap.add_argument('--dir', default=ROOT, help='where the checkpoints are written (a temporary folder inside it)')
     args = ap.parse_args()
+    names = [s for s in args.states.split(',') if s]
+    if not names or set(names) - set(STATES):
+        ap.error(f"--states takes names among {','.join(STATES)}, got {args.states!r}")
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}; {torch.get_num_threads()} threads")
     if args.resume_rss:  # first: a child's peak RSS counts what it shares with this process before exec
         resume_rss(args.dir)
-    for name in filter(None, args.states.split(',')):
+    for name in names:
         bench_state(name, args.rounds, args.dir)

@@ -75,6 +75,14 @@ ap.add_argument('--batch_size', type=int, default=12, help='micro-batch of the G
 ap.add_argument('--iters', type=int, default=30, help='iterations of each GPT-2 small train.py run')
 ap.add_argument('--small', action='store_true', help='a tiny model, no compilation: checks this script')
 args = ap.parse_args()
+unknown = [s for s in args.only.split(',') if s not in SECTIONS]
+if unknown or not args.only:
+    ap.error(f"--only takes sections among {','.join(SECTIONS)}, got {args.only!r}")
+for name in ('batch_size', 'iters'):
+    if getattr(args, name) < 1:
+        ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+if not 0 < args.budget_s < float('inf'):
+    ap.error(f"--budget_s must be a positive number of seconds, got {args.budget_s}")
 T0 = time.time()
 OUT = os.path.abspath(args.out or tempfile.mkdtemp(prefix='bench_gpu_'))
 JSON, LOG = os.path.join(OUT, 'bench_gpu.json'), os.path.join(OUT, 'bench_gpu.log')
@@ -662,10 +670,6 @@ def on_term(signum, frame):
 
 
 if __name__ == '__main__':
-    unknown = [s for s in args.only.split(',') if s not in SECTIONS]
-    if unknown:
-        raise SystemExit(f"bench_gpu.py: error: unknown section(s) {', '.join(unknown)}; the sections: "
-                         f"{', '.join(SECTIONS)}")
     os.makedirs(OUT, exist_ok=True)
     os.chdir(ROOT)  # config files are named relative to the repository, as train.py's runs see them
     signal.signal(signal.SIGTERM, on_term)

@@ -21,12 +21,17 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
+import errors  # noqa: E402
 from configurator import script_defaults  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument('--rounds', type=int, default=2)
 ap.add_argument('--iters', type=int, default=30)
 args, given = ap.parse_known_args()  # the rest goes to train.py, for every run
+for name in ('rounds', 'iters'):
+    if getattr(args, name) < 1:
+        ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+sys.excepthook = errors.report  # an Error (a bad train.py key, say) is one line
 CONFIG = os.path.join(ROOT, 'config', 'python_code.py')
 QUIET = ['--eval_interval=1000000', '--eval_iters=1', '--ckpt_interval=0', '--rolling_interval=0',
          '--save_best=False', '--save_epochs=False', '--log_interval=5', '--compile=False']

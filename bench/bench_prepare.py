@@ -21,12 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import dataset  # noqa: E402
+import errors  # noqa: E402
 import prepare  # noqa: E402
 from configurator import configure  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--skip_hf", action="store_true", help="skip the HF encode_batch comparison")
 args, extra = parser.parse_known_args()  # the rest goes to prepare.py
+sys.excepthook = errors.report  # an Error (a bad prepare.py key, say) is one line
 # what prepare.py will read them as (its inputs, glob, text_key); a bad key is an error here already
 opts, _ = configure(prepare.defaults, extra, repeatable={"input"})
 inputs = [opts["input"]] if isinstance(opts["input"], str) else opts["input"]

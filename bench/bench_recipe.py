@@ -33,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
 import dataset as ds  # noqa: E402
+import errors  # noqa: E402
 import metrics  # noqa: E402
 from weights import from_state  # noqa: E402
 
@@ -89,16 +90,25 @@ ap.add_argument('--dataset', default='stdlib')
 ap.add_argument('--out_dir', default=os.path.join(ROOT, 'out-recipe'))
 ap.add_argument('--smoke', action='store_true', help='a tiny model, 1 round, 1 seed, a few iterations')
 args = ap.parse_args()
+for name in ('rounds', 'timing_iters', 'threads', 'jobs'):
+    if getattr(args, name) < 1:
+        ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+if not 0 < args.scale < float('inf'):
+    ap.error(f"--scale must be a positive number, got {args.scale}")
+if not all(s.isdigit() for s in args.seeds.split(',')):
+    ap.error(f"--seeds takes comma-separated whole numbers, got {args.seeds!r}")
+sys.excepthook = errors.report  # an Error is one line
 # train.py runs in the repository: folders named relative to where this was started
 args.data_dir, args.out_dir = os.path.abspath(args.data_dir), os.path.abspath(args.out_dir)
 if args.smoke:
     args.scale, args.rounds, args.timing_iters, args.seeds = 4 / 1000, 1, 6, args.seeds.split(',')[0]
-args.only = args.only or ('nanogpt,default' if args.smoke else ','.join(STUDY))
+if args.only is None:
+    args.only = 'nanogpt,default' if args.smoke else ','.join(STUDY)
 args.only = ','.join(PROBE) if args.only == 'probe' else args.only
 names = [n for n in ROWS if n in args.only.split(',')]
 unknown = set(args.only.split(',')) - set(ROWS) - {''}
-if unknown:
-    raise SystemExit(f"bench_recipe: error: unknown row {', '.join(sorted(unknown))}; have {', '.join(ROWS)}")
+if unknown or not names:
+    ap.error(f"--only takes rows among {','.join(ROWS)} (or 'probe'), got {args.only!r}")
 seeds = [int(s) for s in args.seeds.split(',')]
 env = {**os.environ, 'OMP_NUM_THREADS': str(args.threads), 'PYTHONUNBUFFERED': '1'}
 train_env = {**env, 'OMP_NUM_THREADS': str(max(1, args.threads // args.jobs))}

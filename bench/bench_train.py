@@ -21,6 +21,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import errors  # noqa: E402
 import hardware  # noqa: E402
 from configurator import script_defaults  # noqa: E402
 from model import GPT, GPTConfig, pad_vocab  # noqa: E402
@@ -82,6 +83,9 @@ if __name__ == '__main__':
     ap.add_argument('--iters', type=int, default=40)
     ap.add_argument('--compile', choices=['both', 'on', 'off'], default='both')
     args, given = ap.parse_known_args()  # the rest goes to train.py
+    if args.iters < 1:
+        ap.error(f"--iters must be at least 1, got {args.iters}")
+    sys.excepthook = errors.report  # an Error (a bad train.py key, say) is one line
     config = [os.path.abspath(args.config)] if args.config else []  # train.py runs in ROOT
     cfg = script_defaults(os.path.join(ROOT, 'train.py'), [*config, *given])
     if (cfg['data_dir'], cfg['dataset']) == ('data', 'stdlib'):  # the default corpus, cached after the first time

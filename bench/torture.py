@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
 import runs  # noqa: E402
-from errors import Error  # noqa: E402
+from errors import Error, report  # noqa: E402
 
 # train.py with every fsync slowed down (each save fsyncs its file and the directory)
 SLOW = """
@@ -51,6 +51,12 @@ ap.add_argument('--slow', type=float, default=0.15, help='seconds of sleep befor
 ap.add_argument('--seed', type=int, default=0)
 ap.add_argument('--iters', type=int, default=400, help='iterations of each training run')
 args = ap.parse_args()
+for name, least in (('kills', 0), ('corrupt', 0), ('iters', 1), ('slow', 0)):
+    if not least <= getattr(args, name) < float('inf'):
+        ap.error(f"--{name} must be at least {least}, got {getattr(args, name)}")
+if not args.kills and not args.corrupt:
+    ap.error("--kills=0 and --corrupt=0 test nothing; give either at least 1")
+sys.excepthook = report  # an Error is one line
 rng = random.Random(args.seed)
 work = tempfile.mkdtemp(prefix='torture_')
 ITERS, CKPT = args.iters, 10

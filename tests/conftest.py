@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny corpus prepared once, and a helper to run the scripts as a user would."""
+"""Shared fixtures: a tiny corpus prepared once, and a helper to run the scripts as a user would;
+how pytest-xdist's workers (pytest.ini) share the tests out."""
 import fcntl
 import json
 import os
@@ -9,11 +10,36 @@ import sys
 import termios
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny model that still trains: every script accepts these as --key=value
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4',
         '--eval_iters=2', '--log_interval=1', '--warmup_iters=5', '--learning_rate=3e-3', '--compile=False']
+
+# One thread, in this process's torch and in every process a test starts: pytest.ini runs a
+# pytest-xdist worker per CPU, which would oversubscribe them; and on tiny models a second thread
+# only spin-waits (tests/test_model.py took 100 s on two threads of a busy machine, 4 s on one)
+torch.set_num_threads(1)
+os.environ['OMP_NUM_THREADS'] = '1'
+
+
+def pytest_collection_modifyitems(items):
+    """The longest first, so that no worker is left running one alone at the end: the bench smoke
+    runs (test_bench.FIGURES: slowest first), then the groups of tests that share a fixture that
+    trains (xdist_group), then the rest in their order. Every worker sorts alike, as xdist needs."""
+    def rank(item):
+        return (0 if item.name.startswith('test_smoke[') and item.module.__name__ == 'test_bench' else
+                1 if item.get_closest_marker('xdist_group') else 2)
+    items.sort(key=rank)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """-n auto: the CPUs this process may run on (psutil, when installed, would count physical
+    cores), at most 8: past that the longest tests set the time, and more workers cost memory."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return min(cpus, 8)
 
 
 def run(script, *args, cwd=None, check=True, env=None):

@@ -171,26 +171,26 @@ def crafted(path, state_json, tensors):
     save_file(tensors, str(path), metadata={'sturdygpt': json.dumps(meta)})
 
 
-def test_nonsense_checkpoints_fall_back(data, reference, tmp_path):
+@pytest.mark.parametrize('name', ['no model_args', 'a list', 'shapes', 'config types', 'nested'])
+def test_nonsense_checkpoints_fall_back(data, reference, tmp_path, name):
     """Files that checksum but hold nonsense are skipped like truncated ones, by resume, --list and sample."""
     good = checkpoint.load(os.path.join(reference, 'latest.safetensors'))
     tree, tensors = checkpoint.flatten(good)
-    bad_shape = dict(tree, model_args={**good['model_args'], 'n_embd': 48})
-    wrong_type = dict(tree, config={**good['config'], 'batch_size': '8'})
-    nested = '[' * 100000 + ']' * 100000
-    for name, state in (('no model_args', json.dumps({k: v for k, v in tree.items() if k != 'model_args'})),
-                        ('a list', json.dumps([1, 2])), ('shapes', json.dumps(bad_shape)),
-                        ('config types', json.dumps(wrong_type)), ('nested', nested)):
-        out = str(tmp_path / name.replace(' ', '_'))
-        shutil.copytree(reference, out)
-        crafted(os.path.join(out, 'latest.safetensors'), state, tensors)
-        latest = run('train.py', f'--out_dir={out}', '--list').stdout.splitlines()[1]
-        assert latest.startswith('latest ') and 'BAD' in latest, (name, latest)
-        r = run('sample.py', f'--out_dir={out}', '--max_new_tokens=5', '--num_samples=1')
-        if name != 'config types':  # sample.py reads no training config: that file serves it fine
-            assert 'falling back' in r.stderr and 'latest_backup' in r.stderr, (name, r.stderr)
-        # cosine: a longer wsd run would continue from where its decay began (step_), not latest_backup
-        r = run('train.py', *TINY, '--dataset=tiny', f'--data_dir={data}', f'--out_dir={out}', '--max_iters=31',
-                '--lr_schedule=cosine')
-        assert 'latest.safetensors:' in r.stderr and 'falling back' in r.stderr, (name, r.stderr)
-        assert 'resumed from' in r.stdout and 'latest_backup' in r.stdout, name
+    states = {'no model_args': json.dumps({k: v for k, v in tree.items() if k != 'model_args'}),
+              'a list': json.dumps([1, 2]),
+              'shapes': json.dumps(dict(tree, model_args={**good['model_args'], 'n_embd': 48})),
+              'config types': json.dumps(dict(tree, config={**good['config'], 'batch_size': '8'})),
+              'nested': '[' * 100000 + ']' * 100000}
+    out = str(tmp_path / name.replace(' ', '_'))
+    shutil.copytree(reference, out)
+    crafted(os.path.join(out, 'latest.safetensors'), states[name], tensors)
+    latest = run('train.py', f'--out_dir={out}', '--list').stdout.splitlines()[1]
+    assert latest.startswith('latest ') and 'BAD' in latest, (name, latest)
+    r = run('sample.py', f'--out_dir={out}', '--max_new_tokens=5', '--num_samples=1')
+    if name != 'config types':  # sample.py reads no training config: that file serves it fine
+        assert 'falling back' in r.stderr and 'latest_backup' in r.stderr, (name, r.stderr)
+    # cosine: a longer wsd run would continue from where its decay began (step_), not latest_backup
+    r = run('train.py', *TINY, '--dataset=tiny', f'--data_dir={data}', f'--out_dir={out}', '--max_iters=31',
+            '--lr_schedule=cosine')
+    assert 'latest.safetensors:' in r.stderr and 'falling back' in r.stderr, (name, r.stderr)
+    assert 'resumed from' in r.stdout and 'latest_backup' in r.stdout, name

@@ -74,6 +74,7 @@ def models(reference, tmp_path_factory):
     return found
 
 
+@pytest.mark.xdist_group('bad_models')  # with the fixture they share: it is built once
 @pytest.mark.parametrize('kind, name', [(k, n) for k in ('ours', 'hf', 'nanogpt') for n in (*ARGS, 'nan')
                                         if (k, n) != ('hf', 'bias')])  # GPT-2's config.json has no bias key
 def test_models_that_are_not_models(models, out, kind, name, tmp_path):
@@ -95,6 +96,7 @@ def test_check_args_and_param_count():
             check_args({**args, **edit})
 
 
+@pytest.mark.xdist_group('bad_models')
 def test_a_non_finite_latest_falls_back(models, out):
     """A checkpoint that checksums but holds nan is skipped by resume like any damaged one."""
     os.replace(models['ours nan'], os.path.join(out, 'latest.safetensors'))

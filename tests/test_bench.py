@@ -6,15 +6,16 @@ bench_gpu.py's own data/bench_gpu_small (it takes no data flag; prepared once, t
 import json
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+import tempfile
 
 import pytest
 
 from conftest import ROOT, make_corpus, run
+from test_bad_input import run_inline
 
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--log_interval=1']
 
-# script: the lines its output must hold. The slowest first: they start first.
+# script: the lines its output must hold. The slowest first: pytest-xdist starts them first.
 FIGURES = {
     'bench_gpu.py': [r'^\[train_compiled\] [\d,]+ tokens/s, \d+ ms/iter, MFU .*% of measured',
                      r'^\[train_eager\] [\d,]+ tokens/s, \d+ ms/iter',
@@ -28,6 +29,9 @@ FIGURES = {
                      r'^\[resume\] two uninterrupted runs: .* weights bit-identical; SIGKILL at iteration \d+ and '
                      r'resumed: .* weights bit-identical',
                      r'^\[float16\] \d+ steps: .* finite: True; stopped at \d+ and resumed: scaler state equal'],
+    'bench_recipe.py': [r'^timing round 1/1: .* \d+ ms, default \d+ ms$', r'^nanogpt-s1337-i\d+: whole-val loss [\d.]+',
+                        r"^\| nanogpt \| nanoGPT's CPU recipe \| \d+ x nanogpt \| 1.00 \[",
+                        r'^\| default \| our default \(train.py\).* \| [+-][\d.]+ vs nanogpt \|$'],
     'torture.py': [rf'^{phase}: 1 SIGKILLs.*bit-identical to an uninterrupted run: True; log holds each iteration '
                    rf'once: True' for phase in ('kills', 'corrupt')],
     'bench_lora.py': [r'^full fine-tune: .* parameters; AdamW state [\d.]+ MiB; checkpoint [\d.]+ MiB; .* tokens/s',
@@ -36,9 +40,6 @@ FIGURES = {
     'bench.py': [r'^train default config: [\d,]+ tokens/s, [\d.]+ ms/iter; checkpoint [\d.]+ MB written in \d+ ms',
                  r'^train config/python_code.py: [\d,]+ tokens/s',
                  r'^sample: 10 new tokens .*: KV cache \d+ tok/s, full recompute \d+ tok/s, ratio [\d.]+x'],
-    'bench_recipe.py': [r'^timing round 1/1: .* \d+ ms, default \d+ ms$', r'^nanogpt-s1337-i\d+: whole-val loss [\d.]+',
-                        r"^\| nanogpt \| nanoGPT's CPU recipe \| \d+ x nanogpt \| 1.00 \[",
-                        r'^\| default \| our default \(train.py\).* \| [+-][\d.]+ vs nanogpt \|$'],
     'bench_train.py': [r'MFLOP/token; given float32 matmul peak 100 GFLOP/s',
                        r'^compile=False: [\d,]+ tokens/s, MFU [\d.]+% of the given peak',
                        r"^where an eager iteration's time goes", r'^  aten::\S+ +[\d.]+%'],
@@ -46,7 +47,9 @@ FIGURES = {
                       r'ckpt_interval 200 x [\d.]+ s/iter \(measured here\) .* overhead sync [\d.]+%, '
                       r'background [\d.]+%'],
     'bench_eval.py': [r'^batch_size=1 +[\d.]+ items/s',
-                      r'^batch_size=4 +[\d.]+ items/s \(range .*\), [\d.]+x one forward per choice; same scores'],
+                      r'^batch_size=4 +[\d.]+ items/s \(range .*\), [\d.]+x one forward per choice; same scores '
+                      r'\(log-likelihoods within [\d.e-]+, accuracy on the \d+ of 8 items whose two best differ '
+                      r'by more\)$'],
     'bench_prepare.py': [r'^corpus: 40 files',
                          r'^bpe 300 *: +[\d.]+s wall, end to end +[\d.]+ MB/s, peak RSS +\d+ MB, [\d,]+ tokens',
                          r'^byte +: +[\d.]+s wall', r'^cache hit: [\d.]+s wall',
@@ -81,33 +84,18 @@ def smallest(script, data, folder):
     raise ValueError(script)
 
 
-@pytest.fixture(scope='module')
-def outputs(request, tiny_data, tmp_path_factory):
-    """script -> (future of its run, its folder) for the scripts of the selected tests, started at
-    once, as many at a time as there are cores (two at least): each keeps about one core busy
-    (OMP_NUM_THREADS=1), and one after the other they would take minutes."""
-    selected = [item.callspec.params['script'] for item in request.session.items
-                if item.module is request.module and hasattr(item, 'callspec')]
-    with ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
-        started = {}
-        for script in [s for s in FIGURES if s in selected]:
-            folder = tmp_path_factory.mktemp(script.removesuffix('.py'))
-            args = smallest(script, tiny_data, folder)
-            started[script] = pool.submit(run, os.path.join('bench', script), *args, cwd=folder), folder
-        yield started
-
-
 @pytest.mark.parametrize('script', FIGURES)
-def test_smoke(script, outputs):
-    future, folder = outputs[script]
-    out = future.result().stdout  # run() raises if the script exits non-zero
-    for pattern in FIGURES[script]:
+def test_smoke(script, tiny_data, tmp_path):
+    """Each script in its own test, so that pytest-xdist's workers run them side by side."""
+    args = smallest(script, tiny_data, tmp_path)
+    out = run(os.path.join('bench', script), *args, cwd=tmp_path).stdout
+    for pattern in FIGURES[script]:  # run() raises if the script exits non-zero
         assert re.search(pattern, out, re.M), f"{script}: no line matching {pattern!r} in:\n{out}"
     assert 'FAILED' not in out, out
     if script == 'bench_ckpt.py':
-        assert os.listdir(folder / 'ckpt') == [], "bench_ckpt.py removes its checkpoints"
+        assert os.listdir(tmp_path / 'ckpt') == [], "bench_ckpt.py removes its checkpoints"
     if script == 'bench_gpu.py':  # a failed section is reported in its JSON, not by the exit status
-        with open(folder / 'out' / 'bench_gpu.json') as f:
+        with open(tmp_path / 'out' / 'bench_gpu.json') as f:
             sections = json.load(f)['sections']
         assert not [s for s in sections.values() if s['status'].startswith('failed')], sections
 
@@ -115,3 +103,51 @@ def test_smoke(script, outputs):
 def test_every_script_is_covered():
     scripts = sorted(f for f in os.listdir(os.path.join(ROOT, 'bench')) if f.endswith('.py'))
     assert scripts == sorted(FIGURES), "a bench/ script without a smoke run here (or one that is gone)"
+
+
+# script: [(arguments, what its one error line says)]: unknown names in a list, counts below 1,
+# sizes not positive; each refused before any work (run in this process: torch is loaded already)
+BAD = {
+    'bench.py': [('--only=trian', "--only takes sections among prepare,train,sample, got 'trian'"),
+                 ('--only=', '--only takes'), ('--iters=0', '--iters must be at least 1'),
+                 ('--new_tokens=-1', '--new_tokens must be at least 1, got -1')],
+    'bench_ckpt.py': [('--states=default,tiny', '--states takes names among default,python_code'),
+                      ('--states=', '--states takes'), ('--rounds=0', '--rounds must be at least')],
+    'bench_eval.py': [('--items=0', '--items must be at least 1'), ('--rounds=0', '--rounds must'),
+                      ('--batch_sizes=16,0', '--batch_sizes takes comma-separated counts of at'),
+                      ('--batch_sizes=16,x', '--batch_sizes takes')],
+    'bench_gpu.py': [('--only=train,ddp', '--only takes sections among train_compiled,'),
+                     ('--only=', '--only takes'), ('--iters=0', '--iters must be at least 1'),
+                     ('--batch_size=0', '--batch_size must'), ('--budget_s=0', '--budget_s must'),
+                     ('--budget_s=nan', '--budget_s must be a positive number of seconds, got')],
+    'bench_lora.py': [('--rounds=0', '--rounds must be at least 1'), ('--iters=0', '--iters must')],
+    'bench_prepare.py': [('--vocab_sise=300', "unknown config key 'vocab_sise'")],  # prepare.py's
+    'bench_recipe.py': [('--only=nanogpt,bogus', '--only takes rows among nanogpt,old,default'),
+                        ('--only=', '--only takes rows'), ('--jobs=0', '--jobs must be at least 1'),
+                        ('--threads=0', '--threads must'), ('--rounds=0', '--rounds must'),
+                        ('--timing_iters=0', '--timing_iters must'), ('--scale=0', '--scale must'),
+                        ('--scale=-1', '--scale must be a positive number, got -1.0'),
+                        ('--seeds=1337,x', '--seeds takes comma-separated whole numbers')],
+    'bench_train.py': [('--iters=0', '--iters must be at least 1')],
+    'torture.py': [('--kills=-1', '--kills must be at least 0'), ('--corrupt=-1', '--corrupt must'),
+                   ('--iters=0', '--iters must be at least 1'), ('--slow=-0.1', '--slow must'),
+                   ('--kills=0 --corrupt=0', '--kills=0 and --corrupt=0 test nothing')],
+}
+CASES = [(script, *case) for script, cases in BAD.items() for case in cases]
+
+
+@pytest.mark.parametrize('script, bad, message', CASES)
+def test_bad_input_is_one_line_before_any_work(script, bad, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))  # where a script's temporary folders go
+    where = {'bench_ckpt.py': f'--dir={tmp_path}', 'bench_recipe.py': f'--out_dir={tmp_path}/out'}
+    argv = [where[script]] if script in where else []
+    status, lines = run_inline(os.path.join('bench', script), [*argv, *bad.split()])
+    errors = [line for line in lines if 'error' in line]  # argparse's: usage, then the error line
+    assert status in (1, 2) and errors == lines[-1:], (status, lines)
+    assert lines[-1].startswith(f'{script}: error: ') and message in lines[-1], lines
+    assert os.listdir(tmp_path) == [], "nothing written"
+
+
+def test_every_script_has_bad_input_cases():
+    assert sorted(BAD) == sorted(FIGURES)

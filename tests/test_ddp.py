@@ -34,6 +34,7 @@ def single(tiny_data, tmp_path_factory):
     return out
 
 
+@pytest.mark.xdist_group('ddp_single')  # with the fixture they share: it trains once
 def test_two_processes_match_one(tiny_data, single, tmp_path):
     p = torchrun(tiny_data, str(tmp_path))
     stdout, stderr = p.communicate(timeout=300)
@@ -41,6 +42,7 @@ def test_two_processes_match_one(tiny_data, single, tmp_path):
     assert stdout.count('done:') == 1 and stdout.count('2 process(es)') == 1  # rank 0 alone prints
     one, two = losses(single), losses(str(tmp_path))
     assert one.keys() == two.keys() == set(range(1, 17))
+    # two processes' gradients meet in an all-reduce: sums in another order, losses within 1e-4
     assert all(abs(one[k] - two[k]) < 1e-4 for k in one), (one, two)
     names = sorted(os.listdir(tmp_path))
     assert names == ['best.safetensors', 'latest.safetensors', 'latest_backup.safetensors', 'log.jsonl',
@@ -48,6 +50,7 @@ def test_two_processes_match_one(tiny_data, single, tmp_path):
     assert len(read_log(str(tmp_path))) == len(read_log(single))  # one writer
 
 
+@pytest.mark.xdist_group('ddp_single')
 def test_sigterm_saves_once_then_resume_on_one_process(tiny_data, single, tmp_path):
     out = str(tmp_path)
     p = torchrun(tiny_data, out)
@@ -64,7 +67,7 @@ def test_sigterm_saves_once_then_resume_on_one_process(tiny_data, single, tmp_pa
     run('train.py', *ARGS, f'--data_dir={tiny_data}', f'--out_dir={out}', '--init_from=resume')
     one, resumed = losses(single), losses(out)
     assert resumed.keys() == one.keys()
-    assert all(abs(one[k] - resumed[k]) < 1e-4 for k in one)
+    assert all(abs(one[k] - resumed[k]) < 1e-4 for k in one)  # two processes, then one: as above
 
 
 def test_resume_with_dropout_on_two_processes_is_exact(tiny_data, tmp_path):
@@ -80,7 +83,7 @@ def test_resume_with_dropout_on_two_processes_is_exact(tiny_data, tmp_path):
     p = torchrun(tiny_data, stopped, '--dropout=0.2')  # the same command resumes
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0 and 'resumed from' in stdout, stderr
-    assert losses(stopped) == losses(straight)
+    assert losses(stopped) == losses(straight)  # the same two-process path: exactly
 
 
 def test_a_data_error_is_said_once(tiny_data, tmp_path):

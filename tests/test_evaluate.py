@@ -18,6 +18,9 @@ NAMES = ['Anna', 'Boris', 'Chen', 'Dara', 'Emil', 'Fatima', 'Goran', 'Hana', 'Iv
 THINGS = ['apples', 'bricks', 'candles', 'drums', 'eggs', 'flutes', 'gloves', 'hats', 'inks', 'jars']
 MODEL = ['--n_layer=2', '--n_head=2', '--n_embd=64', '--block_size=64', '--compile=False']
 
+# the tests share a module fixture that trains: on one pytest-xdist worker, it trains once
+pytestmark = pytest.mark.xdist_group('evaluate')
+
 
 @pytest.fixture(scope='module')
 def facts(tmp_path_factory):

@@ -19,6 +19,9 @@ from test_vocab import korean_corpus
 FT = [*TINY, '--lora_rank=4', '--max_iters=20', '--eval_interval=5', '--eval_iters=4', '--ckpt_interval=3',
       '--rolling_interval=0', '--warmup_iters=2']
 
+# the tests share a module fixture that trains: on one pytest-xdist worker, it trains once
+pytestmark = pytest.mark.xdist_group('finetune')
+
 
 @pytest.fixture(scope='module')
 def work(tmp_path_factory):

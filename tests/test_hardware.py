@@ -80,7 +80,9 @@ def test_padded_vocabulary_is_exact_and_never_sampled():
     x = torch.randint(0, 257, (3, 16))
     (lp, loss_p), (lu, loss_u) = padded(x, x), plain(x, x)
     assert lp.shape == lu.shape == (3, 16, 257)
-    assert torch.allclose(lp, lu) and torch.allclose(loss_p, loss_u)
+    # another head shape (320 columns, then 257): a kernel may sum in another order, so within 1e-6
+    assert torch.allclose(lp, lu, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(loss_p, loss_u, rtol=1e-5, atol=1e-6)
     assert padded.num_params() == plain.num_params()
     # padding rows that somehow held huge weights still could not be sampled: their logits are cut
     with torch.no_grad():

@@ -39,6 +39,7 @@ def exported(tiny_data, tmp_path_factory):
     return out
 
 
+@pytest.mark.xdist_group('interop')  # with the fixture they share: it trains once
 @pytest.mark.parametrize('kind', ['byte', 'bpe'])
 def test_hf_export_equals_ours_in_transformers(exported, kind):
     path, hf_dir = exported[kind]
@@ -62,9 +63,17 @@ def test_hf_export_equals_ours_in_transformers(exported, kind):
     prompt = ids[:, :4]
     o = ours.generate(prompt, 27, temperature=0)[0].tolist()
     h = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=27, do_sample=False)[0].tolist()
-    assert h == o[:len(h)] and (len(h) == len(o) or h[-1] == tok.eot_id)  # HF stops at end of text
+    # greedy tokens of two implementations whose logits differ by up to 1e-4: the same up to the
+    # first token whose two best logits were within 1e-3 (a near-tie: either one is greedy)
+    with torch.no_grad():
+        logits = ours(torch.tensor([o[:-1]]), torch.tensor([o[1:]]))[0][0]  # (T - 1, V)
+    best = logits.topk(2).values
+    n = next((t for t in range(4, len(o)) if best[t - 1, 0] - best[t - 1, 1] < 1e-3), len(o))
+    assert h[:n] == o[:min(n, len(h))]
+    assert len(h) >= n or h[-1] == tok.eot_id  # HF stops at end of text
 
 
+@pytest.mark.xdist_group('interop')
 @pytest.mark.parametrize('kind', ['byte', 'bpe'])
 def test_export_import_round_trip(exported, kind, tmp_path):
     path, hf_dir = exported[kind]
@@ -80,6 +89,7 @@ def test_export_import_round_trip(exported, kind, tmp_path):
     assert all(torch.equal(small['model'][k], state['model'][k]) for k in state['model'])
 
 
+@pytest.mark.xdist_group('interop')
 def test_fine_tune_from_hf_export(exported, tiny_data, tmp_path):
     p = run('train.py', *TINY, '--max_iters=3', '--eval_interval=3', '--dataset=tiny', f'--data_dir={tiny_data}',
             f'--out_dir={tmp_path}', f'--init_from=hf:{exported["byte"][1]}')
@@ -89,6 +99,7 @@ def test_fine_tune_from_hf_export(exported, tiny_data, tmp_path):
     assert p.returncode == 1 and f'--tokenizer={exported["bpe"][1]}/tokenizer.json' in p.stderr
 
 
+@pytest.mark.xdist_group('interop')
 def test_bpe_json_rebuilds_a_tokenizer_from_ranks(exported):
     """The path gpt2-kind exports take (tiktoken's ranks -> tokenizer.json), on our BPE's ranks."""
     with open(os.path.join(exported['bpe'][1], 'tokenizer.json'), encoding='utf-8') as f:
@@ -163,6 +174,7 @@ class Payload:  # a pickle that runs code on load: mkdir(path)
         return (os.mkdir, (self.path,))
 
 
+@pytest.mark.xdist_group('interop')
 def test_pickle_gpt2_and_export_errors_are_one_line(exported, tmp_path):
     torch.save({'model': {}, 'model_args': {}, 'x': Payload(str(tmp_path / 'ran'))}, tmp_path / 'evil.pt')
     env = {'HF_HOME': str(tmp_path / 'hf_home'), 'HF_HUB_OFFLINE': '1'}  # an empty cache, no network

@@ -38,6 +38,7 @@ def extended(tmp_path_factory):
     return tmp / "data" / "base", tmp / "data" / "kor", docs, meta
 
 
+@pytest.mark.xdist_group('vocab_extended')  # with the fixture they share: it prepares once
 def test_extended_tokenizer_keeps_base_ids_and_round_trips(extended):
     base_dir, kor_dir, docs, meta = extended
     old, new = dataset.tokenizer_state(base_dir), dataset.tokenizer_state(kor_dir)
@@ -65,6 +66,7 @@ def test_extended_tokenizer_keeps_base_ids_and_round_trips(extended):
         assert tok.decode_bytes(tok.encode(text)) == text.encode("utf-8")
 
 
+@pytest.mark.xdist_group('vocab_extended')
 def test_extends(extended, tmp_path):
     base_dir, kor_dir, _, _ = extended
     old, new = dataset.tokenizer_state(base_dir), dataset.tokenizer_state(kor_dir)
