@@ -41,13 +41,19 @@ ap.add_argument('--pairs', type=int, default=4000, help='question/answer pairs m
 ap.add_argument('--out_dir', default=os.path.join(ROOT, 'out-sft'))
 ap.add_argument('--smoke', action='store_true', help='a tiny model, a few iterations, one seed')
 args = ap.parse_args()
-seeds = [int(s) for s in args.seeds.split(',')][:1 if args.smoke else None]
-replays = [float(r) for r in args.replay.split(',')]
 for name in ('base_iters', 'iters', 'pairs'):
     if getattr(args, name) < 1:
         ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-if not all(0 <= r < 1 for r in replays) or args.learning_rate <= 0:
-    ap.error("--replay shares must be in [0, 1) and --learning_rate positive")
+if not args.learning_rate > 0:
+    ap.error(f"--learning_rate must be a positive number, got {args.learning_rate}")
+try:
+    seeds = [int(s) for s in args.seeds.split(',')][:1 if args.smoke else None]
+    replays = [float(r) for r in args.replay.split(',')]
+except ValueError:
+    ap.error(f"--seeds takes comma-separated whole numbers and --replay shares, got "
+             f"{args.seeds!r} and {args.replay!r}")
+if not all(0 <= r < 1 for r in replays):
+    ap.error(f"--replay takes comma-separated shares from 0 up to (not including) 1, got {args.replay!r}")
 MODEL = (['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=64', '--batch_size=4', '--eval_iters=2']
          if args.smoke else [])  # train.py's defaults otherwise: the Quick start's model
 QUIET = ['--compile=False', '--log_interval=50', '--ckpt_interval=0', '--rolling_interval=0',

@@ -6,6 +6,7 @@ bench_gpu.py's own data/bench_gpu_small (it takes no data flag; prepared once, t
 import json
 import os
 import re
+import shutil
 import tempfile
 
 import pytest
@@ -32,6 +33,10 @@ FIGURES = {
     'bench_recipe.py': [r'^timing round 1/1: .* \d+ ms, default \d+ ms$', r'^nanogpt-s1337-i\d+: whole-val loss [\d.]+',
                         r"^\| nanogpt \| nanoGPT's CPU recipe \| \d+ x nanogpt \| 1.00 \[",
                         r'^\| default \| our default \(train.py\).* \| [+-][\d.]+ vs nanogpt \|$'],
+    'bench_sft.py': [r'^task: \d+ training pairs, \d+ held out, from ',
+                     r'^base \(2 iters on tiny\): tiny val loss [\d.]+; held-out answer loss [\d.]+, exact match',
+                     r'^\| answers only \| [\d.]+ \([\d.]+\) \| [\d.]+ \([\d.]+\) \| [\d.]+ \([\d.]+\) \|$',
+                     r'^\| all tokens \| ', r'^\| replay 10% \| '],
     'torture.py': [rf'^{phase}: 1 SIGKILLs.*bit-identical to an uninterrupted run: True; log holds each iteration '
                    rf'once: True' for phase in ('kills', 'corrupt')],
     'bench_lora.py': [r'^full fine-tune: .* parameters; AdamW state [\d.]+ MiB; checkpoint [\d.]+ MiB; .* tokens/s',
@@ -78,6 +83,10 @@ def smallest(script, data, folder):
         return ['--states=default', '--rounds=1', f'--dir={folder / "ckpt"}']
     if script == 'bench_eval.py':
         return [f'--data={data}/tiny', '--items=8', '--rounds=1', '--batch_sizes=4']
+    if script == 'bench_sft.py':  # --smoke: a few iterations; a copy of the data: it prepares beside it
+        shutil.copytree(os.path.join(data, 'tiny'), folder / 'data' / 'tiny')
+        return ['--smoke', '--replay=0.1', f'--data_dir={folder / "data"}', '--dataset=tiny',
+                f'--out_dir={folder / "out"}']
     if script == 'bench_prepare.py':
         make_corpus(folder / 'corpus')
         return [f'--input={folder / "corpus"}', '--vocab_size=300', '--min_split_tokens=33']
@@ -128,6 +137,10 @@ BAD = {
                         ('--timing_iters=0', '--timing_iters must'), ('--scale=0', '--scale must'),
                         ('--scale=-1', '--scale must be a positive number, got -1.0'),
                         ('--seeds=1337,x', '--seeds takes comma-separated whole numbers')],
+    'bench_sft.py': [('--iters=0', '--iters must be at least 1'), ('--base_iters=0', '--base_iters must'),
+                     ('--pairs=0', '--pairs must'), ('--learning_rate=0', '--learning_rate must be a positive'),
+                     ('--seeds=1,x', '--seeds takes comma-separated whole numbers'),
+                     ('--replay=0.1,1', '--replay takes comma-separated shares'), ('--replay=x', '--seeds takes')],
     'bench_train.py': [('--iters=0', '--iters must be at least 1')],
     'torture.py': [('--kills=-1', '--kills must be at least 0'), ('--corrupt=-1', '--corrupt must'),
                    ('--iters=0', '--iters must be at least 1'), ('--slow=-0.1', '--slow must'),
