@@ -111,6 +111,7 @@ os.makedirs(args.out_dir, exist_ok=True)
 work = tempfile.mkdtemp(prefix='bench_sft_', dir=args.out_dir)
 corpus = os.path.join(args.data_dir, args.dataset)
 train_pairs, held = make_pairs(corpus, args.pairs)
+held = held[:5] if args.smoke else held
 if len(train_pairs) < 20 or len(held) < 5:
     sys.exit(f"bench_sft.py: error: {corpus} holds too few `def` lines for the task "
              f"({len(train_pairs)} training pairs, {len(held)} held out)")

@@ -139,14 +139,17 @@ def test_packing_keeps_examples_whole():
 
 
 def test_a_window_with_nothing_trained_counts_nothing():
-    part = dict(tokens=np.arange(20, dtype=np.uint16), flags=np.zeros(20, np.uint8),
+    part = dict(name='qa', tokens=np.arange(20, dtype=np.uint16), flags=np.zeros(20, np.uint8),
                 windows=(np.array([0, 10]), np.array([10, 4])), n=2)
-    xy, trained = ds.batch([part], [(0, 0), (0, 1)], 9, eot_id=99)
-    assert not trained.any() and ds.count_trained([part], [(0, 0), (0, 1)], 9) == 0
-    assert xy[1].tolist() == [10, 11, 12, 13] + [99] * 6  # padded with end-of-text
-    xy, trained = ds.batch([part], [(0, 1)], 9, eot_id=99, every_token=True)
-    assert trained[0].tolist() == [True] * 3 + [False] * 6  # every real target, never padding
+    xy, counted = ds.batch([part], [(0, 0), (0, 1)], 9, eot_id=99, vocab_size=100)
+    assert counted == 0 and (xy[:, 9:] == -1).all()  # every target a prompt's: none counts
+    assert ds.count_trained([part], [(0, 0), (0, 1)], 9) == 0
+    assert xy[1, :9].tolist() == [10, 11, 12, 13] + [99] * 5  # padded with end-of-text
+    xy, counted = ds.batch([part], [(0, 1)], 9, eot_id=99, vocab_size=100, every_token=True)
+    assert xy[0, 9:].tolist() == [11, 12, 13] + [-1] * 6 and counted == 3  # every real target
     assert ds.count_trained([part], [(0, 1)], 9, every_token=True) == 3
+    with pytest.raises(Error, match="qa holds token id 13 but the model's vocabulary has 12 tokens"):
+        ds.batch([part], [(0, 1)], 9, eot_id=0, vocab_size=12)
 
 
 def test_mixtures_take_each_dataset_its_share_in_one_order():
