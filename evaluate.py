@@ -42,7 +42,9 @@ out_dir = 'out'  # where the checkpoints (and log.jsonl, for --plot) are
 # 'resume': the newest valid checkpoint, its column named by its file
 ckpt = 'resume'  # or 'best', 'latest', 'step_0001000', a path; several: 'best,latest'
 # perplexity and bits per byte
-split = 'val'  # the checkpoint's dataset split to score ('val' or 'train'); '' skips perplexity
+# the split to score ('val' or 'train') of the checkpoint's dataset (of a mixture: the first);
+# '' skips perplexity
+split = 'val'
 data_dir = 'data'  # where prepared datasets are
 dataset = None  # score this dataset's split, not the checkpoint's (re-encoded if tokenizers differ)
 text = None  # score a UTF-8 text file, or a folder's files, not a split (each file a document)
@@ -169,7 +171,8 @@ def tokens_to_score(state, tokenizer):
     checkpoint's tokenizer when the dataset was prepared with another one."""
     if texts is not None:
         return metrics.encode_docs(tokenizer, texts), f"{text} ({len(texts)} file(s))"
-    path = os.path.join(data_dir, dataset or state['data']['dataset'])
+    # a checkpoint trained on a mixture: its first dataset
+    path = os.path.join(data_dir, dataset or ds.parse_mixture(state['data']['dataset'])[0][0])
     meta = ds.read_meta(path)
     tokens = ds.open_split(path, split)[:max_tokens]
     vocab_size = meta['tokenizer']['vocab_size']

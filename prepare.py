@@ -85,7 +85,7 @@ extend_vocab = None  # with tokenizer=PATH/tokenizer.json: learn N more BPE merg
 # for quick runs: keep only the first N documents (files sorted by path, JSONL records in order)
 max_docs = None
 val_fraction = 0.05  # share of pieces that go to val
-min_split_tokens = 1025  # fewest tokens per split (block_size + 1)
+min_split_tokens = 1025  # fewest tokens per split of plain text (block_size + 1)
 strict = False  # abort on a bad file inside a folder instead of skipping it
 force = False  # rebuild even if up to date
 # -----------------------------------------------------------------------------
@@ -359,7 +359,8 @@ def prepare(args):
     if (old and not args.force and old["settings"] == settings
             and old["inputs_fingerprint"] == inputs_fingerprint
             and not (args.strict and old["inputs"]["skipped"])
-            and min(s["tokens"] for s in old["splits"].values()) >= args.min_split_tokens):
+            and (old.get("flagged")
+                 or min(s["tokens"] for s in old["splits"].values()) >= args.min_split_tokens)):
         print(f"prepare: {out_dir} is up to date, reused it "
               f"(inputs and settings unchanged; --force rebuilds)")
         return old
@@ -588,7 +589,9 @@ def build(args, fmt, sources, kind, tokenizer_path, tmp_dir, out_dir):
     encode_seconds = time.time() - t_enc
     done = sum(v["bytes"] for v in splits.values())
 
-    small = {s: v["tokens"] for s, v in splits.items() if v["tokens"] < args.min_split_tokens}
+    # plain text needs a whole window per split; packed examples are padded to one
+    small = {s: v["tokens"] for s, v in splits.items()
+             if v["tokens"] < args.min_split_tokens and not flagged}
     if small:
         raise Error("corpus too small: "
                     + ", ".join(f"{s} has {n} tokens" for s, n in small.items())
@@ -597,8 +600,9 @@ def build(args, fmt, sources, kind, tokenizer_path, tmp_dir, out_dir):
                     f"{out_dir} was left as it was")
     tokens = sum(v["tokens"] for v in splits.values())
     if flagged:
-        print("prepare: flagged: " + ", ".join(f"{s} {v['trained_tokens']:,} of {v['tokens']:,} "
-                                               f"tokens train" for s, v in splits.items())
+        print("prepare: trained (flagged): " + ", ".join(f"{v['trained_tokens']:,} of {s}'s "
+                                                         f"{v['tokens']:,} tokens"
+                                                         for s, v in splits.items())
               + (" (conversations rendered with the template in meta.json)" * conversations))
     return dict(format_version=ds.FORMAT_VERSION,
                 **({"flagged": True} if flagged else {}),

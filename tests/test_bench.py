@@ -60,6 +60,8 @@ FIGURES = {
                          r'^byte +: +[\d.]+s wall', r'^cache hit: [\d.]+s wall',
                          r'^encode only: tiktoken [\d.]+ MB/s, HF encode_batch [\d.]+ MB/s .* identical ids in '
                          r'(\d+)/\1 pieces'],
+    'glossary.py': [(r'^wrote glossary: 20 documents \(200 sentences\) in kormed/, 32 training pairs, '
+                     r'8 held out, an exam of 40 items$')],
 }
 
 
@@ -90,6 +92,8 @@ def smallest(script, data, folder):
     if script == 'bench_prepare.py':
         make_corpus(folder / 'corpus')
         return [f'--input={folder / "corpus"}', '--vocab_size=300', '--min_split_tokens=33']
+    if script == 'glossary.py':
+        return ['--out=glossary', '--docs=20']
     raise ValueError(script)
 
 
@@ -103,6 +107,12 @@ def test_smoke(script, tiny_data, tmp_path):
     assert 'FAILED' not in out, out
     if script == 'bench_ckpt.py':
         assert os.listdir(tmp_path / 'ckpt') == [], "bench_ckpt.py removes its checkpoints"
+    if script == 'glossary.py':  # the same call writes the same bytes
+        def written():
+            return {p: p.read_bytes() for p in (tmp_path / 'glossary').rglob('*') if p.is_file()}
+        first = written()
+        run(os.path.join('bench', script), *args, cwd=tmp_path)
+        assert len(first) == 20 + 3 and written() == first
     if script == 'bench_gpu.py':  # a failed section is reported in its JSON, not by the exit status
         with open(tmp_path / 'out' / 'bench_gpu.json') as f:
             sections = json.load(f)['sections']
@@ -142,6 +152,8 @@ BAD = {
                      ('--seeds=1,x', '--seeds takes comma-separated whole numbers'),
                      ('--replay=0.1,1', '--replay takes comma-separated shares'), ('--replay=x', '--seeds takes')],
     'bench_train.py': [('--iters=0', '--iters must be at least 1')],
+    'glossary.py': [('--docs=0', '--docs must be at least 1, got 0'),
+                    ('--sentences=41', '--sentences must be at most 40')],
     'torture.py': [('--kills=-1', '--kills must be at least 0'), ('--corrupt=-1', '--corrupt must'),
                    ('--iters=0', '--iters must be at least 1'), ('--slow=-0.1', '--slow must'),
                    ('--kills=0 --corrupt=0', '--kills=0 and --corrupt=0 test nothing')],

@@ -129,6 +129,24 @@ def test_a_template_that_cannot_render(tmp_path, template, expect):
     assert not (tmp_path / "data").exists() or not os.listdir(tmp_path / "data")
 
 
+def test_a_few_pairs_are_enough(tmp_path):
+    """Packed windows are padded, so a split of pairs needs one example, not block_size + 1 tokens
+    (the default --min_split_tokens, which plain text still needs)."""
+    import prepare
+    pairs = write_jsonl(tmp_path / "qa.jsonl", PAIRS[:20])  # about 300 tokens in all
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": p["prompt"] + p["completion"]} for p in PAIRS[:20]])
+    meta = prepare.main([f"--data_dir={tmp_path / 'data'}", f"--input={pairs}", "--tokenizer=byte"])
+    assert meta["splits"]["val"]["tokens"] < 1025 and meta["splits"]["val"]["trained_tokens"] > 0
+    again = prepare.main([f"--data_dir={tmp_path / 'data'}", f"--input={pairs}", "--tokenizer=byte"])
+    assert again["created"] == meta["created"]  # reused, not rebuilt
+    data = ds.open_dataset(str(tmp_path / "data"), "qa", 128)
+    xy, counted = ds.batch([data["val"]], [(0, 0)], 128, eot_id=256, vocab_size=257)
+    assert counted > 0 and (xy[0, 128:] >= 0).sum() == counted
+    with pytest.raises(Error, match="corpus too small: .* --min_split_tokens=1025"):
+        prepare.main([f"--data_dir={tmp_path / 'data'}", f"--input={docs}", "--tokenizer=byte"])
+    assert not (tmp_path / "data" / "docs").exists()
+
+
 def test_packing_keeps_examples_whole():
     first, length = ds.pack([0, 3, 10, 12, 40], 45, 8)  # windows of 9 tokens
     assert list(zip(first.tolist(), length.tolist())) == [(0, 3), (3, 9), (12, 9), (20, 9), (28, 9),

@@ -86,6 +86,11 @@ def test_a_mixture_resumes_exactly_after_kill9_and_logs_each_val_loss(qa_data, t
     assert {'val_loss/qa', 'val_loss/chat', 'val_loss/plain'} <= set(evals[-1])
     summary = json.load(open(os.path.join(killed, 'summary.json')))
     assert summary['final_val_loss/plain'] == evals[-1]['val_loss/plain']
+    # evaluate.py scores a mixture's first dataset
+    run('evaluate.py', f'--out_dir={killed}', f'--data_dir={qa_data}', '--generate=False',
+        f'--json={tmp_path / "eval.json"}')
+    scored = json.load(open(tmp_path / 'eval.json'))['checkpoints'][0]['perplexity']['scored']
+    assert scored.startswith(os.path.join(qa_data, 'qa') + ' val split')
 
 
 def test_lora_on_flagged_data_resumes_exactly_after_sigterm(qa_data, tmp_path):
