@@ -156,9 +156,11 @@ def check_fits(state, source, data_dir, tokenizer, data_fingerprint, new_run) ->
                     f"to start a new run from its weights on this data add --reset_state=True")
 
 # -----------------------------------------------------------------------------
-# the training order: fixed windows of block_size + 1 tokens, each visited once per epoch in an
-# order that is a function of (seed, epoch); the position (epoch, index) is global, so any number
-# of ranks agree on it, and a checkpoint that holds it resumes with the very next batch
+# the training order: each epoch visits every window once, in an order that is a function of
+# (seed, epoch); the position (epoch, index) is global, so any number of ranks agree on it, and a
+# checkpoint that holds it resumes with the very next batch. A window is given as its token ranges
+# ((start, length), ...): one range of block_size + 1 tokens for plain text, whole examples for
+# flagged data, packed anew each epoch (see packed())
 
 @functools.lru_cache(maxsize=8)  # the current epoch's permutation of each dataset of a mixture
 def epoch_order(seed, epoch, n_windows, dataset=0) -> np.ndarray:
@@ -166,18 +168,34 @@ def epoch_order(seed, epoch, n_windows, dataset=0) -> np.ndarray:
     return np.random.default_rng(key).permutation(n_windows)
 
 
-def next_windows(pos, count, n_windows, seed, dataset=0):
-    """The next `count` window indices of a mixture's dataset'th dataset from its position pos =
-    (epoch, index), and the position after them."""
+def next_windows(pos, count, part, seed, dataset=0):
+    """The next `count` windows (token ranges) of a mixture's dataset'th dataset, part its
+    open_dataset split, from its position pos = (epoch, index), and the position after them."""
     epoch, index = pos
     out = []
     while count:
-        take = min(count, n_windows - index)
-        out.append(epoch_order(seed, epoch, n_windows, dataset)[index:index + take])
+        if part["flags"] is None:
+            n = part["n"]
+            take = min(count, n - index)
+            T = part["block_size"]
+            out += [((int(w) * T, T + 1),)
+                    for w in epoch_order(seed, epoch, n, dataset)[index:index + take]]
+        else:
+            windows = packed(part, epoch, seed, dataset)
+            n = len(windows)
+            take = min(count, n - index)
+            out += windows[index:index + take]
         count, index = count - take, index + take
-        if index == n_windows:
+        if index == n:
             epoch, index = epoch + 1, 0
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64), (epoch, index)
+    return out, (epoch, index)
+
+
+def fixed_window(part, w):
+    """The w'th of a split's windows in a fixed layout (the evals': the same every time)."""
+    if part["flags"] is None:
+        return ((w * part["block_size"], part["block_size"] + 1),)
+    return packed(part, None)[w]
 
 # -----------------------------------------------------------------------------
 # question/answer records: a record is segments of text, each trained or not; conversations are
@@ -293,30 +311,43 @@ def encode_segments(tokenizer, segs) -> tuple:
 
 
 # -----------------------------------------------------------------------------
-# windows: fixed ones of block_size + 1 tokens for plain text; for flagged data (question/answer),
-# whole examples packed in order, so that no answer is trained without its question in context
+# windows of flagged data (question/answer): whole examples packed together, so that no answer is
+# trained without its question in context; shuffled and packed anew every epoch, so that no
+# answer can be learned from the examples that always came before it in its window
 
-def pack(starts, n_tokens, block_size) -> tuple:
-    """(first token, length) of each window of at most block_size + 1 tokens holding whole examples
-    (starts: each example's first token), in order: an example joins the window while it fits.
-    One longer than a window fills windows of its own, block_size apart (its later windows see
-    the rest of it without its beginning); the rest of a window is padding, never a target."""
-    starts = np.asarray(starts, dtype=np.int64)
-    ends = np.append(starts[1:], n_tokens)
-    W, first, length, i = block_size + 1, [], [], 0
-    while i < len(starts):
-        a, end = int(starts[i]), int(ends[i])
-        if end - a > W:
-            cuts = np.arange(a, end - 1, block_size)
-            first += cuts.tolist()
-            length += np.minimum(W, end - cuts).tolist()
+def pack(lengths, block_size) -> list:
+    """The windows of examples of these lengths, in this order, each at most block_size + 1
+    tokens: (first example, count, offset) each: count whole examples from the first on, or one
+    example longer than a window from offset (its windows block_size apart: the later ones see
+    the rest of it without its beginning). The rest of a window is padding, never a target."""
+    W, ends, out, i = block_size + 1, np.cumsum(lengths), [], 0
+    while i < len(lengths):
+        if lengths[i] > W:
+            out += [(i, 1, o) for o in range(0, int(lengths[i]) - 1, block_size)]
             i += 1
             continue
-        j = int(np.searchsorted(ends, a + W, side="right"))  # examples i..j-1 end inside
-        first.append(a)
-        length.append(int(ends[j - 1]) - a)
+        j = int(np.searchsorted(ends, ends[i] - lengths[i] + W, side="right"))
+        out.append((i, j - i, 0))
         i = j
-    return np.array(first, dtype=np.int64), np.array(length, dtype=np.int64)
+    return out
+
+
+def packed(part, epoch, seed=0, dataset=0) -> list:
+    """A flagged split's windows as token ranges: its examples shuffled by (seed, epoch, dataset)
+    and packed; epoch None: in the file's order (the evals' fixed windows). The last epoch's
+    are kept."""
+    cache = part["packed"]
+    if epoch not in cache:
+        starts, lengths, T = part["starts"], part["lengths"], part["block_size"]
+        order = np.arange(len(starts))
+        if epoch is not None:
+            order = np.random.default_rng([seed, epoch, dataset, 1]).permutation(len(starts))
+            for e in [e for e in cache if e is not None]:
+                del cache[e]
+        first, size = starts[order].tolist(), lengths[order].tolist()
+        cache[epoch] = [((first[i] + o, min(size[i] - o, T + 1)),) if o or size[i] > T + 1 else
+                        tuple(zip(first[i:i + c], size[i:i + c])) for i, c, o in pack(size, T)]
+    return cache[epoch]
 
 
 def parse_mixture(spec) -> list:
@@ -339,17 +370,18 @@ def parse_mixture(spec) -> list:
     return [(n, w / total) for n, w in out]
 
 
-def mixture_windows(positions, sizes, weights, count, seed) -> tuple:
-    """The next `count` windows of a mixture [(dataset, window)], in order, and the positions after
-    them: mixture_order picks each one's dataset, next_windows its window in that dataset's epoch
-    order."""
+def mixture_windows(positions, parts, weights, count, seed) -> tuple:
+    """The next `count` windows of a mixture [(dataset, token ranges)] of parts (open_dataset's
+    train splits), in order, and the positions after them: mixture_order picks each one's
+    dataset, next_windows its window in that dataset's epoch."""
+    sizes = [p["n"] for p in parts]
     order = mixture_order(positions, sizes, weights, count) if len(sizes) > 1 else [0] * count
     picks, after = [None] * count, list(positions)
-    for d, size in enumerate(sizes):
+    for d, part in enumerate(parts):
         slots = [k for k, o in enumerate(order) if o == d]
-        windows, after[d] = next_windows(positions[d], len(slots), size, seed, d)
+        windows, after[d] = next_windows(positions[d], len(slots), part, seed, d)
         for k, w in zip(slots, windows):
-            picks[k] = (d, int(w))
+            picks[k] = (d, w)
     return picks, after
 
 
@@ -394,7 +426,8 @@ def mixture_order(positions, sizes, weights, count) -> list:
 def open_dataset(data_dir, name, block_size, splits=SPLITS) -> dict:
     """What training reads of a prepared dataset: {name, path, meta, tokenizer (with the template
     its conversations were rendered with), and per split: tokens, flags (None: every token
-    trains), windows (first token and length of each, None: fixed windows), n (windows)}."""
+    trains), block_size, n (windows an epoch; flagged data: as the file's order packs them), and
+    for flagged data each example's starts and lengths}."""
     path = os.path.join(data_dir, name)
     meta = read_meta(path)
     out = dict(name=name, path=path, meta=meta, tokenizer=tokenizer_state(path))
@@ -404,34 +437,36 @@ def open_dataset(data_dir, name, block_size, splits=SPLITS) -> dict:
             raise Error(f"{path} {split} split has {len(tokens)} tokens, fewer than "
                         f"block_size+1={block_size + 1}; use a smaller --block_size or a larger "
                         f"corpus")
-        part = dict(name=name, tokens=tokens, flags=None, windows=None,
+        part = dict(name=name, tokens=tokens, flags=None, block_size=block_size,
                     n=(len(tokens) - 1) // block_size)
         if meta.get("flagged"):
             part["flags"] = np.memmap(os.path.join(path, f"{split}.mask"), dtype=np.uint8, mode="r")
             starts = np.fromfile(os.path.join(path, f"{split}.idx"), dtype=np.uint64)
-            part["windows"] = pack(starts, len(tokens), block_size)
-            part["n"] = len(part["windows"][0])
+            starts = starts.astype(np.int64)
+            part.update(starts=starts, lengths=np.diff(starts, append=len(tokens)), packed={})
+            part["n"] = len(packed(part, None))  # an epoch's windows, as the file's order packs
         out[split] = part
     return out
 
 
 def batch(parts, picks, block_size, eot_id, vocab_size, every_token=False) -> tuple:
-    """(xy, counted) for windows picks [(dataset, window)] of parts (open_dataset splits): xy
+    """(xy, counted) for windows picks [(dataset, token ranges)] of parts (open_dataset splits): xy
     (B, 2 * block_size) int64, the inputs x then the targets y, a packed window padded with
     end-of-text and y -1 where a target does not count in the loss (not flagged, unless
     every_token; padding never); counted: how many do. Error for a token id past vocab_size."""
     xy = np.full((len(picks), block_size + 1), eot_id, dtype=np.int64)
     trained = np.ones((len(picks), block_size), dtype=bool)
-    for r, (d, w) in enumerate(picks):
+    for r, (d, ranges) in enumerate(picks):
         part = parts[d]
-        if part["windows"] is None:
-            xy[r] = part["tokens"][w * block_size:(w + 1) * block_size + 1]
+        if part["flags"] is None:
+            (a, n), = ranges
+            xy[r] = part["tokens"][a:a + n]
             continue
-        a, n = (int(v[w]) for v in part["windows"])
-        xy[r, :n] = part["tokens"][a:a + n]
+        n = sum(length for _, length in ranges)
+        xy[r, :n] = np.concatenate([part["tokens"][a:a + k] for a, k in ranges])
         trained[r] = np.arange(1, block_size + 1) < n
         if not every_token:
-            trained[r, :n - 1] &= part["flags"][a + 1:a + n].astype(bool)
+            trained[r, :n - 1] &= window_flags(part, ranges)[1:]
     if xy.max() >= vocab_size:  # past the embedding: a traceback on a CPU, an assert on a GPU
         name = parts[picks[int(xy.max(axis=1).argmax())][0]]["name"]
         raise Error(f"{name} holds token id {xy.max()} but the model's vocabulary has {vocab_size} "
@@ -440,17 +475,22 @@ def batch(parts, picks, block_size, eot_id, vocab_size, every_token=False) -> tu
     return np.concatenate([xy[:, :-1], y], axis=1), int(trained.sum())
 
 
+def window_flags(part, ranges) -> np.ndarray:
+    return np.concatenate([part["flags"][a:a + k] for a, k in ranges]).astype(bool)
+
+
 def count_trained(parts, picks, block_size, every_token=False) -> int:
     """The targets of windows picks that count in the loss (as batch() says), read off the flags
     alone: what a training step divides its summed loss by."""
     total = 0
-    for d, w in picks:
+    for d, ranges in picks:
         part = parts[d]
-        if part["windows"] is None:
+        if part["flags"] is None:
             total += block_size
-            continue
-        a, n = (int(v[w]) for v in part["windows"])
-        total += n - 1 if every_token else int(part["flags"][a + 1:a + n].sum())
+        elif every_token:
+            total += sum(k for _, k in ranges) - 1
+        else:
+            total += int(window_flags(part, ranges)[1:].sum())
     return total
 
 # -----------------------------------------------------------------------------

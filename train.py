@@ -179,8 +179,8 @@ data = [ds.open_dataset(data_dir, name, block_size) for name, _ in mixture]
 watched = [ds.open_dataset(data_dir, name, block_size, splits=('val',))
            for name in runs.eval_names(eval_datasets)]
 tokenizer = ds.model_tokenizer(data + watched)  # the model's: every dataset's ids agree with it
-shares, sizes = [w for _, w in mixture], [d['train']['n'] for d in data]  # windows per epoch
-vocab_size, n_windows = tokenizer['vocab_size'], sizes[0]  # an epoch is the first dataset's
+shares, parts = [w for _, w in mixture], [d['train'] for d in data]
+vocab_size, n_windows = tokenizer['vocab_size'], parts[0]['n']  # an epoch is the first dataset's
 data_fingerprint = ds.mixture_fingerprint([(d['meta'], w) for d, w in zip(data, shares)])
 loss_on = ''  # with question/answer data, the log says which tokens the loss is on
 if any(d['meta'].get('flagged') for d in data + watched):
@@ -208,8 +208,8 @@ if master_process:
 
 
 def get_batch(split, picks):
-    """x, y (B, T) on the device for picks [(dataset, window)], y -1 where a target does not count
-    in the loss, and the number of those that do."""
+    """x, y (B, T) on the device for picks [(dataset, token ranges)], y -1 where a target does not
+    count in the loss, and the number of those that do."""
     xy, counted = ds.batch([d.get(split) for d in data + watched], picks, block_size,
                            tokenizer['eot_id'], vocab_size, loss_tokens == 'all')
     xy = torch.from_numpy(xy)
@@ -366,7 +366,9 @@ def estimate_loss():
             total = torch.zeros(2, device=device)  # (sum of losses * targets, targets)
             for k, first in enumerate(range(0, len(windows), size)):
                 if k % world_size == rank:
-                    x, y, counted = get_batch(split, [(d, w) for w in windows[first:first + size]])
+                    picks = [(d, ds.fixed_window(dset[split], w))
+                             for w in windows[first:first + size]]
+                    x, y, counted = get_batch(split, picks)
                     with ctx:
                         _, loss = eval_model(x, y)
                     total[0] += loss.float() * counted  # on the device: no copy to wait for
@@ -477,9 +479,9 @@ while iter_num < max_iters:
     for opt in optimizers.values():
         for group in opt.param_groups:
             group['lr'] = lr
-    picks, next_positions = ds.mixture_windows(positions, sizes, shares, windows_per_iter, seed)
+    picks, next_positions = ds.mixture_windows(positions, parts, shares, windows_per_iter, seed)
     # the mean over the iteration's counted targets: each micro-batch's mean weighs its share
-    n_iter = ds.count_trained([d['train'] for d in data], picks, block_size, loss_tokens == 'all')
+    n_iter = ds.count_trained(parts, picks, block_size, loss_tokens == 'all')
     iter_loss = torch.zeros((), device=device)
     for micro in range(micro_steps):
         # rank r takes micro-batches r, r + world_size, ...: the same global batch on any world size

@@ -140,34 +140,71 @@ def test_a_few_pairs_are_enough(tmp_path):
     again = prepare.main([f"--data_dir={tmp_path / 'data'}", f"--input={pairs}", "--tokenizer=byte"])
     assert again["created"] == meta["created"]  # reused, not rebuilt
     data = ds.open_dataset(str(tmp_path / "data"), "qa", 128)
-    xy, counted = ds.batch([data["val"]], [(0, 0)], 128, eot_id=256, vocab_size=257)
+    xy, counted = ds.batch([data["val"]], [(0, ds.fixed_window(data["val"], 0))], 128, eot_id=256,
+                           vocab_size=257)
     assert counted > 0 and (xy[0, 128:] >= 0).sum() == counted
     with pytest.raises(Error, match="corpus too small: .* --min_split_tokens=1025"):
         prepare.main([f"--data_dir={tmp_path / 'data'}", f"--input={docs}", "--tokenizer=byte"])
     assert not (tmp_path / "data" / "docs").exists()
 
 
+def flagged_part(starts, n_tokens, block_size, flags=None):
+    """An open_dataset split of flagged data by hand: tokens 0..n_tokens-1, examples at starts."""
+    starts = np.array(starts)
+    return dict(name='qa', tokens=np.arange(n_tokens, dtype=np.uint16), block_size=block_size,
+                flags=np.zeros(n_tokens, np.uint8) if flags is None else flags, starts=starts,
+                lengths=np.diff(starts, append=n_tokens), packed={})
+
+
 def test_packing_keeps_examples_whole():
-    first, length = ds.pack([0, 3, 10, 12, 40], 45, 8)  # windows of 9 tokens
-    assert list(zip(first.tolist(), length.tolist())) == [(0, 3), (3, 9), (12, 9), (20, 9), (28, 9),
-                                                          (36, 4), (40, 5)]
+    part = flagged_part([0, 3, 10, 12, 40], 45, 8)  # windows of 9 tokens
+    assert ds.pack([3, 7, 2, 28, 5], 8) == [(0, 1, 0), (1, 2, 0), (3, 1, 0), (3, 1, 8), (3, 1, 16),
+                                            (3, 1, 24), (4, 1, 0)]
+    assert ds.packed(part, None) == [((0, 3),), ((3, 7), (10, 2)), ((12, 9),), ((20, 9),), ((28, 9),),
+                                     ((36, 4),), ((40, 5),)]
     # every token of the long example [12, 40) is a target exactly once: windows block_size apart
-    targets = [t for a, n in zip(first, length) if 12 <= a < 40 for t in range(a + 1, a + n)]
+    targets = [t for (a, n), in ds.packed(part, None)[2:6] for t in range(a + 1, a + n)]
     assert targets == list(range(13, 40))
 
 
+def test_each_epoch_packs_the_examples_anew():
+    """No answer can be learned from the examples before it: they change every epoch. Each example
+    is in one window an epoch, whole; the packing is a function of (seed, epoch, dataset)."""
+    lengths = np.random.default_rng(0).integers(3, 12, 200)
+    part = flagged_part(np.concatenate([[0], np.cumsum(lengths)[:-1]]), int(lengths.sum()), 32)
+    examples = {(int(a), int(n)) for a, n in zip(part["starts"], part["lengths"])}
+    neighbours = []
+    for epoch in range(3):
+        windows = ds.packed(part, epoch, seed=1337)
+        ranges = [r for w in windows for r in w]
+        assert sorted(ranges) == sorted(examples) and all(sum(n for _, n in w) <= 33 for w in windows)
+        neighbours.append({(w[k - 1], w[k]) for w in windows for k in range(1, len(w))})
+    assert len(neighbours[0] & neighbours[1]) < len(neighbours[0]) / 4
+    assert ds.packed(dict(part, packed={}), 1, seed=1337) == ds.packed(part, 1, seed=1337)
+    assert ds.packed(dict(part, packed={}), 1, seed=1337, dataset=1) != ds.packed(part, 1, seed=1337)
+    # next_windows walks the epochs: each epoch's windows once, then the next epoch's
+    got, pos = ds.next_windows((0, 0), len(ds.packed(part, 0, 1337)) + 5, part, 1337)
+    assert pos == (1, 5) and got[-5:] == ds.packed(part, 1, 1337)[:5]
+
+
 def test_a_window_with_nothing_trained_counts_nothing():
-    part = dict(name='qa', tokens=np.arange(20, dtype=np.uint16), flags=np.zeros(20, np.uint8),
-                windows=(np.array([0, 10]), np.array([10, 4])), n=2)
-    xy, counted = ds.batch([part], [(0, 0), (0, 1)], 9, eot_id=99, vocab_size=100)
+    part = flagged_part([0, 10], 14, 9)
+    picks = [(0, w) for w in ds.packed(part, None)]
+    xy, counted = ds.batch([part], picks, 9, eot_id=99, vocab_size=100)
     assert counted == 0 and (xy[:, 9:] == -1).all()  # every target a prompt's: none counts
-    assert ds.count_trained([part], [(0, 0), (0, 1)], 9) == 0
+    assert ds.count_trained([part], picks, 9) == 0
     assert xy[1, :9].tolist() == [10, 11, 12, 13] + [99] * 5  # padded with end-of-text
-    xy, counted = ds.batch([part], [(0, 1)], 9, eot_id=99, vocab_size=100, every_token=True)
+    xy, counted = ds.batch([part], picks[1:], 9, eot_id=99, vocab_size=100, every_token=True)
     assert xy[0, 9:].tolist() == [11, 12, 13] + [-1] * 6 and counted == 3  # every real target
-    assert ds.count_trained([part], [(0, 1)], 9, every_token=True) == 3
+    assert ds.count_trained([part], picks[1:], 9, every_token=True) == 3
+    # examples packed together: targets across the join, each counted as its flag says
+    part = flagged_part([0, 4], 10, 12, flags=np.array([0, 0, 1, 1, 0, 1, 1, 1, 0, 1], np.uint8))
+    window, = ds.packed(part, None)
+    xy, counted = ds.batch([part], [(0, window)], 12, eot_id=99, vocab_size=100)
+    assert xy[0, 12:].tolist() == [-1, 2, 3, -1, 5, 6, 7, -1, 9, -1, -1, -1] and counted == 6
+    assert ds.count_trained([part], [(0, window)], 12) == 6
     with pytest.raises(Error, match="qa holds token id 13 but the model's vocabulary has 12 tokens"):
-        ds.batch([part], [(0, 1)], 9, eot_id=0, vocab_size=12)
+        ds.batch([flagged_part([0, 10], 14, 9)], picks[1:], 9, eot_id=0, vocab_size=12)
 
 
 def test_mixtures_take_each_dataset_its_share_in_one_order():
