@@ -191,11 +191,12 @@ def next_windows(pos, count, part, seed, dataset=0):
     return out, (epoch, index)
 
 
-def fixed_window(part, w):
-    """The w'th of a split's windows in a fixed layout (the evals': the same every time)."""
+def fixed_windows(part, ws) -> list:
+    """Windows ws of a split as token ranges, in a fixed layout (the evals': the same each time)."""
     if part["flags"] is None:
-        return ((w * part["block_size"], part["block_size"] + 1),)
-    return packed(part, None)[w]
+        T = part["block_size"]
+        return [((int(w) * T, T + 1),) for w in ws]
+    return [packed(part, None)[w] for w in ws]
 
 # -----------------------------------------------------------------------------
 # question/answer records: a record is segments of text, each trained or not; conversations are

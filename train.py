@@ -362,13 +362,11 @@ def estimate_loss():
             n = dset[split]['n']
             size = min(batch_size, n)  # a split smaller than one batch: one smaller batch
             order = np.random.default_rng([seed, 2**31]).permutation(n)
-            windows = order[:min(eval_iters, n // size) * size]
+            windows = ds.fixed_windows(dset[split], order[:min(eval_iters, n // size) * size])
             total = torch.zeros(2, device=device)  # (sum of losses * targets, targets)
             for k, first in enumerate(range(0, len(windows), size)):
                 if k % world_size == rank:
-                    picks = [(d, ds.fixed_window(dset[split], w))
-                             for w in windows[first:first + size]]
-                    x, y, counted = get_batch(split, picks)
+                    x, y, counted = get_batch(split, [(d, w) for w in windows[first:first + size]])
                     with ctx:
                         _, loss = eval_model(x, y)
                     total[0] += loss.float() * counted  # on the device: no copy to wait for

@@ -140,8 +140,8 @@ def test_a_few_pairs_are_enough(tmp_path):
     again = prepare.main([f"--data_dir={tmp_path / 'data'}", f"--input={pairs}", "--tokenizer=byte"])
     assert again["created"] == meta["created"]  # reused, not rebuilt
     data = ds.open_dataset(str(tmp_path / "data"), "qa", 128)
-    xy, counted = ds.batch([data["val"]], [(0, ds.fixed_window(data["val"], 0))], 128, eot_id=256,
-                           vocab_size=257)
+    xy, counted = ds.batch([data["val"]], [(0, ds.fixed_windows(data["val"], [0])[0])], 128,
+                           eot_id=256, vocab_size=257)
     assert counted > 0 and (xy[0, 128:] >= 0).sum() == counted
     with pytest.raises(Error, match="corpus too small: .* --min_split_tokens=1025"):
         prepare.main([f"--data_dir={tmp_path / 'data'}", f"--input={docs}", "--tokenizer=byte"])
