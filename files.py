@@ -8,6 +8,7 @@ fills them, and read only when reading comes to an end.
     check_input(path, what) / read_text(path, what) / not_utf8(text)  inputs a user names
 """
 import functools
+import json
 import os
 import shutil
 import stat
@@ -203,6 +204,19 @@ def read_text(path, what='') -> str:
         line = data[:e.start].count(b"\n") + 1
         raise Error(f"{path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
                     f"save it as UTF-8") from None
+
+
+def read_jsonl(path, hint='') -> list:
+    """(line number, value) for each non-blank line of a JSON Lines file; Error naming the first
+    line that is not JSON (hint: what to do about it, for the file in question)."""
+    records = []
+    for n, line in enumerate(read_text(path).split('\n'), 1):
+        if line.strip():
+            try:
+                records.append((n, json.loads(line)))
+            except ValueError as e:
+                raise Error(f"{path}, line {n}: not valid JSON ({hint or e})") from None
+    return records
 
 
 def not_utf8(text) -> bool:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import dataset as ds
 from errors import Error
-from files import not_utf8, read_text
+from files import not_utf8, read_jsonl, read_text
 
 DEFAULT_PROMPTS = ['def add(a, b):', 'class DataLoader:', 'import numpy as np']
 # the units of distinct-n and repetition: words, symbols, line ends
@@ -330,13 +330,7 @@ def load_mcq(path, template=MCQ_TEMPLATE) -> list:
     letter} (KorMedMCQA); blank lines are skipped. Each item also keeps the record's fields that
     template (an mcq_template) names, and Error says which line lacks one."""
     items = []
-    for n, line in enumerate(read_text(path).split('\n'), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise Error(f"{path}, line {n}: not valid JSON ({e})") from None
+    for n, obj in read_jsonl(path):
         if not_utf8(json.dumps(obj, ensure_ascii=False)):
             raise Error(f"{path}, line {n}: an escape like \"\\ud800\" stands for no text "
                         f"(a lone surrogate)")
@@ -410,14 +404,8 @@ def load_qa(path) -> list:
     a conversation {"messages": [{"role", "content"}, ...]} ending with the assistant's turn; Error
     naming the file and line. Each item is the record's pair or its messages."""
     items = []
-    for n, line in enumerate(read_text(path).split('\n'), 1):
-        if not line.strip():
-            continue
+    for n, record in read_jsonl(path):
         where = f"{path}, line {n}"
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise Error(f"{where}: not valid JSON ({e})") from None
         try:  # the template changes the text, never whether a record is valid
             ds.segments(record, QA_FIELDS, ds.TEMPLATE)
         except Error as e:
@@ -550,13 +538,7 @@ def read_log(path) -> list:
     and per-dataset val losses ('val_loss/NAME') are numbers or null; Error naming the first line
     that is not one."""
     entries = []
-    for n, line in enumerate(read_text(path).split('\n'), 1):
-        if not line.strip():
-            continue
-        try:
-            e = json.loads(line)
-        except ValueError:
-            raise Error(f"{path}, line {n}: not valid JSON (a torn last line? remove it)") from None
+    for n, e in read_jsonl(path, hint='a torn last line? remove it'):
         step = e.get('step') if isinstance(e, dict) else None
         if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
             raise Error(f"{path}, line {n}: not a record of train.py's "
