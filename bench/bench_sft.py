@@ -3,7 +3,7 @@ Teaching a model to answer, measured: the loss on the answers only against the l
 and replay of the base corpus against forgetting it, at equal compute (the same iterations, batch
 and windows), each a real train.py run from one base model pretrained on the stdlib:
 
-    python prepare.py && python bench/bench_sft.py            # ~20 min on 2 cores
+    python prepare.py && python bench/bench_sft.py            # ~25 min on 2 cores
     python bench/bench_sft.py --seeds=1337,1338 --iters=300 --replay=0,0.1,0.3
     python bench/bench_sft.py --smoke --data_dir=D --dataset=tiny   # seconds: the path, not figures
 
