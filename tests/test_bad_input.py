@@ -9,6 +9,7 @@ import runpy
 import shutil
 import signal
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -171,26 +172,35 @@ def crafted(path, state_json, tensors):
     save_file(tensors, str(path), metadata={'sturdygpt': json.dumps(meta)})
 
 
-@pytest.mark.parametrize('name', ['no model_args', 'a list', 'shapes', 'config types', 'nested'])
-def test_nonsense_checkpoints_fall_back(data, reference, tmp_path, name):
-    """Files that checksum but hold nonsense are skipped like truncated ones, by resume, --list and sample."""
+def test_nonsense_checkpoints_fall_back(data, reference, tmp_path):
+    """Files that checksum but hold nonsense are skipped like truncated ones, by resume, --list and
+    sample: five kinds of nonsense, one per file, passed over one after the other."""
     good = checkpoint.load(os.path.join(reference, 'latest.safetensors'))
     tree, tensors = checkpoint.flatten(good)
-    states = {'no model_args': json.dumps({k: v for k, v in tree.items() if k != 'model_args'}),
-              'a list': json.dumps([1, 2]),
-              'shapes': json.dumps(dict(tree, model_args={**good['model_args'], 'n_embd': 48})),
-              'config types': json.dumps(dict(tree, config={**good['config'], 'batch_size': '8'})),
-              'nested': '[' * 100000 + ']' * 100000}
-    out = str(tmp_path / name.replace(' ', '_'))
+    nonsense = {  # file: state, in the order resume tries them (crafted files claim iteration 30)
+        'latest': json.dumps({k: v for k, v in tree.items() if k != 'model_args'}),
+        'latest_backup': json.dumps([1, 2]),
+        'step_0000028': json.dumps(dict(tree, model_args={**good['model_args'], 'n_embd': 48})),
+        'step_0000024': '[' * 100000 + ']' * 100000,
+        'step_0000020': json.dumps(dict(tree, config={**good['config'], 'batch_size': '8'}))}
+    out = str(tmp_path / 'out')
     shutil.copytree(reference, out)
-    crafted(os.path.join(out, 'latest.safetensors'), states[name], tensors)
-    latest = run('train.py', f'--out_dir={out}', '--list').stdout.splitlines()[1]
-    assert latest.startswith('latest ') and 'BAD' in latest, (name, latest)
+    now = time.time()
+    for age, (name, state) in enumerate(nonsense.items()):  # of equal iterations, the newest first
+        crafted(os.path.join(out, f'{name}.safetensors'), state, tensors)
+        os.utime(os.path.join(out, f'{name}.safetensors'), (now - age, now - age))
+    listed = run('train.py', f'--out_dir={out}', '--list').stdout.splitlines()
+    for name in nonsense:
+        line = next(l for l in listed if l.startswith(name + ' '))
+        assert 'BAD' in line, (name, listed)
+    # sample.py reads no training config: the last of them (config types) serves it fine
     r = run('sample.py', f'--out_dir={out}', '--max_new_tokens=5', '--num_samples=1')
-    if name != 'config types':  # sample.py reads no training config: that file serves it fine
-        assert 'falling back' in r.stderr and 'latest_backup' in r.stderr, (name, r.stderr)
-    # cosine: a longer wsd run would continue from where its decay began (step_), not latest_backup
-    r = run('train.py', *TINY, '--dataset=tiny', f'--data_dir={data}', f'--out_dir={out}', '--max_iters=31',
-            '--lr_schedule=cosine')
-    assert 'latest.safetensors:' in r.stderr and 'falling back' in r.stderr, (name, r.stderr)
-    assert 'resumed from' in r.stdout and 'latest_backup' in r.stdout, name
+    skipped = [l for l in r.stderr.splitlines() if 'falling back' in l]
+    assert [l.split('.safetensors')[0].split()[-1] for l in skipped] == list(nonsense)[:4], r.stderr
+    # cosine: a longer wsd run would continue from where its decay began (step_), not a fallback
+    r = run('train.py', *TINY, '--dataset=tiny', f'--data_dir={data}', f'--out_dir={out}',
+            '--max_iters=31', '--lr_schedule=cosine')
+    skipped = [l for l in r.stderr.splitlines() if 'falling back' in l]
+    assert [l.split('.safetensors')[0].split()[-1] for l in skipped] == list(nonsense), r.stderr
+    resumed = next(l for l in r.stdout.splitlines() if l.startswith('resumed from'))
+    assert not any(f'/{name}.safetensors' in resumed for name in nonsense), resumed
