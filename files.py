@@ -6,7 +6,7 @@ fills them, and read only when reading comes to an end.
     temp_dir(dest) / clean_stale(dest) / alive(pid)                   scratch beside dest, our pid's
     check_writable(folder, what) / check_output(path, what)           outputs, before the work
     check_input(path, what) / read_text(path, what) / not_utf8(text)  inputs a user names
-    read_jsonl(path, hint)                                            (line, record) of a JSON Lines file
+    read_jsonl(path, hint)                                            a JSON Lines file's records
 """
 import functools
 import json
