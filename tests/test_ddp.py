@@ -36,7 +36,7 @@ def single(tiny_data, tmp_path_factory):
 
 @pytest.mark.xdist_group('ddp_single')  # with the fixture they share: it trains once
 def test_two_processes_match_one(tiny_data, single, tmp_path):
-    """With the default optimizer, Muon; the dropout test below trains with AdamW."""
+    """With the default optimizer, Muon."""
     p = torchrun(tiny_data, str(tmp_path))
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr
@@ -73,7 +73,7 @@ def test_sigterm_saves_once_then_resume_on_one_process(tiny_data, single, tmp_pa
 
 def test_resume_with_dropout_on_two_processes_is_exact(tiny_data, tmp_path):
     """Every rank's RNG is saved, so dropout continues on each rank as if never stopped; with AdamW,
-    the other optimizer (the tests above train with the default, Muon)."""
+    so that both optimizers run under DDP."""
     straight, stopped = str(tmp_path / 'straight'), str(tmp_path / 'stopped')
     extra = ['--dropout=0.2', '--optimizer=adamw']
     p = torchrun(tiny_data, straight, *extra)
